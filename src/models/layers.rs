@@ -1,0 +1,179 @@
+//! Building blocks shared by every architecture: RMS norm, linear projections, RoPE, attention
+//! with a KV cache, and the SwiGLU feed-forward.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+
+use crate::error::Result;
+use crate::gguf::RopeStyle;
+use crate::storage::Weight;
+
+/// `x / sqrt(mean(x²) + eps) * w`, over the last dimension.
+pub struct RmsNorm {
+    weight: Tensor, // [n_embd]
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn new(weight: &Weight, eps: f32) -> Result<Self> {
+        Ok(RmsNorm { weight: weight.dense()?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+/// `x · Wᵀ (+ b)`.
+pub struct Linear {
+    weight: Weight,      // [n_out, n_in]
+    bias: Option<Tensor>, // [n_out]
+}
+
+impl Linear {
+    pub fn new(weight: Weight, bias: Option<&Weight>) -> Result<Self> {
+        Ok(Linear { weight, bias: bias.map(Weight::dense).transpose()? })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.matmul_t(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// RoPE angle tables for every position up to the context size, computed as ggml does
+/// (θ advanced by repeated f32 multiplication, divided by per-dimension frequency factors).
+pub struct Rope {
+    cos: Tensor, // [n_ctx, rope_dim / 2]
+    sin: Tensor, // [n_ctx, rope_dim / 2]
+    style: RopeStyle,
+    rope_dim: usize,
+}
+
+pub struct RopeParams<'a> {
+    pub style: RopeStyle,
+    pub rope_dim: usize,
+    pub freq_base: f32,
+    pub freq_scale: f32,
+    /// Llama-3 style per-dimension divisors (`rope_freqs.weight`), `rope_dim / 2` values.
+    pub freq_factors: Option<&'a [f32]>,
+}
+
+impl Rope {
+    pub fn new(p: &RopeParams, n_ctx: usize, device: &Device) -> Result<Self> {
+        let half = p.rope_dim / 2;
+        let theta_scale = p.freq_base.powf(-2.0 / p.rope_dim as f32);
+        let mut cos = Vec::with_capacity(n_ctx * half);
+        let mut sin = Vec::with_capacity(n_ctx * half);
+        for pos in 0..n_ctx {
+            let mut theta = pos as f32;
+            for i in 0..half {
+                let ff = p.freq_factors.map_or(1.0, |f| f[i]);
+                let angle = p.freq_scale * theta / ff;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+                theta *= theta_scale;
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (n_ctx, half), device)?,
+            sin: Tensor::from_vec(sin, (n_ctx, half), device)?,
+            style: p.style,
+            rope_dim: p.rope_dim,
+        })
+    }
+
+    /// Rotates `x` `[1, n_head, t, head_dim]` whose first token is at position `pos`.
+    pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let (_, _, t, head_dim) = x.dims4()?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        let rotate = |x: &Tensor| -> Result<Tensor> {
+            let x = x.contiguous()?;
+            Ok(match self.style {
+                RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+                RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+            })
+        };
+        if self.rope_dim == head_dim {
+            return rotate(x);
+        }
+        // Partial rotary: only the first rope_dim dimensions turn.
+        let rotated = rotate(&x.narrow(D::Minus1, 0, self.rope_dim)?)?;
+        let rest = x.narrow(D::Minus1, self.rope_dim, head_dim - self.rope_dim)?;
+        Ok(Tensor::cat(&[&rotated, &rest], D::Minus1)?)
+    }
+}
+
+/// Multi-head attention with grouped KV heads and a KV cache.
+pub struct Attention {
+    pub q: Linear, // [n_head * head_dim, n_embd]
+    pub k: Linear, // [n_head_kv * head_dim, n_embd]
+    pub v: Linear, // [n_head_kv * head_dim, n_embd]
+    pub o: Linear, // [n_embd, n_head * head_dim]
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub cache: KvCache,
+}
+
+impl Attention {
+    /// `x` `[t, n_embd]` at positions `pos..pos+t` → `[t, n_embd]`.
+    pub fn forward(&mut self, x: &Tensor, pos: usize, rope: &Rope) -> Result<Tensor> {
+        let (t, _) = x.dims2()?;
+        let (h, h_kv, hd) = (self.n_head, self.n_head_kv, self.head_dim);
+        let n_rep = h / h_kv;
+        // [t, h*hd] → [1, h, t, hd]
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope.apply(&heads(self.q.forward(x)?, h)?, pos)?; // [1, h, t, hd]
+        let k = rope.apply(&heads(self.k.forward(x)?, h_kv)?, pos)?; // [1, h_kv, t, hd]
+        let v = heads(self.v.forward(x)?, h_kv)?; // [1, h_kv, t, hd]
+        let (k, v) = self.cache.append(&k, &v)?; // [1, h_kv, n_kv, hd]
+        let n_kv = k.dim(2)?;
+
+        // Query heads that share a KV head are stacked: [1, h_kv, n_rep * t, hd].
+        let q = q.reshape((1, h_kv, n_rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?; // [1, h_kv, n_rep * t, n_kv]
+        if t > 1 {
+            let mask = causal_mask(t, n_kv, n_rep, x.device())?; // [n_rep * t, n_kv]
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v.contiguous()?)?; // [1, h_kv, n_rep * t, hd]
+        // back to [t, h * hd], head-major within each token
+        let out = out.reshape((1, h, t, hd))?.transpose(1, 2)?.reshape((t, h * hd))?;
+        self.o.forward(&out)
+    }
+}
+
+/// Additive mask for `t` queries at the end of `n_kv` keys, repeated for `n_rep` stacked heads:
+/// query `i` sees keys `0..=n_kv - t + i`.
+fn causal_mask(t: usize, n_kv: usize, n_rep: usize, device: &Device) -> Result<Tensor> {
+    let past = n_kv - t;
+    let row: Vec<f32> = (0..t)
+        .flat_map(|i| (0..n_kv).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(row, (t, n_kv), device)?;
+    Ok(mask.unsqueeze(0)?.repeat((n_rep, 1, 1))?.reshape((n_rep * t, n_kv))?.to_dtype(DType::F32)?)
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+pub struct Mlp {
+    pub gate: Linear, // [n_ff, n_embd]
+    pub up: Linear,   // [n_ff, n_embd]
+    pub down: Linear, // [n_embd, n_ff]
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate.forward(x)?.silu()?;
+        let u = self.up.forward(x)?;
+        self.down.forward(&(g * u)?)
+    }
+}

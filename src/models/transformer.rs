@@ -1,0 +1,183 @@
+//! The decoder, top to bottom. One definition serves the three families hypura runs:
+//! - **Llama** (2, 3.x, Mistral): GQA attention, interleaved RoPE, optional Llama-3 `rope_freqs`,
+//!   untied or tied output;
+//! - **Qwen2 / 2.5**: the same block with q/k/v biases, half-split (NEOX) RoPE, tied output;
+//! - **Mixtral**: the Llama block whose feed-forward is a mixture of experts ([`Moe`]).
+//!
+//! Shapes: `t` = tokens in this call, `d` = n_embd, `V` = n_vocab.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::kv_cache::KvCache;
+
+use super::layers::{Attention, Linear, Mlp, RmsNorm, Rope, RopeParams};
+use super::moe::Moe;
+use super::{LanguageModel, Logits};
+use crate::error::{Error, Result};
+use crate::gguf::ModelConfig;
+use crate::storage::{Weight, WeightStore};
+
+pub enum FeedForward {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+pub struct Block {
+    pub attn_norm: RmsNorm,
+    pub attn: Attention,
+    pub ffn_norm: RmsNorm,
+    pub ffn: FeedForward,
+}
+
+pub struct Transformer {
+    pub config: ModelConfig,
+    embed: Weight, // token_embd [V, d]
+    pub blocks: Vec<Block>,
+    norm: RmsNorm,
+    output: Weight, // [V, d] (token_embd itself when the output is tied)
+    rope: Rope,
+    n_ctx: usize,
+    n_past: usize,
+    device: Device,
+}
+
+impl Transformer {
+    /// Declares the model's tensors and builds it, with a KV cache of `n_ctx` tokens.
+    pub fn load(store: &WeightStore, cfg: &ModelConfig, n_ctx: usize) -> Result<Self> {
+        let (d, v, ff) = (cfg.n_embd, cfg.n_vocab, cfg.n_ff);
+        let (h, h_kv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
+        let embed = store.get("token_embd.weight", &[v, d])?;
+        let output = store.get_opt("output.weight", &[v, d])?.unwrap_or_else(|| embed.clone());
+        let freq_factors = match store.get_opt("rope_freqs.weight", &[cfg.rope_dim / 2])? {
+            Some(w) => Some(w.dense()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let rope_params = RopeParams {
+            style: cfg.rope_style,
+            rope_dim: cfg.rope_dim,
+            freq_base: cfg.rope_freq_base,
+            freq_scale: cfg.rope_freq_scale,
+            freq_factors: freq_factors.as_deref(),
+        };
+        let rope = Rope::new(&rope_params, n_ctx, store.device())?;
+
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let name = |s: &str| format!("blk.{i}.{s}");
+            let linear = |s: &str, rows: usize, cols: usize| -> Result<Linear> {
+                let bias = store.get_opt(&name(&format!("{s}.bias")), &[rows])?;
+                Linear::new(store.get(&name(&format!("{s}.weight")), &[rows, cols])?, bias.as_ref())
+            };
+            let attn = Attention {
+                q: linear("attn_q", h * hd, d)?,
+                k: linear("attn_k", h_kv * hd, d)?,
+                v: linear("attn_v", h_kv * hd, d)?,
+                o: linear("attn_output", d, h * hd)?,
+                n_head: h,
+                n_head_kv: h_kv,
+                head_dim: hd,
+                cache: KvCache::new(2, n_ctx),
+            };
+            let ffn = if cfg.is_moe() {
+                let n = cfg.n_expert;
+                let gate = store.get_experts(&name("ffn_gate_exps.weight"), n, ff, d)?;
+                let up = store.get_experts(&name("ffn_up_exps.weight"), n, ff, d)?;
+                let down = store.get_experts(&name("ffn_down_exps.weight"), n, d, ff)?;
+                let experts = gate
+                    .into_iter()
+                    .zip(up)
+                    .zip(down)
+                    .map(|((g, u), dn)| {
+                        Ok(Mlp { gate: Linear::new(g, None)?, up: Linear::new(u, None)?, down: Linear::new(dn, None)? })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                FeedForward::Moe(Moe {
+                    router: linear("ffn_gate_inp", n, d)?,
+                    experts,
+                    n_expert_used: cfg.n_expert_used,
+                })
+            } else {
+                FeedForward::Dense(Mlp {
+                    gate: linear("ffn_gate", ff, d)?,
+                    up: linear("ffn_up", ff, d)?,
+                    down: linear("ffn_down", d, ff)?,
+                })
+            };
+            blocks.push(Block {
+                attn_norm: RmsNorm::new(&store.get(&name("attn_norm.weight"), &[d])?, cfg.rms_eps)?,
+                attn,
+                ffn_norm: RmsNorm::new(&store.get(&name("ffn_norm.weight"), &[d])?, cfg.rms_eps)?,
+                ffn,
+            });
+        }
+        Ok(Transformer {
+            config: cfg.clone(),
+            embed,
+            blocks,
+            norm: RmsNorm::new(&store.get("output_norm.weight", &[d])?, cfg.rms_eps)?,
+            output,
+            rope,
+            n_ctx,
+            n_past: 0,
+            device: store.device().clone(),
+        })
+    }
+}
+
+impl LanguageModel for Transformer {
+    fn forward(&mut self, tokens: &[u32], logits: Logits) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(Error::InvalidRequest("forward pass over zero tokens".into()));
+        }
+        if self.n_past + t > self.n_ctx {
+            return Err(Error::InvalidRequest(format!(
+                "context full: {} tokens cached + {t} new exceed the context size {}",
+                self.n_past, self.n_ctx
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.config.n_vocab) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (n_vocab {})",
+                self.config.n_vocab
+            )));
+        }
+        let pos = self.n_past;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.rows(&ids)?; // [t, d]
+        for block in &mut self.blocks {
+            let a = block.attn.forward(&block.attn_norm.forward(&x)?, pos, &self.rope)?; // [t, d]
+            x = (x + a)?;
+            let n = block.ffn_norm.forward(&x)?;
+            let f = match &block.ffn {
+                FeedForward::Dense(mlp) => mlp.forward(&n)?,
+                FeedForward::Moe(moe) => moe.forward(&n)?,
+            }; // [t, d]
+            x = (x + f)?;
+        }
+        self.n_past += t;
+        if logits == Logits::Last {
+            x = x.narrow(0, t - 1, 1)?; // [1, d]
+        }
+        let out = self.output.matmul_t(&self.norm.forward(&x)?)?; // [t or 1, V]
+        Ok(out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+    }
+
+    fn reset(&mut self) {
+        self.n_past = 0;
+        for b in &mut self.blocks {
+            b.attn.cache.reset();
+        }
+    }
+
+    fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    fn n_vocab(&self) -> usize {
+        self.config.n_vocab
+    }
+}

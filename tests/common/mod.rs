@@ -1,0 +1,147 @@
+//! Shared test helpers: fixture discovery, llama.cpp reference loading, logit comparisons, and the
+//! macro that runs a numeric test on every compiled backend.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use hypura::gguf::ModelFiles;
+use hypura::models::Transformer;
+use hypura::storage::WeightStore;
+
+/// Runs `$body(&Device)` as one test per compiled backend: CPU always, CUDA with `--features cuda`,
+/// Metal with `--features metal`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[test]
+            fn cpu() {
+                super::$body(&candle_core::Device::Cpu)
+            }
+            #[cfg(feature = "cuda")]
+            #[test]
+            fn cuda() {
+                super::$body(&candle_core::Device::new_cuda(0).expect("CUDA device 0"))
+            }
+            #[cfg(feature = "metal")]
+            #[test]
+            fn metal() {
+                super::$body(&candle_core::Device::new_metal(0).expect("Metal device 0"))
+            }
+        }
+    };
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Every fixture GGUF that has a llama.cpp reference next to it, sorted.
+pub fn fixture_models() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![fixtures_dir()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("fixtures dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "gguf") && ref_json_path(&p).exists() {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    assert!(out.len() >= 14, "expected the oracle fixtures, found {}", out.len());
+    out
+}
+
+pub fn ref_json_path(gguf: &Path) -> PathBuf {
+    gguf.with_extension("ref.json")
+}
+
+pub fn reference(gguf: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(ref_json_path(gguf)).expect("ref.json");
+    serde_json::from_str(&text).expect("ref.json parses")
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+/// `X.ref.json` → `X.<suffix>` (e.g. `ref.logits.npy`).
+pub fn sibling(gguf: &Path, suffix: &str) -> PathBuf {
+    let stem = gguf.file_stem().unwrap().to_string_lossy().to_string();
+    gguf.with_file_name(format!("{stem}.{suffix}"))
+}
+
+pub fn read_npy_2d(path: &Path) -> Vec<Vec<f32>> {
+    Tensor::read_npy(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_vec2().unwrap()
+}
+
+pub fn is_f32_model(gguf: &Path) -> bool {
+    gguf.to_string_lossy().ends_with("-F32.gguf")
+}
+
+pub fn load(gguf: &Path, device: &Device, n_ctx: usize) -> Transformer {
+    let files = ModelFiles::open(gguf).unwrap();
+    let cfg = files.config().unwrap();
+    let store = WeightStore::open(files, device).unwrap();
+    Transformer::load(&store, &cfg, n_ctx).unwrap()
+}
+
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        ab += x as f64 * y as f64;
+        aa += x as f64 * x as f64;
+        bb += y as f64 * y as f64;
+    }
+    ab / (aa.sqrt() * bb.sqrt())
+}
+
+/// How two `[positions][vocab]` logit sets compare.
+#[derive(Debug)]
+pub struct Comparison {
+    pub min_cosine: f64,
+    pub max_abs: f32,
+    pub top1_agree: usize,
+    pub n: usize,
+}
+
+pub fn compare(ours: &[Vec<f32>], theirs: &[Vec<f32>]) -> Comparison {
+    assert_eq!(ours.len(), theirs.len(), "position count");
+    let mut c = Comparison { min_cosine: 1.0, max_abs: 0.0, top1_agree: 0, n: ours.len() };
+    for (a, b) in ours.iter().zip(theirs) {
+        assert_eq!(a.len(), b.len(), "vocab size");
+        c.min_cosine = c.min_cosine.min(cosine(a, b));
+        for (x, y) in a.iter().zip(b) {
+            c.max_abs = c.max_abs.max((x - y).abs());
+        }
+        c.top1_agree += (argmax(a) == argmax(b)) as usize;
+    }
+    c
+}
+
+/// The bar: cosine ≥ 0.999 everywhere; F32 files max |Δ| ≤ 1e-2 and top-1 100 %;
+/// quantized files top-1 ≥ 90 %.
+pub fn assert_close(what: &str, gguf: &Path, c: &Comparison) {
+    let name = gguf.file_name().unwrap().to_string_lossy();
+    assert!(c.min_cosine >= 0.999, "{name} {what}: min cosine {} < 0.999 ({c:?})", c.min_cosine);
+    if is_f32_model(gguf) {
+        assert!(c.max_abs <= 1e-2, "{name} {what}: max |Δ| {} > 1e-2", c.max_abs);
+        assert_eq!(c.top1_agree, c.n, "{name} {what}: top-1 {}/{}", c.top1_agree, c.n);
+    } else {
+        assert!(c.top1_agree * 10 >= c.n * 9, "{name} {what}: top-1 {}/{} < 90 %", c.top1_agree, c.n);
+    }
+}

@@ -1,8 +1,68 @@
+//! # hypura: LLM inference for GGUF models that may not fit in memory
+//!
+//! hypura runs Llama, Qwen2 and Mixtral GGUF files on candle. Its aim is to place every tensor on
+//! the tier that serves it best — compute-device memory, the memory-mapped file in RAM, or NVMe
+//! read on demand — from a measured hardware profile, and to stream what does not fit.
+//!
+//! ## Design
+//! ```text
+//! GGUF header ──► gguf::ModelFiles (index: name, type, shape, file, offset) ──► gguf::ModelConfig
+//!                      │
+//!                      ▼
+//!               storage::WeightStore ── serves each tensor as a storage::Weight
+//!                      │                  (the one seam where tiers plug in)
+//!                      ▼
+//!               models::Transformer (Llama / Qwen2 / Mixtral forward, KV cache)
+//!                      │
+//!   tokenizer::Tokenizer (from GGUF metadata) ── generate (sampling, loop, perplexity) ── CLI
+//! ```
+//! Boundaries that hold: **models know no tiers** (they read weights only through
+//! [`storage::Weight`] and name no file, device buffer or mmap); **storage knows no models**
+//! (it serves byte ranges of files); the GGUF reader reads headers, never tensor data, and turns
+//! every malformed input into an [`Error`] that names the file.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`gguf`] | header parser, typed metadata, split files, writer |
+//! | [`storage`] | memory maps and the [`storage::Weight`] type |
+//! | [`models`] | the decoder, attention, RoPE, MoE |
+//! | [`tokenizer`] | SentencePiece and byte-level BPE vocabularies from GGUF metadata |
+//! | [`generate`] | sampling, the generation loop, perplexity |
+//! | [`hub`] | model references: paths, Hugging Face Hub, the bundled model |
+//! | [`loader`] | all of the above in one call |
+//! | [`synth`] | writes synthetic GGUF models with random weights |
+//!
+//! ## Example
+//! Generate 8 tokens greedily with the bundled model (random weights, so the text is gibberish):
+//! ```
+//! use std::ops::ControlFlow;
+//! use hypura::generate::{generate, GenerateOptions, Sampler, SamplingParams};
+//! use hypura::loader::{load, LoadOptions};
+//!
+//! # fn main() -> hypura::Result<()> {
+//! let path = hypura::hub::bundled_model_path()?;
+//! let mut m = load(&path, &LoadOptions::default())?;
+//! let prompt = m.tokenizer.encode("Once upon a time", true, false)?;
+//! let mut sampler = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() });
+//! let opts = GenerateOptions { max_new_tokens: 8, ..Default::default() };
+//! let mut out = Vec::new();
+//! let stats = generate(&mut m.model, &prompt, &opts, &mut sampler, &mut |id| {
+//!     out.push(id);
+//!     Ok(ControlFlow::Continue(()))
+//! })?;
+//! assert_eq!(out.len(), 8);
+//! println!("{} ({:.1} tok/s)", m.tokenizer.decode(&out)?, stats.generate_tok_s());
+//! # Ok(())
+//! # }
+//! ```
+
 pub mod backend;
 pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod loader;
+
 pub mod models;
 pub mod storage;
 pub mod synth;

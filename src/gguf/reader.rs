@@ -144,7 +144,7 @@ fn tensor_bytes(name: &str, ty: TensorType, dims: &[u64]) -> std::result::Result
     for &d in dims {
         n = n.checked_mul(d).filter(|&n| n < 1 << 48).ok_or_else(|| format!("tensor '{name}' dims {dims:?} are absurd"))?;
     }
-    if dims[0] % ty.block_elems() as u64 != 0 {
+    if !dims[0].is_multiple_of(ty.block_elems() as u64) {
         return Err(format!(
             "tensor '{name}' row length {} is not a multiple of {}'s block of {}",
             dims[0],

@@ -10,8 +10,11 @@ use super::value::Value;
 /// (so multi-gigabyte synthetic models are never held in memory).
 pub enum TensorData {
     Bytes(Vec<u8>),
-    Producer(Box<dyn FnOnce(&mut dyn Write) -> std::io::Result<()> + Send>),
+    Producer(Producer),
 }
+
+/// Writes a tensor's bytes when the file is written.
+pub type Producer = Box<dyn FnOnce(&mut dyn Write) -> std::io::Result<()> + Send>;
 
 struct PendingTensor {
     name: String,

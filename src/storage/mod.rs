@@ -22,6 +22,7 @@ pub struct WeightStore {
     files: ModelFiles,
     maps: Vec<Arc<Mmap>>,
     device: Device,
+    on_read: Option<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 impl WeightStore {
@@ -37,7 +38,12 @@ impl WeightStore {
             let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io("mmap", path, 0, e))?;
             maps.push(Arc::new(map));
         }
-        Ok(WeightStore { files, maps, device: device.clone() })
+        Ok(WeightStore { files, maps, device: device.clone(), on_read: None })
+    }
+
+    /// Calls `f(bytes)` each time tensor bytes are read (progress reporting).
+    pub fn on_read(&mut self, f: Box<dyn Fn(u64) + Send + Sync>) {
+        self.on_read = Some(f);
     }
 
     pub fn files(&self) -> &ModelFiles {
@@ -111,6 +117,9 @@ impl WeightStore {
     fn resident(&self, name: &str, e: &TensorEntry, bytes: &[u8], shape: &[usize]) -> Result<Weight> {
         let storage = QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &self.device, e.ty.to_candle())?;
         let q = QTensor::new(storage, shape)?;
+        if let Some(f) = &self.on_read {
+            f(bytes.len() as u64);
+        }
         Weight::resident(name, e.ty, q)
     }
 }

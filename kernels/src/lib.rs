@@ -1,0 +1,80 @@
+//! Compute kernels hypura needs beyond candle's tensor ops.
+//!
+//! [`matmul_t`] multiplies F32 activations by a quantized weight matrix **given as borrowed
+//! bytes** in ggml's block layout — a slice of a memory-mapped GGUF file, or a pool buffer filled
+//! by direct I/O — with no copy and no repacking. Each block type uses candle's SIMD dot products
+//! (AVX2/AVX-512/NEON), and activations are quantized to the type's dot-product partner exactly as
+//! llama.cpp does (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for k-quants), so results
+//! match llama.cpp's arithmetic.
+//!
+//! This crate holds the only `unsafe` of hypura's compute path: reinterpreting bytes as blocks.
+
+use candle_core::quantized::k_quants::{self, GgmlType};
+use candle_core::quantized::GgmlDType;
+
+/// Why a kernel call was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelError(pub String);
+
+impl std::fmt::Display for KernelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+/// `dst[m, n] = lhs[m, k] · Wᵀ` where `w` holds `n` rows of `k` elements of type `ty`.
+pub fn matmul_t(
+    ty: GgmlDType,
+    w: &[u8],
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    dst: &mut [f32],
+) -> Result<(), KernelError> {
+    match ty {
+        GgmlDType::F32 => run::<f32>(w, (m, k, n), lhs, dst),
+        GgmlDType::F16 => run::<half::f16>(w, (m, k, n), lhs, dst),
+        GgmlDType::BF16 => run::<half::bf16>(w, (m, k, n), lhs, dst),
+        GgmlDType::Q4_0 => run::<k_quants::BlockQ4_0>(w, (m, k, n), lhs, dst),
+        GgmlDType::Q4_1 => run::<k_quants::BlockQ4_1>(w, (m, k, n), lhs, dst),
+        GgmlDType::Q5_0 => run::<k_quants::BlockQ5_0>(w, (m, k, n), lhs, dst),
+        GgmlDType::Q5_1 => run::<k_quants::BlockQ5_1>(w, (m, k, n), lhs, dst),
+        GgmlDType::Q8_0 => run::<k_quants::BlockQ8_0>(w, (m, k, n), lhs, dst),
+        GgmlDType::Q2K => run::<k_quants::BlockQ2K>(w, (m, k, n), lhs, dst),
+        GgmlDType::Q3K => run::<k_quants::BlockQ3K>(w, (m, k, n), lhs, dst),
+        GgmlDType::Q4K => run::<k_quants::BlockQ4K>(w, (m, k, n), lhs, dst),
+        GgmlDType::Q5K => run::<k_quants::BlockQ5K>(w, (m, k, n), lhs, dst),
+        GgmlDType::Q6K => run::<k_quants::BlockQ6K>(w, (m, k, n), lhs, dst),
+        other => Err(KernelError(format!("no matmul kernel for {other:?} weights"))),
+    }
+}
+
+/// Views `bytes` as blocks of `T`, checking length and alignment.
+pub fn as_blocks<T: GgmlType>(bytes: &[u8]) -> Result<&[T], KernelError> {
+    let size = std::mem::size_of::<T>();
+    if !bytes.len().is_multiple_of(size) {
+        return Err(KernelError(format!("{} bytes is not a whole number of {size}-byte blocks", bytes.len())));
+    }
+    if !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(KernelError(format!("weight bytes are not aligned to {}", std::mem::align_of::<T>())));
+    }
+    // SAFETY: the length is a whole number of `T`s and the pointer is aligned for `T` (both
+    // checked above); every ggml block type is plain old data (integers and f16 scales), valid
+    // for any bit pattern; the returned slice borrows `bytes`, so it cannot outlive them.
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) })
+}
+
+fn run<T: GgmlType>(w: &[u8], (m, k, n): (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<(), KernelError> {
+    if k % T::BLCK_SIZE != 0 {
+        return Err(KernelError(format!("row length {k} is not a multiple of the block size {}", T::BLCK_SIZE)));
+    }
+    let blocks = as_blocks::<T>(w)?;
+    if blocks.len() != n * (k / T::BLCK_SIZE) {
+        return Err(KernelError(format!("weight has {} blocks, [{n}, {k}] needs {}", blocks.len(), n * k / T::BLCK_SIZE)));
+    }
+    if lhs.len() != m * k || dst.len() != m * n {
+        return Err(KernelError(format!("activation {} / output {} do not fit ({m}, {k}, {n})", lhs.len(), dst.len())));
+    }
+    k_quants::matmul::<T>((m, k, n), lhs, blocks, dst).map_err(|e| KernelError(e.to_string()))
+}

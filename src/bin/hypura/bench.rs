@@ -1,0 +1,103 @@
+//! `hypura bench`: llama-bench's two tests, pp (prompt processing) and tg (token generation).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use hypura::models::{LanguageModel, Logits};
+
+use crate::common::{human_bytes, ModelArgs};
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+pp N: one batch of N tokens from an empty cache. tg N: N tokens decoded one at a time from an
+empty cache. Each test runs once to warm up, then -r times; the table shows mean ± std tok/s.
+Compare with llama.cpp on the same file: benches/vs_llama_cpp.sh.")]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens for the pp test (0 = skip).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    pub n_prompt: usize,
+    /// Generated tokens for the tg test (0 = skip).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    pub n_gen: usize,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
+    pub reps: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Deterministic token ids spread over the vocabulary (avoiding id 0).
+fn tokens(n: usize, n_vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| (1 + (i * 7919) % (n_vocab - 1)) as u32).collect()
+}
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
+}
+
+fn time_pp(model: &mut dyn LanguageModel, toks: &[u32]) -> Result<f64> {
+    model.reset();
+    let t = Instant::now();
+    model.forward(toks, Logits::Last)?;
+    Ok(toks.len() as f64 / t.elapsed().as_secs_f64())
+}
+
+fn time_tg(model: &mut dyn LanguageModel, toks: &[u32]) -> Result<f64> {
+    model.reset();
+    let t = Instant::now();
+    for &id in toks {
+        model.forward(&[id], Logits::Last)?;
+    }
+    Ok(toks.len() as f64 / t.elapsed().as_secs_f64())
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let n_ctx = a.n_prompt.max(a.n_gen).max(1);
+    let mut m = a.model.load(false, Some(n_ctx))?;
+    let n_vocab = m.config.n_vocab;
+    let threads = a.model.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut run = |n: usize, f: fn(&mut dyn LanguageModel, &[u32]) -> Result<f64>| -> Result<Option<(f64, f64)>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        let toks = tokens(n, n_vocab);
+        f(&mut m.model, &toks[..n.min(16)])?; // warm-up
+        let rates = (0..a.reps.max(1)).map(|_| f(&mut m.model, &toks)).collect::<Result<Vec<_>>>()?;
+        Ok(Some(mean_std(&rates)))
+    };
+    let pp = run(a.n_prompt, time_pp)?;
+    let tg = run(a.n_gen, time_tg)?;
+    let size = m.files.tensor_bytes();
+    let n_params: u64 = m.files.tensors.iter().map(|t| t.dims.iter().product::<u64>()).sum();
+    let model_name = m.files.path().file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let backend = if m.model.n_ctx() > 0 && hypura::backend::best_device()?.is_cuda() { "CUDA" } else { "CPU" };
+    if a.json {
+        let j = serde_json::json!({
+            "model": model_name, "size_bytes": size, "n_params": n_params, "backend": backend, "threads": threads,
+            "n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.reps,
+            "pp_tok_s": pp.map(|x| x.0), "pp_tok_s_std": pp.map(|x| x.1),
+            "tg_tok_s": tg.map(|x| x.0), "tg_tok_s_std": tg.map(|x| x.1),
+        });
+        println!("{j}");
+        return Ok(());
+    }
+    println!("| model | size | params | backend | threads | test | t/s |");
+    println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+    for (name, n, r) in [("pp", a.n_prompt, pp), ("tg", a.n_gen, tg)] {
+        if let Some((mean, std)) = r {
+            println!(
+                "| {model_name} | {} | {:.2} M | {backend} | {threads} | {name}{n} | {mean:.2} ± {std:.2} |",
+                human_bytes(size),
+                n_params as f64 / 1e6
+            );
+        }
+    }
+    Ok(())
+}

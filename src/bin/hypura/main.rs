@@ -1,0 +1,57 @@
+//! `hypura`: run GGUF models that may not fit in memory.
+
+mod bench;
+mod common;
+mod inspect_cmds;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+const ABOUT: &str = "Storage-tier-aware LLM inference for GGUF models (Llama, Qwen2, Mixtral).";
+
+const AFTER_HELP: &str = "\
+MODEL is a path to a .gguf file (the first part of a split set also works) or a Hugging Face
+reference ORG/REPO:FILE.gguf, downloaded into the standard Hub cache and found there offline
+(HF_HUB_OFFLINE=1).
+
+Examples:
+  hypura run -m model.gguf -p \"The capital of France is\" -n 32
+  hypura run -m bartowski/Llama-3.2-1B-Instruct-GGUF:Llama-3.2-1B-Instruct-Q4_K_M.gguf -p Hi
+  hypura perplexity -m model.gguf -f wiki.test.raw -c 512
+  hypura bench -m model.gguf -p 128 -n 64 -t 2";
+
+#[derive(Parser)]
+#[command(name = "hypura", version, about = ABOUT, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streamed to stdout (timings on stderr).
+    Run(run::RunArgs),
+    /// Print the token ids of a text as a JSON array (like llama-tokenize).
+    Tokenize(inspect_cmds::TokenizeArgs),
+    /// Write the logits of one forward pass over given token ids to a .npy file.
+    Logits(inspect_cmds::LogitsArgs),
+    /// Perplexity of a text file, computed exactly as llama-perplexity does.
+    Perplexity(inspect_cmds::PerplexityArgs),
+    /// Measure prompt-processing and generation speed (llama-bench style table).
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Tokenize(a) => inspect_cmds::tokenize(a),
+        Command::Logits(a) => inspect_cmds::logits(a),
+        Command::Perplexity(a) => inspect_cmds::perplexity(a),
+        Command::Bench(a) => bench::bench(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,92 @@
+//! `hypura run`: generate text from a prompt.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+
+use anyhow::Result;
+use clap::Args;
+use hypura::generate::{generate, GenerateOptions, Sampler, SamplingParams};
+use hypura::tokenizer::StreamDecoder;
+
+use crate::common::ModelArgs;
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+With no -m, hypura uses a well-known small model from the Hugging Face Hub if it is cached or can
+be downloaded, and otherwise the tiny bundled model (random weights: it runs, but writes gibberish).
+
+Sampling happens in llama.cpp's order: repetition penalty, top-k, top-p, min-p, temperature.
+--temp 0 is greedy decoding. Only the generated text goes to stdout; timings go to stderr.")]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt.
+    #[arg(short = 'p', long, default_value = "Once upon a time")]
+    pub prompt: String,
+    /// Tokens to generate (stops earlier at end-of-generation or when the context is full).
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    pub n_predict: usize,
+    /// Temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temp: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long = "top-k", default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability adds up to P (1.0 = off).
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than P times the most likely one (0 = off).
+    #[arg(long = "min-p", default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalise tokens seen in the last --repeat-last-n tokens (1.0 = off).
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long = "repeat-last-n", default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed (default: from the clock).
+    #[arg(short = 's', long)]
+    pub seed: Option<u64>,
+    /// Tokens per batch while reading the prompt.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    pub batch_size: usize,
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let mut m = a.model.load(true, None)?;
+    let prompt = m.tokenizer.encode(&a.prompt, true, true)?;
+    let params = SamplingParams {
+        temperature: a.temp,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        repeat_last_n: a.repeat_last_n,
+        seed: a.seed,
+    };
+    let mut sampler = Sampler::new(params);
+    let stop_ids: Vec<u32> = (0..m.config.n_vocab as u32).filter(|&id| m.tokenizer.is_end_of_generation(id)).collect();
+    let opts = GenerateOptions { max_new_tokens: a.n_predict, stop_ids, batch_size: a.batch_size.max(1) };
+    let mut decoder = StreamDecoder::new(&m.tokenizer);
+    let mut out = std::io::stdout().lock();
+    let stats = generate(&mut m.model, &prompt, &opts, &mut sampler, &mut |id| {
+        if let Some(text) = decoder.push(id) {
+            out.write_all(text.as_bytes()).and_then(|_| out.flush()).map_err(|e| {
+                hypura::Error::InvalidRequest(format!("writing to stdout: {e}"))
+            })?;
+        }
+        Ok(ControlFlow::Continue(()))
+    })?;
+    let rest = decoder.finish();
+    writeln!(out, "{rest}")?;
+    eprintln!(
+        "hypura: prompt {} tokens in {:.2} s ({:.1} tok/s), generated {} tokens in {:.2} s ({:.1} tok/s), stop: {:?}",
+        stats.n_prompt,
+        stats.prompt_seconds,
+        stats.prompt_tok_s(),
+        stats.n_generated,
+        stats.generate_seconds,
+        stats.generate_tok_s(),
+        stats.stop
+    );
+    Ok(())
+}

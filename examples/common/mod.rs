@@ -32,7 +32,7 @@ pub struct Args {
 /// Parses arguments, loads the model (`default_model` when `--model` is absent), generates.
 pub fn main(family: &str, default_model: &str) -> Result<()> {
     let cmd = Args::command()
-        .name(family.to_lowercase())
+        .name(Box::leak(family.to_lowercase().into_boxed_str()) as &str)
         .about(format!("Generate text with a {family} GGUF model, using hypura as a library."))
         .after_help(format!(
             "Default model (when --model is absent): {default_model}\n\

@@ -28,7 +28,6 @@ pub struct WeightStore {
 impl WeightStore {
     /// Maps every file of `files` read-only. No tensor byte is read yet.
     pub fn open(files: ModelFiles, device: &Device) -> Result<Self> {
-        crate::backend::configure_cpu_kernels();
         let mut maps = Vec::with_capacity(files.paths.len());
         for path in &files.paths {
             let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, 0, e))?;

@@ -203,7 +203,7 @@ impl<R: Read> Cursor<'_, R> {
         let remaining = self.len.saturating_sub(self.pos);
         if n.saturating_mul(min_item_bytes) > remaining {
             return Err(self.invalid(format!(
-                "claims {n} {what} at offset {} but only {remaining} bytes remain",
+                "claims {n} {what} at offset {} but only {remaining} bytes remain: the file is truncated or corrupt",
                 self.pos
             )));
         }

@@ -61,14 +61,14 @@ impl GgufWriter {
         self.add_tensor(name, TensorType::F32, dims, TensorData::Bytes(bytes))
     }
 
-    /// Total bytes the file will have.
-    pub fn file_bytes(&self) -> u64 {
-        let (header, _) = self.header_bytes();
-        let mut pos = header.len() as u64;
-        for t in &self.tensors {
-            pos = pos.div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT + t.n_bytes;
-        }
-        pos
+    /// The data alignment: `general.alignment` if set, else 32.
+    fn alignment(&self) -> u64 {
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == "general.alignment")
+            .and_then(|(_, v)| v.as_i64())
+            .filter(|&a| a > 0 && (a as u64).is_power_of_two())
+            .map_or(DEFAULT_ALIGNMENT, |a| a as u64)
     }
 
     fn header_bytes(&self) -> (Vec<u8>, Vec<u64>) {
@@ -82,10 +82,11 @@ impl GgufWriter {
             h.extend(v.type_id().to_le_bytes());
             put_value(&mut h, v);
         }
+        let align = self.alignment();
         let mut offsets = Vec::with_capacity(self.tensors.len());
         let mut off = 0u64;
         for t in &self.tensors {
-            off = off.div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+            off = off.div_ceil(align) * align;
             put_str(&mut h, &t.name);
             h.extend((t.dims.len() as u32).to_le_bytes());
             for d in &t.dims {
@@ -102,7 +103,8 @@ impl GgufWriter {
     /// Writes the file to `w`.
     pub fn write(self, w: &mut dyn Write) -> std::io::Result<()> {
         let (mut header, offsets) = self.header_bytes();
-        let data_start = (header.len() as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+        let align = self.alignment();
+        let data_start = (header.len() as u64).div_ceil(align) * align;
         header.resize(data_start as usize, 0);
         w.write_all(&header)?;
         let mut pos = 0u64;

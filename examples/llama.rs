@@ -6,7 +6,8 @@
 mod common;
 
 /// Llama 3.2 1B Instruct, Q4_K_M (~0.8 GB).
-const DEFAULT_MODEL: &str = "bartowski/Llama-3.2-1B-Instruct-GGUF:Llama-3.2-1B-Instruct-Q4_K_M.gguf";
+const DEFAULT_MODEL: &str =
+    "bartowski/Llama-3.2-1B-Instruct-GGUF:Llama-3.2-1B-Instruct-Q4_K_M.gguf";
 
 fn main() -> anyhow::Result<()> {
     common::main("Llama", DEFAULT_MODEL)

@@ -10,7 +10,8 @@ use hypura::synth::{write_model, SynthSpec};
 fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // The vocabulary: the 512-token byte-level BPE (llama-bpe) of the small-llama fixture.
-    let vocab = ModelFiles::open(&root.join("tests/fixtures/small-llama/small-llama-F32.gguf"))?.metadata;
+    let vocab =
+        ModelFiles::open(&root.join("tests/fixtures/small-llama/small-llama-F32.gguf"))?.metadata;
     let spec = SynthSpec {
         arch: Arch::Llama,
         name: "hypura tiny random (weights are random)".into(),
@@ -29,6 +30,10 @@ fn main() -> anyhow::Result<()> {
     };
     let out = root.join("models/hypura-tiny-random-Q8_0.gguf");
     write_model(&spec, &vocab, &out)?;
-    println!("wrote {} ({} bytes)", out.display(), std::fs::metadata(&out)?.len());
+    println!(
+        "wrote {} ({} bytes)",
+        out.display(),
+        std::fs::metadata(&out)?.len()
+    );
     Ok(())
 }

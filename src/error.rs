@@ -28,11 +28,19 @@ pub enum Error {
 
     /// A metadata key the architecture needs is absent or has the wrong type.
     #[error("{path}: metadata key '{key}': {reason}")]
-    Metadata { path: PathBuf, key: String, reason: String },
+    Metadata {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
 
     /// A tensor the architecture needs is absent or has the wrong shape.
     #[error("{path}: tensor '{name}': {reason}")]
-    Tensor { path: PathBuf, name: String, reason: String },
+    Tensor {
+        path: PathBuf,
+        name: String,
+        reason: String,
+    },
 
     /// Building or running the tokenizer failed.
     #[error("tokenizer: {0}")]
@@ -58,6 +66,11 @@ impl Error {
         offset: u64,
         source: std::io::Error,
     ) -> Self {
-        Error::Io { op, path: path.into(), offset, source }
+        Error::Io {
+            op,
+            path: path.into(),
+            offset,
+            source,
+        }
     }
 }

@@ -8,7 +8,8 @@ use hf_hub::{Cache, Repo, RepoType};
 use crate::error::{Error, Result};
 
 /// The model `hypura run` uses when none is given: Llama 3.2 1B Instruct at Q4_K_M (~0.8 GB).
-pub const DEFAULT_HUB_MODEL: &str = "bartowski/Llama-3.2-1B-Instruct-GGUF:Llama-3.2-1B-Instruct-Q4_K_M.gguf";
+pub const DEFAULT_HUB_MODEL: &str =
+    "bartowski/Llama-3.2-1B-Instruct-GGUF:Llama-3.2-1B-Instruct-Q4_K_M.gguf";
 
 /// File name of the bundled model (random weights; see `models/README.md`).
 pub const BUNDLED_MODEL_NAME: &str = "hypura-tiny-random-Q8_0.gguf";
@@ -18,7 +19,11 @@ static BUNDLED_MODEL: &[u8] = include_bytes!("../models/hypura-tiny-random-Q8_0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelRef {
     Path(PathBuf),
-    Hub { repo: String, file: String, revision: String },
+    Hub {
+        repo: String,
+        file: String,
+        revision: String,
+    },
 }
 
 impl ModelRef {
@@ -31,12 +36,17 @@ impl ModelRef {
             let (file, revision) = rest.split_once('@').unwrap_or((rest, "main"));
             let valid_repo = repo.split('/').count() == 2 && repo.split('/').all(|p| !p.is_empty());
             if valid_repo && !file.is_empty() && !revision.is_empty() {
-                return Ok(ModelRef::Hub { repo: repo.into(), file: file.into(), revision: revision.into() });
+                return Ok(ModelRef::Hub {
+                    repo: repo.into(),
+                    file: file.into(),
+                    revision: revision.into(),
+                });
             }
             if repo.contains('/') && !repo.starts_with('/') && !repo.starts_with('.') {
                 return Err(Error::ModelSource {
                     reference: s.into(),
-                    reason: "a Hub reference looks like ORG/REPO:FILE.gguf (optionally @REVISION)".into(),
+                    reason: "a Hub reference looks like ORG/REPO:FILE.gguf (optionally @REVISION)"
+                        .into(),
                 });
             }
         }
@@ -48,8 +58,16 @@ impl std::fmt::Display for ModelRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ModelRef::Path(p) => write!(f, "{}", p.display()),
-            ModelRef::Hub { repo, file, revision } if revision == "main" => write!(f, "{repo}:{file}"),
-            ModelRef::Hub { repo, file, revision } => write!(f, "{repo}:{file}@{revision}"),
+            ModelRef::Hub {
+                repo,
+                file,
+                revision,
+            } if revision == "main" => write!(f, "{repo}:{file}"),
+            ModelRef::Hub {
+                repo,
+                file,
+                revision,
+            } => write!(f, "{repo}:{file}@{revision}"),
         }
     }
 }
@@ -72,8 +90,13 @@ impl HubOptions {
         let cache_dir = std::env::var_os("HF_HUB_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| Cache::from_env().path().clone());
-        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
-        HubOptions { cache_dir, offline, progress: std::io::IsTerminal::is_terminal(&std::io::stderr()) }
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
+        HubOptions {
+            cache_dir,
+            offline,
+            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
     }
 }
 
@@ -87,15 +110,26 @@ pub fn resolve(r: &ModelRef, opts: &HubOptions) -> Result<PathBuf> {
             } else {
                 Err(Error::ModelSource {
                     reference: p.display().to_string(),
-                    reason: if p.exists() { "not a file".into() } else { "no such file".into() },
+                    reason: if p.exists() {
+                        "not a file".into()
+                    } else {
+                        "no such file".into()
+                    },
                 })
             }
         }
-        ModelRef::Hub { repo, file, revision } => {
+        ModelRef::Hub {
+            repo,
+            file,
+            revision,
+        } => {
             let files = split_part_names(file);
             let mut first = None;
             for f in &files {
-                let p = fetch(repo, f, revision, opts).map_err(|reason| Error::ModelSource { reference: r.to_string(), reason })?;
+                let p = fetch(repo, f, revision, opts).map_err(|reason| Error::ModelSource {
+                    reference: r.to_string(),
+                    reason,
+                })?;
                 first.get_or_insert(p);
             }
             Ok(first.unwrap_or_default())
@@ -108,18 +142,28 @@ fn split_part_names(file: &str) -> Vec<String> {
     let parsed = file.strip_suffix(".gguf").and_then(|stem| {
         let (rest, count) = stem.rsplit_once("-of-")?;
         let (prefix, no) = rest.rsplit_once('-')?;
-        Some((prefix, no.parse::<usize>().ok()?, count.parse::<usize>().ok()?, count.len()))
+        Some((
+            prefix,
+            no.parse::<usize>().ok()?,
+            count.parse::<usize>().ok()?,
+            count.len(),
+        ))
     });
     match parsed {
-        Some((prefix, 1, count, width)) if (2..=9999).contains(&count) => {
-            (1..=count).map(|i| format!("{prefix}-{i:0width$}-of-{count:0width$}.gguf")).collect()
-        }
+        Some((prefix, 1, count, width)) if (2..=9999).contains(&count) => (1..=count)
+            .map(|i| format!("{prefix}-{i:0width$}-of-{count:0width$}.gguf"))
+            .collect(),
         _ => vec![file.to_string()],
     }
 }
 
 /// One file: from the cache, or downloaded into it.
-fn fetch(repo: &str, file: &str, revision: &str, opts: &HubOptions) -> std::result::Result<PathBuf, String> {
+fn fetch(
+    repo: &str,
+    file: &str,
+    revision: &str,
+    opts: &HubOptions,
+) -> std::result::Result<PathBuf, String> {
     let hub_repo = Repo::with_revision(repo.into(), RepoType::Model, revision.into());
     let cache = Cache::new(opts.cache_dir.clone());
     if let Some(p) = cache.repo(hub_repo.clone()).get(file) {
@@ -137,7 +181,9 @@ fn fetch(repo: &str, file: &str, revision: &str, opts: &HubOptions) -> std::resu
         .with_retries(0)
         .build()
         .map_err(|e| format!("cannot set up the Hub client: {e}"))?;
-    api.repo(hub_repo).get(file).map_err(|e| format!("download of {file} failed: {e}"))
+    api.repo(hub_repo)
+        .get(file)
+        .map_err(|e| format!("download of {file} failed: {e}"))
 }
 
 /// The bundled model (random weights), written once to the user cache dir and reused.
@@ -185,15 +231,29 @@ mod tests {
     fn parses_references() {
         assert_eq!(
             ModelRef::parse("org/repo:file.gguf").unwrap(),
-            ModelRef::Hub { repo: "org/repo".into(), file: "file.gguf".into(), revision: "main".into() }
+            ModelRef::Hub {
+                repo: "org/repo".into(),
+                file: "file.gguf".into(),
+                revision: "main".into()
+            }
         );
         assert_eq!(
             ModelRef::parse("org/repo:f.gguf@v2").unwrap(),
-            ModelRef::Hub { repo: "org/repo".into(), file: "f.gguf".into(), revision: "v2".into() }
+            ModelRef::Hub {
+                repo: "org/repo".into(),
+                file: "f.gguf".into(),
+                revision: "v2".into()
+            }
         );
-        assert_eq!(ModelRef::parse("some/local/file.gguf").unwrap(), ModelRef::Path("some/local/file.gguf".into()));
+        assert_eq!(
+            ModelRef::parse("some/local/file.gguf").unwrap(),
+            ModelRef::Path("some/local/file.gguf".into())
+        );
         assert!(ModelRef::parse("org/repo:").is_err());
         assert_eq!(split_part_names("m-00001-of-00003.gguf").len(), 3);
-        assert_eq!(split_part_names("m-00002-of-00003.gguf"), vec!["m-00002-of-00003.gguf"]);
+        assert_eq!(
+            split_part_names("m-00002-of-00003.gguf"),
+            vec!["m-00002-of-00003.gguf"]
+        );
     }
 }

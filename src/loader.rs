@@ -24,7 +24,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { n_ctx: None, device: Device::Cpu, progress: false }
+        LoadOptions {
+            n_ctx: None,
+            device: Device::Cpu,
+            progress: false,
+        }
     }
 }
 
@@ -50,17 +54,25 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let tokenizer = Tokenizer::from_metadata(&files.metadata)?;
     let n_ctx = opts.n_ctx.unwrap_or_else(|| default_n_ctx(&config));
     if n_ctx == 0 {
-        return Err(crate::Error::InvalidRequest("context size must be at least 1 token".into()));
+        return Err(crate::Error::InvalidRequest(
+            "context size must be at least 1 token".into(),
+        ));
     }
     let mut store = WeightStore::open(files.clone(), &opts.device)?;
     let bar = opts.progress.then(|| {
         let bar = indicatif::ProgressBar::new(files.tensor_bytes());
         bar.set_style(
-            indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "loading {msg} [{bar:30}] {bytes}/{total_bytes} ({eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
-        bar.set_message(path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default());
+        bar.set_message(
+            path.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
+        );
         bar
     });
     if let Some(bar) = &bar {
@@ -71,5 +83,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    Ok(LoadedModel { files, config, tokenizer, model, load_seconds: start.elapsed().as_secs_f64() })
+    Ok(LoadedModel {
+        files,
+        config,
+        tokenizer,
+        model,
+        load_seconds: start.elapsed().as_secs_f64(),
+    })
 }

@@ -13,9 +13,16 @@ fn prompt_logits(device: &Device) {
         let prompt = ids(&r["fixed_prompt"]["ids"]);
         let theirs = read_npy_2d(&sibling(&gguf, "ref.logits.npy"));
         let mut model = load(&gguf, device, 256);
-        let ours: Vec<Vec<f32>> = model.forward(&prompt, Logits::All).unwrap().to_vec2().unwrap();
+        let ours: Vec<Vec<f32>> = model
+            .forward(&prompt, Logits::All)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         let c = compare(&ours, &theirs);
-        eprintln!("{}: prompt {c:?}", gguf.file_name().unwrap().to_string_lossy());
+        eprintln!(
+            "{}: prompt {c:?}",
+            gguf.file_name().unwrap().to_string_lossy()
+        );
         assert_close("prompt logits", &gguf, &c);
     }
 }
@@ -36,10 +43,20 @@ fn decode_logits(device: &Device) {
         model.forward(&prompt, Logits::Last).unwrap();
         let ours: Vec<Vec<f32>> = greedy[..theirs.len()]
             .iter()
-            .map(|&id| model.forward(&[id], Logits::Last).unwrap().to_vec2::<f32>().unwrap().remove(0))
+            .map(|&id| {
+                model
+                    .forward(&[id], Logits::Last)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap()
+                    .remove(0)
+            })
             .collect();
         let c = compare(&ours, &theirs);
-        eprintln!("{}: decode {c:?}", gguf.file_name().unwrap().to_string_lossy());
+        eprintln!(
+            "{}: decode {c:?}",
+            gguf.file_name().unwrap().to_string_lossy()
+        );
         assert_close("decode logits", &gguf, &c);
     }
 }

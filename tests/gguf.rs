@@ -25,8 +25,17 @@ fn tiny_meta(arch: &str) -> GgufWriter {
     w.set(&k("feed_forward_length"), Value::U32(64));
     w.set(&k("attention.head_count"), Value::U32(4));
     w.set(&k("attention.head_count_kv"), Value::U32(2));
-    w.set("tokenizer.ggml.tokens", Value::Array(vec![Value::String("a".into()), Value::String("b".into())]));
-    w.set("nested", Value::Array(vec![Value::Array(vec![Value::I16(-3), Value::I16(7)]), Value::Array(vec![])]));
+    w.set(
+        "tokenizer.ggml.tokens",
+        Value::Array(vec![Value::String("a".into()), Value::String("b".into())]),
+    );
+    w.set(
+        "nested",
+        Value::Array(vec![
+            Value::Array(vec![Value::I16(-3), Value::I16(7)]),
+            Value::Array(vec![]),
+        ]),
+    );
     w.set("flag", Value::Bool(true));
     w.set("big", Value::U64(u64::MAX));
     w.set("pi", Value::F64(std::f64::consts::PI));
@@ -49,22 +58,38 @@ fn round_trip_metadata_and_every_tensor_type() {
     let mut w = tiny_model("llama");
     for (i, ty) in TensorType::ALL.into_iter().enumerate() {
         let n = 256u64 * 2;
-        let bytes: Vec<u8> = (0..n / ty.block_elems() as u64 * ty.block_bytes() as u64).map(|b| (b * 7 + i as u64) as u8).collect();
+        let bytes: Vec<u8> = (0..n / ty.block_elems() as u64 * ty.block_bytes() as u64)
+            .map(|b| (b * 7 + i as u64) as u8)
+            .collect();
         w.add_tensor(&format!("t.{ty}"), ty, &[256, 2], TensorData::Bytes(bytes));
     }
     w.set("general.alignment", Value::U32(64));
     let bytes = w.to_bytes();
     let h = parse(&bytes).unwrap();
-    assert_eq!(h.metadata.get("nested"), Some(&Value::Array(vec![Value::Array(vec![Value::I16(-3), Value::I16(7)]), Value::Array(vec![])])));
+    assert_eq!(
+        h.metadata.get("nested"),
+        Some(&Value::Array(vec![
+            Value::Array(vec![Value::I16(-3), Value::I16(7)]),
+            Value::Array(vec![])
+        ]))
+    );
     assert_eq!(h.metadata.get("big"), Some(&Value::U64(u64::MAX)));
     assert_eq!(h.metadata.get("flag"), Some(&Value::Bool(true)));
     assert_eq!(h.alignment, 64);
     for (i, ty) in TensorType::ALL.into_iter().enumerate() {
-        let t = h.tensors.iter().find(|t| t.name == format!("t.{ty}")).unwrap();
+        let t = h
+            .tensors
+            .iter()
+            .find(|t| t.name == format!("t.{ty}"))
+            .unwrap();
         assert_eq!(t.ty, ty);
         assert_eq!(t.offset % 64, 0, "writer honours general.alignment");
         let start = (h.data_offset + t.offset) as usize;
-        assert_eq!(bytes[start + 1], (7 + i as u64) as u8, "{ty} data lands at its offset");
+        assert_eq!(
+            bytes[start + 1],
+            (7 + i as u64) as u8,
+            "{ty} data lands at its offset"
+        );
     }
 }
 
@@ -74,8 +99,13 @@ fn fixtures_open_with_their_generator_config() {
         let files = ModelFiles::open(&gguf).unwrap();
         let cfg = files.config().unwrap();
         let dir = gguf.parent().unwrap();
-        let json = dir.join(format!("{}.json", dir.file_name().unwrap().to_string_lossy()));
-        let Ok(text) = std::fs::read_to_string(&json) else { continue };
+        let json = dir.join(format!(
+            "{}.json",
+            dir.file_name().unwrap().to_string_lossy()
+        ));
+        let Ok(text) = std::fs::read_to_string(&json) else {
+            continue;
+        };
         let want: serde_json::Value = serde_json::from_str(&text).unwrap();
         let field = |k: &str| want[k].as_u64().map(|v| v as usize);
         assert_eq!(Some(cfg.n_embd), field("d"), "{}", gguf.display());
@@ -83,10 +113,19 @@ fn fixtures_open_with_their_generator_config() {
         assert_eq!(Some(cfg.n_ff), field("ff"), "{}", gguf.display());
         assert_eq!(Some(cfg.n_head), field("h"), "{}", gguf.display());
         assert_eq!(Some(cfg.n_head_kv), field("hkv"), "{}", gguf.display());
-        assert_eq!(cfg.n_expert, field("n_expert").unwrap_or(0), "{}", gguf.display());
+        assert_eq!(
+            cfg.n_expert,
+            field("n_expert").unwrap_or(0),
+            "{}",
+            gguf.display()
+        );
         if gguf.to_string_lossy().contains("Q4_K_M") {
             let types: Vec<_> = files.tensors.iter().map(|t| t.ty).collect();
-            assert!(types.contains(&TensorType::Q4_K) && types.contains(&TensorType::Q6_K), "{}", gguf.display());
+            assert!(
+                types.contains(&TensorType::Q4_K) && types.contains(&TensorType::Q6_K),
+                "{}",
+                gguf.display()
+            );
         }
     }
 }
@@ -96,10 +135,15 @@ fn truncation_anywhere_is_an_error() {
     let bytes = tiny_model("llama").to_bytes();
     let h = parse(&bytes).unwrap();
     for cut in (0..h.data_offset as usize).chain([bytes.len() - 1, bytes.len() - 100]) {
-        let err = parse(&bytes[..cut]).err().unwrap_or_else(|| panic!("cut at {cut} parsed"));
+        let err = parse(&bytes[..cut])
+            .err()
+            .unwrap_or_else(|| panic!("cut at {cut} parsed"));
         let msg = err.to_string();
         assert!(msg.contains("mem.gguf"), "error names the file: {msg}");
-        assert!(msg.contains("truncated") || msg.contains("past the end"), "cut {cut}: {msg}");
+        assert!(
+            msg.contains("truncated") || msg.contains("past the end"),
+            "cut {cut}: {msg}"
+        );
     }
 }
 
@@ -115,7 +159,7 @@ fn hostile_headers_fail_fast() {
     let good = tiny_model("llama").to_bytes();
     let expect = |b: Vec<u8>, needle: &str| {
         let start = std::time::Instant::now();
-        let msg = parse(&b).err().expect("must fail").to_string();
+        let msg = parse(&b).expect_err("must fail").to_string();
         assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
         assert!(start.elapsed().as_secs_f64() < 1.0, "took too long: {msg}");
     };
@@ -157,7 +201,7 @@ fn one_tensor(n_dims: u32, dims: &[u64], ty: u32, offset: u64, data_bytes: usize
 #[test]
 fn hostile_tensor_entries() {
     let check = |b: Vec<u8>, needle: &str| {
-        let msg = parse(&b).err().expect("must fail").to_string();
+        let msg = parse(&b).expect_err("must fail").to_string();
         assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
     };
     assert!(parse(&one_tensor(1, &[32], 0, 0, 128)).is_ok());
@@ -184,17 +228,26 @@ fn corrupt_values_and_duplicates() {
     assert!(parse(&b).unwrap_err().to_string().contains("bool value 2"));
     let mut b2 = mk();
     b2[24 + 8 + 1] = 77;
-    assert!(parse(&b2).unwrap_err().to_string().contains("unknown metadata value type 77"));
+    assert!(parse(&b2)
+        .unwrap_err()
+        .to_string()
+        .contains("unknown metadata value type 77"));
     let mut deep = Value::I32(1);
     for _ in 0..6 {
         deep = Value::Array(vec![deep]);
     }
     let mut w3 = GgufWriter::new();
     w3.set("deep", deep);
-    assert!(parse(&w3.to_bytes()).unwrap_err().to_string().contains("nested too deeply"));
+    assert!(parse(&w3.to_bytes())
+        .unwrap_err()
+        .to_string()
+        .contains("nested too deeply"));
     let mut w4 = GgufWriter::new();
     w4.set("general.alignment", Value::U32(48));
-    assert!(parse(&w4.to_bytes()).unwrap_err().to_string().contains("power of two"));
+    assert!(parse(&w4.to_bytes())
+        .unwrap_err()
+        .to_string()
+        .contains("power of two"));
 }
 
 #[test]
@@ -232,49 +285,86 @@ fn config_errors_name_what_is_wrong() {
         p
     };
     let p = write("neox.gguf", tiny_model("gpt-neox"));
-    let msg = ModelFiles::open(&p).unwrap().config().unwrap_err().to_string();
-    assert!(msg.contains("gpt-neox") && msg.contains("llama") && msg.contains("neox.gguf"), "{msg}");
+    let msg = ModelFiles::open(&p)
+        .unwrap()
+        .config()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("gpt-neox") && msg.contains("llama") && msg.contains("neox.gguf"),
+        "{msg}"
+    );
     let mut w = tiny_model("llama");
     w.set("llama.attention.head_count_kv", Value::U32(3));
-    let msg = ModelFiles::open(&write("kv.gguf", w)).unwrap().config().unwrap_err().to_string();
+    let msg = ModelFiles::open(&write("kv.gguf", w))
+        .unwrap()
+        .config()
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("head_count_kv"), "{msg}");
     let mut w = GgufWriter::new();
     w.set("general.architecture", Value::String("llama".into()));
-    let err = ModelFiles::open(&write("nokeys.gguf", w)).unwrap().config().unwrap_err();
-    assert!(matches!(&err, Error::Metadata { key, .. } if key == "llama.embedding_length"), "{err}");
-    let msg = ModelFiles::open(&write("noembd.gguf", tiny_meta("llama"))).unwrap().config().unwrap_err().to_string();
-    assert!(msg.contains("token_embd.weight") && msg.contains("missing"), "{msg}");
+    let err = ModelFiles::open(&write("nokeys.gguf", w))
+        .unwrap()
+        .config()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Metadata { key, .. } if key == "llama.embedding_length"),
+        "{err}"
+    );
+    let msg = ModelFiles::open(&write("noembd.gguf", tiny_meta("llama")))
+        .unwrap()
+        .config()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("token_embd.weight") && msg.contains("missing"),
+        "{msg}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn split_sets_open_from_the_first_part() {
     let dir = temp_dir("split");
-    let names: Vec<PathBuf> = (1..=3).map(|i| dir.join(format!("m-{i:05}-of-00003.gguf"))).collect();
+    let names: Vec<PathBuf> = (1..=3)
+        .map(|i| dir.join(format!("m-{i:05}-of-00003.gguf")))
+        .collect();
     for (i, path) in names.iter().enumerate() {
-        let mut w = if i == 0 { tiny_model("llama") } else { GgufWriter::new() };
+        let mut w = if i == 0 {
+            tiny_model("llama")
+        } else {
+            GgufWriter::new()
+        };
         w.set("split.no", Value::U16(i as u16));
         w.set("split.count", Value::U16(3));
         w.set("split.tensors.count", Value::I32(4));
         if i > 0 {
-            w.add_f32(&format!("part{i}.weight"), &[32], &vec![i as f32; 32]);
+            w.add_f32(&format!("part{i}.weight"), &[32], &[i as f32; 32]);
         }
         std::fs::write(path, w.to_bytes()).unwrap();
     }
     let files = ModelFiles::open(&names[0]).unwrap();
     assert_eq!(files.paths, names);
     assert_eq!(files.tensors.len(), 4);
-    for i in 1..=2 {
+    for (i, name) in names.iter().enumerate().skip(1) {
         let t = files.tensor(&format!("part{i}.weight")).unwrap();
         assert_eq!(t.file, i);
-        let bytes = std::fs::read(&names[i]).unwrap();
-        let v = f32::from_le_bytes(bytes[t.offset as usize..t.offset as usize + 4].try_into().unwrap());
+        let bytes = std::fs::read(name).unwrap();
+        let v = f32::from_le_bytes(
+            bytes[t.offset as usize..t.offset as usize + 4]
+                .try_into()
+                .unwrap(),
+        );
         assert_eq!(v, i as f32);
     }
     let msg = ModelFiles::open(&names[1]).unwrap_err().to_string();
     assert!(msg.contains("open the first part"), "{msg}");
     std::fs::remove_file(&names[2]).unwrap();
     let msg = ModelFiles::open(&names[0]).unwrap_err().to_string();
-    assert!(msg.contains("m-00003-of-00003.gguf") && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("m-00003-of-00003.gguf") && msg.contains("missing"),
+        "{msg}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,13 +26,20 @@ fn temp(tag: &str) -> PathBuf {
 }
 
 fn offline(cache_dir: PathBuf) -> HubOptions {
-    HubOptions { cache_dir, offline: true, progress: false }
+    HubOptions {
+        cache_dir,
+        offline: true,
+        progress: false,
+    }
 }
 
 #[test]
 fn finds_a_cached_file_offline() {
     let root = temp("single");
-    let model = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/hypura-tiny-random-Q8_0.gguf")).unwrap();
+    let model = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/hypura-tiny-random-Q8_0.gguf"),
+    )
+    .unwrap();
     let snap = lay_out_cache(&root, "someone/tiny-GGUF", &[("tiny.gguf", &model)]);
     let r = ModelRef::parse("someone/tiny-GGUF:tiny.gguf").unwrap();
     let path = resolve(&r, &offline(root.clone())).unwrap();
@@ -47,12 +54,22 @@ fn finds_a_cached_file_offline() {
 fn split_sets_need_every_part() {
     let root = temp("split");
     let parts = ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"];
-    let snap = lay_out_cache(&root, "org/split-GGUF", &[(parts[0], b"x"), (parts[1], b"y")]);
+    let snap = lay_out_cache(
+        &root,
+        "org/split-GGUF",
+        &[(parts[0], b"x"), (parts[1], b"y")],
+    );
     let r = ModelRef::parse(&format!("org/split-GGUF:{}", parts[0])).unwrap();
-    assert_eq!(resolve(&r, &offline(root.clone())).unwrap(), snap.join(parts[0]));
+    assert_eq!(
+        resolve(&r, &offline(root.clone())).unwrap(),
+        snap.join(parts[0])
+    );
     std::fs::remove_file(snap.join(parts[1])).unwrap();
     let msg = resolve(&r, &offline(root.clone())).unwrap_err().to_string();
-    assert!(msg.contains(parts[1]) && msg.contains("HF_HUB_OFFLINE"), "{msg}");
+    assert!(
+        msg.contains(parts[1]) && msg.contains("HF_HUB_OFFLINE"),
+        "{msg}"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -61,9 +78,20 @@ fn offline_miss_and_missing_path_are_clear_errors() {
     let root = temp("miss");
     let r = ModelRef::parse("org/none-GGUF:none.gguf").unwrap();
     let msg = resolve(&r, &offline(root.clone())).unwrap_err().to_string();
-    assert!(msg.contains("none.gguf") && msg.contains("not in the Hub cache"), "{msg}");
-    let msg = resolve(&ModelRef::parse("/no/such/model.gguf").unwrap(), &offline(root.clone())).unwrap_err().to_string();
-    assert!(msg.contains("/no/such/model.gguf") && msg.contains("no such file"), "{msg}");
+    assert!(
+        msg.contains("none.gguf") && msg.contains("not in the Hub cache"),
+        "{msg}"
+    );
+    let msg = resolve(
+        &ModelRef::parse("/no/such/model.gguf").unwrap(),
+        &offline(root.clone()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        msg.contains("/no/such/model.gguf") && msg.contains("no such file"),
+        "{msg}"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -71,12 +99,20 @@ fn offline_miss_and_missing_path_are_clear_errors() {
 fn unreachable_hub_fails_quickly() {
     // No network here (and none needed): an online attempt must end in an error, not a hang.
     let root = temp("online");
-    let opts = HubOptions { cache_dir: root.clone(), offline: false, progress: false };
+    let opts = HubOptions {
+        cache_dir: root.clone(),
+        offline: false,
+        progress: false,
+    };
     let start = std::time::Instant::now();
     let r = ModelRef::parse("org/none-GGUF:none.gguf").unwrap();
     if let Err(e) = resolve(&r, &opts) {
         assert!(e.to_string().contains("none.gguf"), "{e}");
     }
-    assert!(start.elapsed().as_secs() < 120, "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed().as_secs() < 120,
+        "took {:?}",
+        start.elapsed()
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -22,14 +22,27 @@ fn ids_match_llama_cpp_on_every_fixture_string() {
             let add_bos = case["add_bos"].as_bool().unwrap();
             let special = case["special"].as_bool().unwrap();
             let ours = tok.encode(text, add_bos, special).unwrap();
-            assert_eq!(ours, ids(&case["ids"]), "{name}: {text:?} add_bos={add_bos} special={special}");
+            assert_eq!(
+                ours,
+                ids(&case["ids"]),
+                "{name}: {text:?} add_bos={add_bos} special={special}"
+            );
             if let Some(detok) = case["detok"].as_str() {
-                assert_eq!(tok.decode(&ours).unwrap(), detok, "{name}: detok of {text:?}");
+                assert_eq!(
+                    tok.decode(&ours).unwrap(),
+                    detok,
+                    "{name}: detok of {text:?}"
+                );
             }
             checked += 1;
         }
         let tp = &r["text_prompt"];
-        assert_eq!(tok.encode(tp["text"].as_str().unwrap(), true, false).unwrap(), ids(&tp["ids"]), "{name}: text_prompt");
+        assert_eq!(
+            tok.encode(tp["text"].as_str().unwrap(), true, false)
+                .unwrap(),
+            ids(&tp["ids"]),
+            "{name}: text_prompt"
+        );
     }
     assert!(checked >= 14 * 36, "only {checked} cases");
 }
@@ -40,7 +53,9 @@ fn perplexity_text_token_count_matches_llama_cpp() {
     let text = text.strip_suffix('\n').unwrap_or(&text);
     for gguf in fixture_models() {
         let r = reference(&gguf);
-        let Some(n) = r["perplexity"]["n_text_tokens"].as_u64() else { continue };
+        let Some(n) = r["perplexity"]["n_text_tokens"].as_u64() else {
+            continue;
+        };
         let ours = tokenizer(&gguf).encode(text, true, false).unwrap();
         assert_eq!(ours.len() as u64, n, "{}", gguf.display());
     }
@@ -67,7 +82,10 @@ fn stream_decoder_holds_back_split_utf8() {
     }
     out.push_str(&dec.finish());
     assert_eq!(out.trim_start(), text);
-    assert!(saw_partial, "expected the crab emoji to arrive as byte tokens");
+    assert!(
+        saw_partial,
+        "expected the crab emoji to arrive as byte tokens"
+    );
 }
 
 #[test]
@@ -78,5 +96,8 @@ fn end_of_generation_tokens_come_from_metadata() {
     assert!(!tok.adds_bos(), "qwen2 adds no BOS");
     let spm = tokenizer(&fixtures_dir().join("tiny-llama-spm/tiny-llama-spm-F32.gguf"));
     assert!(spm.adds_bos());
-    assert_eq!(spm.encode("", true, false).unwrap(), vec![spm.bos_id().unwrap()]);
+    assert_eq!(
+        spm.encode("", true, false).unwrap(),
+        vec![spm.bos_id().unwrap()]
+    );
 }

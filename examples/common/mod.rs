@@ -17,7 +17,11 @@ pub struct Args {
     /// the Hugging Face cache, then found there offline).
     #[arg(long)]
     pub model: Option<String>,
-    #[arg(short = 'p', long, default_value = "The best thing about open models is")]
+    #[arg(
+        short = 'p',
+        long,
+        default_value = "The best thing about open models is"
+    )]
     pub prompt: String,
     /// Tokens to generate.
     #[arg(short = 'n', long, default_value_t = 64)]
@@ -40,28 +44,59 @@ pub fn main(family: &str, default_model: &str) -> Result<()> {
              and found there offline afterwards (HF_HUB_OFFLINE=1). Any local {family} GGUF works too."
         ));
     let args = Args::from_arg_matches(&cmd.get_matches())?;
-    let reference = args.model.clone().unwrap_or_else(|| default_model.to_string());
+    let reference = args
+        .model
+        .clone()
+        .unwrap_or_else(|| default_model.to_string());
     let path = resolve(&ModelRef::parse(&reference)?, &HubOptions::from_env()).map_err(|e| {
         anyhow::anyhow!("{e}\n(pass --model PATH.gguf to use a local {family} GGUF file)")
     })?;
-    let opts = LoadOptions { progress: true, device: hypura::backend::best_device()?, ..Default::default() };
+    let opts = LoadOptions {
+        progress: true,
+        device: hypura::backend::best_device()?,
+        ..Default::default()
+    };
     let mut m = load(&path, &opts)?;
-    eprintln!("{family} example: {} loaded in {:.2} s", path.display(), m.load_seconds);
+    eprintln!(
+        "{family} example: {} loaded in {:.2} s",
+        path.display(),
+        m.load_seconds
+    );
 
     let prompt = m.tokenizer.encode(&args.prompt, true, true)?;
-    let params = SamplingParams { temperature: args.temp, seed: Some(args.seed), ..Default::default() };
-    let stop_ids = (0..m.config.n_vocab as u32).filter(|&t| m.tokenizer.is_end_of_generation(t)).collect();
-    let gen_opts = GenerateOptions { max_new_tokens: args.n, stop_ids, ..Default::default() };
+    let params = SamplingParams {
+        temperature: args.temp,
+        seed: Some(args.seed),
+        ..Default::default()
+    };
+    let stop_ids = (0..m.config.n_vocab as u32)
+        .filter(|&t| m.tokenizer.is_end_of_generation(t))
+        .collect();
+    let gen_opts = GenerateOptions {
+        max_new_tokens: args.n,
+        stop_ids,
+        ..Default::default()
+    };
     let mut decoder = StreamDecoder::new(&m.tokenizer);
     print!("{}", args.prompt);
-    let stats = generate(&mut m.model, &prompt, &gen_opts, &mut Sampler::new(params), &mut |id| {
-        if let Some(s) = decoder.push(id) {
-            print!("{s}");
-            let _ = std::io::stdout().flush();
-        }
-        Ok(ControlFlow::Continue(()))
-    })?;
+    let stats = generate(
+        &mut m.model,
+        &prompt,
+        &gen_opts,
+        &mut Sampler::new(params),
+        &mut |id| {
+            if let Some(s) = decoder.push(id) {
+                print!("{s}");
+                let _ = std::io::stdout().flush();
+            }
+            Ok(ControlFlow::Continue(()))
+        },
+    )?;
     println!("{}", decoder.finish());
-    eprintln!("{:.1} tok/s prompt, {:.1} tok/s generation", stats.prompt_tok_s(), stats.generate_tok_s());
+    eprintln!(
+        "{:.1} tok/s prompt, {:.1} tok/s generation",
+        stats.prompt_tok_s(),
+        stats.generate_tok_s()
+    );
     Ok(())
 }

@@ -23,7 +23,11 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 128, stop_ids: Vec::new(), batch_size: 512 }
+        GenerateOptions {
+            max_new_tokens: 128,
+            stop_ids: Vec::new(),
+            batch_size: 512,
+        }
     }
 }
 
@@ -107,7 +111,10 @@ pub fn generate(
         if model.n_past() >= model.n_ctx() {
             break StopReason::ContextFull;
         }
-        logits = model.forward(&[id], Logits::Last)?.flatten_all()?.to_vec1()?;
+        logits = model
+            .forward(&[id], Logits::Last)?
+            .flatten_all()?
+            .to_vec1()?;
     };
     Ok(GenerationStats {
         n_prompt: prompt.len(),

@@ -29,7 +29,9 @@ pub fn perplexity(
     on_chunk: &mut dyn FnMut(usize, f64),
 ) -> Result<Perplexity> {
     if n_ctx < 4 {
-        return Err(Error::InvalidRequest(format!("perplexity needs a context of at least 4 tokens, not {n_ctx}")));
+        return Err(Error::InvalidRequest(format!(
+            "perplexity needs a context of at least 4 tokens, not {n_ctx}"
+        )));
     }
     let n_chunks = tokens.len() / n_ctx;
     if n_chunks == 0 {
@@ -57,7 +59,13 @@ pub fn perplexity(
         on_chunk(k, ppl);
     }
     let nll_mean = nll_sum / count as f64;
-    Ok(Perplexity { ppl: nll_mean.exp(), nll_mean, tokens_scored: count, n_chunks, per_chunk_running_ppl: running })
+    Ok(Perplexity {
+        ppl: nll_mean.exp(),
+        nll_mean,
+        tokens_scored: count,
+        n_chunks,
+        per_chunk_running_ppl: running,
+    })
 }
 
 /// `logsumexp(logits) - logits[target]`, in f64.
@@ -111,7 +119,11 @@ mod tests {
     #[test]
     fn matches_a_hand_computation() {
         let v = 5;
-        let mut m = Fake { v, seen: vec![], n_past: 0 };
+        let mut m = Fake {
+            v,
+            seen: vec![],
+            n_past: 0,
+        };
         // Two chunks of 8; tokens count up except where we break the pattern.
         let tokens: Vec<u32> = vec![0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 3, 1, 2, 3, 4, 9];
         let r = perplexity(&mut m, &tokens, 8, Some(4), &mut |_, _| {}).unwrap();
@@ -128,15 +140,34 @@ mod tests {
         // Break one prediction: chunk 0 position 5 (token 0) now predicts 3 instead of 1.
         let mut t2 = tokens.clone();
         t2[6] = 3;
-        let r2 = perplexity(&mut Fake { v, seen: vec![], n_past: 0 }, &t2, 8, None, &mut |_, _| {}).unwrap();
+        let r2 = perplexity(
+            &mut Fake {
+                v,
+                seen: vec![],
+                n_past: 0,
+            },
+            &t2,
+            8,
+            None,
+            &mut |_, _| {},
+        )
+        .unwrap();
         // position 5 → wrong (z), position 6 (token 3) predicts t2[7] = 2 → wrong (z); 4 correct.
         let expected2 = (((z - 2.0) * 4.0 + z * 2.0) / 6.0).exp();
-        assert!((r2.ppl - expected2).abs() < 1e-9, "{} vs {expected2}", r2.ppl);
+        assert!(
+            (r2.ppl - expected2).abs() < 1e-9,
+            "{} vs {expected2}",
+            r2.ppl
+        );
     }
 
     #[test]
     fn too_short_is_an_error() {
-        let mut m = Fake { v: 5, seen: vec![], n_past: 0 };
+        let mut m = Fake {
+            v: 5,
+            seen: vec![],
+            n_past: 0,
+        };
         assert!(perplexity(&mut m, &[1, 2, 3], 8, None, &mut |_, _| {}).is_err());
         assert_eq!(prepare_text("a\n\n"), "a\n");
     }

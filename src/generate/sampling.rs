@@ -42,9 +42,14 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let seed = params.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
         });
-        Sampler { params, rng: SplitMix64(seed) }
+        Sampler {
+            params,
+            rng: SplitMix64(seed),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -62,7 +67,11 @@ impl Sampler {
             seen.dedup();
             for id in seen {
                 if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repeat_penalty
+                    } else {
+                        *l * p.repeat_penalty
+                    };
                 }
             }
         }
@@ -70,7 +79,11 @@ impl Sampler {
             return argmax(&logits);
         }
         // Candidates, most likely first (stable: lower id first among equals).
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1));
         if p.top_k > 0 {
             cand.truncate(p.top_k);
@@ -148,7 +161,14 @@ mod tests {
     use super::*;
 
     fn sampler(temperature: f32, top_k: usize, top_p: f32, min_p: f32, seed: u64) -> Sampler {
-        Sampler::new(SamplingParams { temperature, top_k, top_p, min_p, seed: Some(seed), ..Default::default() })
+        Sampler::new(SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed: Some(seed),
+            ..Default::default()
+        })
     }
 
     fn counts(s: &mut Sampler, logits: &[f32], n: usize) -> Vec<usize> {
@@ -190,9 +210,19 @@ mod tests {
     #[test]
     fn same_seed_same_tokens() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let a: Vec<u32> = (0..30).map({ let mut s = sampler(1.0, 0, 1.0, 0.0, 99); move |_| s.sample(&logits, &[]) }).collect();
+        let a: Vec<u32> = (0..30)
+            .map({
+                let mut s = sampler(1.0, 0, 1.0, 0.0, 99);
+                move |_| s.sample(&logits, &[])
+            })
+            .collect();
         let logits2: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let b: Vec<u32> = (0..30).map({ let mut s = sampler(1.0, 0, 1.0, 0.0, 99); move |_| s.sample(&logits2, &[]) }).collect();
+        let b: Vec<u32> = (0..30)
+            .map({
+                let mut s = sampler(1.0, 0, 1.0, 0.0, 99);
+                move |_| s.sample(&logits2, &[])
+            })
+            .collect();
         assert_eq!(a, b);
         assert!(a.iter().any(|&t| t != a[0]), "a random draw should vary");
     }
@@ -200,7 +230,11 @@ mod tests {
     #[test]
     fn repeat_penalty_demotes_seen_tokens() {
         let logits = [1.0, 1.1, -0.5];
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, repeat_penalty: 1.5, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            repeat_penalty: 1.5,
+            ..Default::default()
+        });
         assert_eq!(s.sample(&logits, &[]), 1);
         assert_eq!(s.sample(&logits, &[1]), 0, "1.1 / 1.5 < 1.0");
     }

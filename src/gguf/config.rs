@@ -11,7 +11,8 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub const SUPPORTED: &'static str = "llama (Llama 2/3.x, Mistral, Mixtral MoE), qwen2 (Qwen2, Qwen2.5)";
+    pub const SUPPORTED: &'static str =
+        "llama (Llama 2/3.x, Mistral, Mixtral MoE), qwen2 (Qwen2, Qwen2.5)";
 
     pub fn gguf_name(self) -> &'static str {
         match self {
@@ -61,7 +62,10 @@ impl ModelConfig {
     pub fn from_files(files: &ModelFiles) -> Result<Self> {
         let md = &files.metadata;
         let path = files.path().to_path_buf();
-        let unsupported = |reason: String| Error::Unsupported { path: path.clone(), reason };
+        let unsupported = |reason: String| Error::Unsupported {
+            path: path.clone(),
+            reason,
+        };
         let arch_name = md.str("general.architecture")?;
         let arch = match arch_name {
             "llama" => Arch::Llama,
@@ -78,10 +82,19 @@ impl ModelConfig {
         let n_layer = md.usize(&k("block_count"))?;
         let n_ff = md.usize(&k("feed_forward_length"))?;
         let n_head = md.usize(&k("attention.head_count"))?;
-        let n_head_kv = md.usize_opt(&k("attention.head_count_kv"))?.unwrap_or(n_head);
-        let bad = |key: &str, reason: String| Error::Metadata { path: path.clone(), key: k(key), reason };
+        let n_head_kv = md
+            .usize_opt(&k("attention.head_count_kv"))?
+            .unwrap_or(n_head);
+        let bad = |key: &str, reason: String| Error::Metadata {
+            path: path.clone(),
+            key: k(key),
+            reason,
+        };
         if n_head == 0 || n_head > 4096 {
-            return Err(bad("attention.head_count", format!("{n_head} heads is not a valid head count")));
+            return Err(bad(
+                "attention.head_count",
+                format!("{n_head} heads is not a valid head count"),
+            ));
         }
         if n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(bad(
@@ -97,11 +110,21 @@ impl ModelConfig {
         let head_dim = match md.usize_opt(&k("attention.key_length"))? {
             Some(d) => d,
             None if n_embd % n_head == 0 => n_embd / n_head,
-            None => return Err(bad("embedding_length", format!("{n_embd} is not a multiple of {n_head} heads"))),
+            None => {
+                return Err(bad(
+                    "embedding_length",
+                    format!("{n_embd} is not a multiple of {n_head} heads"),
+                ))
+            }
         };
-        let rope_dim = md.usize_opt(&k("rope.dimension_count"))?.unwrap_or(head_dim);
+        let rope_dim = md
+            .usize_opt(&k("rope.dimension_count"))?
+            .unwrap_or(head_dim);
         if rope_dim % 2 != 0 || rope_dim > head_dim || head_dim % 2 != 0 {
-            return Err(bad("rope.dimension_count", format!("{rope_dim} does not fit head size {head_dim}")));
+            return Err(bad(
+                "rope.dimension_count",
+                format!("{rope_dim} does not fit head size {head_dim}"),
+            ));
         }
         let mut rope_freq_scale = 1.0;
         match md.str_opt(&k("rope.scaling.type"))? {
@@ -117,19 +140,27 @@ impl ModelConfig {
         let n_expert = md.usize_opt(&k("expert_count"))?.unwrap_or(0);
         let n_expert_used = md.usize_opt(&k("expert_used_count"))?.unwrap_or(0);
         if n_expert > 0 && (n_expert_used == 0 || n_expert_used > n_expert || n_expert > 1024) {
-            return Err(bad("expert_used_count", format!("{n_expert_used} of {n_expert} experts per token is not valid")));
+            return Err(bad(
+                "expert_used_count",
+                format!("{n_expert_used} of {n_expert} experts per token is not valid"),
+            ));
         }
-        let embd = files.tensor("token_embd.weight").ok_or_else(|| Error::Tensor {
-            path: path.clone(),
-            name: "token_embd.weight".into(),
-            reason: "missing".into(),
-        })?;
+        let embd = files
+            .tensor("token_embd.weight")
+            .ok_or_else(|| Error::Tensor {
+                path: path.clone(),
+                name: "token_embd.weight".into(),
+                reason: "missing".into(),
+            })?;
         let n_vocab = embd.dims.get(1).copied().unwrap_or(0) as usize;
         if embd.dims.len() != 2 || embd.dims[0] as usize != n_embd || n_vocab == 0 {
             return Err(Error::Tensor {
                 path,
                 name: "token_embd.weight".into(),
-                reason: format!("shape {:?} does not match embedding length {n_embd}", embd.dims),
+                reason: format!(
+                    "shape {:?} does not match embedding length {n_embd}",
+                    embd.dims
+                ),
             });
         }
         Ok(ModelConfig {
@@ -143,7 +174,9 @@ impl ModelConfig {
             n_head_kv,
             head_dim,
             n_ctx_train: md.usize_opt(&k("context_length"))?.unwrap_or(4096),
-            rms_eps: md.f32_opt(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rms_eps: md
+                .f32_opt(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
             rope_style: match arch {
                 Arch::Llama => RopeStyle::Interleaved,
                 Arch::Qwen2 => RopeStyle::HalfSplit,

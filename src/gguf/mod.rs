@@ -97,8 +97,17 @@ impl ModelFiles {
                 });
             }
         }
-        let metadata = headers.into_iter().next().map(|h| h.metadata).unwrap_or_default();
-        Ok(ModelFiles { paths, metadata, tensors, by_name })
+        let metadata = headers
+            .into_iter()
+            .next()
+            .map(|h| h.metadata)
+            .unwrap_or_default();
+        Ok(ModelFiles {
+            paths,
+            metadata,
+            tensors,
+            by_name,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -122,13 +131,21 @@ impl ModelFiles {
 
 /// For `x-00001-of-00003.gguf`, the paths of all parts; `None` for a single file.
 fn split_parts(path: &Path, md: &Metadata) -> Result<Option<Vec<PathBuf>>> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     let parsed = name.strip_suffix(".gguf").and_then(|stem| {
         let (rest, count) = stem.rsplit_once("-of-")?;
         let (prefix, no) = rest.rsplit_once('-')?;
         let no: usize = no.parse().ok()?;
         let count: usize = count.parse().ok()?;
-        Some((prefix.to_string(), no, count, count.to_string().len().max(5)))
+        Some((
+            prefix.to_string(),
+            no,
+            count,
+            count.to_string().len().max(5),
+        ))
     });
     let md_count = md.usize_opt("split.count")?;
     let Some((prefix, no, count, width)) = parsed else {
@@ -146,11 +163,16 @@ fn split_parts(path: &Path, md: &Metadata) -> Result<Option<Vec<PathBuf>>> {
     if no != 1 {
         return Err(Error::InvalidGguf {
             path: path.to_path_buf(),
-            reason: format!("is part {no} of {count}; open the first part (-00001-of-{count:05}.gguf)"),
+            reason: format!(
+                "is part {no} of {count}; open the first part (-00001-of-{count:05}.gguf)"
+            ),
         });
     }
     if count > 9999 {
-        return Err(Error::InvalidGguf { path: path.to_path_buf(), reason: format!("claims {count} split parts") });
+        return Err(Error::InvalidGguf {
+            path: path.to_path_buf(),
+            reason: format!("claims {count} split parts"),
+        });
     }
     if let Some(n) = md_count {
         if n != count {
@@ -162,6 +184,8 @@ fn split_parts(path: &Path, md: &Metadata) -> Result<Option<Vec<PathBuf>>> {
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     Ok(Some(
-        (1..=count).map(|i| dir.join(format!("{prefix}-{i:0width$}-of-{count:0width$}.gguf"))).collect(),
+        (1..=count)
+            .map(|i| dir.join(format!("{prefix}-{i:0width$}-of-{count:0width$}.gguf")))
+            .collect(),
     ))
 }

@@ -55,20 +55,36 @@ pub struct Header {
 /// Reads the header of the GGUF file at `path`.
 pub fn read_header(path: &Path) -> Result<Header> {
     let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, 0, e))?;
-    let file_bytes = file.metadata().map_err(|e| Error::io("stat", path, 0, e))?.len();
-    parse_header(std::io::BufReader::with_capacity(1 << 20, file), file_bytes, path)
+    let file_bytes = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, 0, e))?
+        .len();
+    parse_header(
+        std::io::BufReader::with_capacity(1 << 20, file),
+        file_bytes,
+        path,
+    )
 }
 
 /// Parses a header from `reader`, which yields a file of `file_bytes` bytes named `path`.
 pub fn parse_header(reader: impl Read, file_bytes: u64, path: &Path) -> Result<Header> {
-    let mut c = Cursor { r: reader, pos: 0, len: file_bytes, path };
+    let mut c = Cursor {
+        r: reader,
+        pos: 0,
+        len: file_bytes,
+        path,
+    };
     let magic = c.u32()?;
     if magic != GGUF_MAGIC {
-        return Err(c.invalid(format!("not a GGUF file (magic {magic:#010x}, expected 'GGUF')")));
+        return Err(c.invalid(format!(
+            "not a GGUF file (magic {magic:#010x}, expected 'GGUF')"
+        )));
     }
     let version = c.u32()?;
     if !(2..=3).contains(&version) {
-        return Err(c.invalid(format!("GGUF version {version} is not supported (2 and 3 are)")));
+        return Err(c.invalid(format!(
+            "GGUF version {version} is not supported (2 and 3 are)"
+        )));
     }
     let n_tensors = c.u64()?;
     let n_kv = c.u64()?;
@@ -92,7 +108,9 @@ pub fn parse_header(reader: impl Read, file_bytes: u64, path: &Path) -> Result<H
         let name = c.string()?;
         let n_dims = c.u32()?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(c.invalid(format!("tensor '{name}' has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
+            return Err(c.invalid(format!(
+                "tensor '{name}' has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+            )));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -102,27 +120,44 @@ pub fn parse_header(reader: impl Read, file_bytes: u64, path: &Path) -> Result<H
         let offset = c.u64()?;
         let ty = TensorType::from_id(ty_id).ok_or_else(|| Error::Unsupported {
             path: path.to_path_buf(),
-            reason: format!("tensor '{name}' has {}, which hypura cannot compute with", TensorType::name_of_id(ty_id)),
+            reason: format!(
+                "tensor '{name}' has {}, which hypura cannot compute with",
+                TensorType::name_of_id(ty_id)
+            ),
         })?;
         let n_bytes = tensor_bytes(&name, ty, &dims).map_err(|r| c.invalid(r))?;
         if !names.insert(name.clone()) {
             return Err(c.invalid(format!("tensor '{name}' appears twice")));
         }
-        tensors.push(TensorInfo { name, ty, dims, offset, n_bytes });
+        tensors.push(TensorInfo {
+            name,
+            ty,
+            dims,
+            offset,
+            n_bytes,
+        });
     }
 
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(v) => match v.as_i64() {
             Some(a) if a > 0 && (a as u64).is_power_of_two() && a <= 1 << 20 => a as u64,
-            _ => return Err(c.invalid(format!("general.alignment {} is not a power of two", v.summary()))),
+            _ => {
+                return Err(c.invalid(format!(
+                    "general.alignment {} is not a power of two",
+                    v.summary()
+                )))
+            }
         },
     };
     let data_offset = c.pos.div_ceil(alignment) * alignment;
     let data_bytes = file_bytes.saturating_sub(data_offset);
     for t in &tensors {
         if t.offset % alignment != 0 {
-            return Err(c.invalid(format!("tensor '{}' offset {} is not aligned to {alignment}", t.name, t.offset)));
+            return Err(c.invalid(format!(
+                "tensor '{}' offset {} is not aligned to {alignment}",
+                t.name, t.offset
+            )));
         }
         match t.offset.checked_add(t.n_bytes) {
             Some(end) if end <= data_bytes => {}
@@ -135,14 +170,25 @@ pub fn parse_header(reader: impl Read, file_bytes: u64, path: &Path) -> Result<H
             }
         }
     }
-    Ok(Header { path: path.to_path_buf(), version, metadata, tensors, data_offset, alignment, file_bytes })
+    Ok(Header {
+        path: path.to_path_buf(),
+        version,
+        metadata,
+        tensors,
+        data_offset,
+        alignment,
+        file_bytes,
+    })
 }
 
 /// Bytes of a tensor of type `ty` and ggml dims `dims`, or why that is not a valid tensor.
 fn tensor_bytes(name: &str, ty: TensorType, dims: &[u64]) -> std::result::Result<u64, String> {
     let mut n: u64 = 1;
     for &d in dims {
-        n = n.checked_mul(d).filter(|&n| n < 1 << 48).ok_or_else(|| format!("tensor '{name}' dims {dims:?} are absurd"))?;
+        n = n
+            .checked_mul(d)
+            .filter(|&n| n < 1 << 48)
+            .ok_or_else(|| format!("tensor '{name}' dims {dims:?} are absurd"))?;
     }
     if !dims[0].is_multiple_of(ty.block_elems() as u64) {
         return Err(format!(
@@ -164,7 +210,10 @@ struct Cursor<'a, R> {
 
 impl<R: Read> Cursor<'_, R> {
     fn invalid(&self, reason: impl Into<String>) -> Error {
-        Error::InvalidGguf { path: self.path.to_path_buf(), reason: reason.into() }
+        Error::InvalidGguf {
+            path: self.path.to_path_buf(),
+            reason: reason.into(),
+        }
     }
 
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N]> {
@@ -183,7 +232,9 @@ impl<R: Read> Cursor<'_, R> {
             )));
         }
         self.r.read_exact(buf).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => self.invalid(format!("header truncated at offset {}", self.pos)),
+            std::io::ErrorKind::UnexpectedEof => {
+                self.invalid(format!("header truncated at offset {}", self.pos))
+            }
             _ => Error::io("read header", self.path, self.pos, e),
         })?;
         self.pos += buf.len() as u64;
@@ -248,7 +299,12 @@ impl<R: Read> Cursor<'_, R> {
                     4..=6 => 4,
                     8 | 10..=12 => 8,
                     9 => 12,
-                    t => return Err(self.invalid(format!("unknown array item type {t} at offset {}", self.pos))),
+                    t => {
+                        return Err(self.invalid(format!(
+                            "unknown array item type {t} at offset {}",
+                            self.pos
+                        )))
+                    }
                 };
                 self.check_count(n, min_item, "array items")?;
                 let mut items = Vec::with_capacity(n as usize);
@@ -260,7 +316,12 @@ impl<R: Read> Cursor<'_, R> {
             10 => Value::U64(self.u64()?),
             11 => Value::I64(i64::from_le_bytes(self.bytes()?)),
             12 => Value::F64(f64::from_le_bytes(self.bytes()?)),
-            t => return Err(self.invalid(format!("unknown metadata value type {t} at offset {}", self.pos - 4))),
+            t => {
+                return Err(self.invalid(format!(
+                    "unknown metadata value type {t} at offset {}",
+                    self.pos - 4
+                )))
+            }
         })
     }
 }

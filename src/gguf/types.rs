@@ -113,7 +113,8 @@ impl TensorType {
     /// Bytes of a row of `n` elements, or `None` if `n` is not a whole number of blocks.
     pub fn row_bytes(self, n: u64) -> Option<u64> {
         let be = self.block_elems() as u64;
-        n.is_multiple_of(be).then(|| n / be * self.block_bytes() as u64)
+        n.is_multiple_of(be)
+            .then(|| n / be * self.block_bytes() as u64)
     }
 
     pub fn is_quantized(self) -> bool {

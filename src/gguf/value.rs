@@ -97,7 +97,10 @@ pub struct Metadata {
 
 impl Metadata {
     pub fn new(path: &Path) -> Self {
-        Metadata { path: path.to_path_buf(), entries: BTreeMap::new() }
+        Metadata {
+            path: path.to_path_buf(),
+            entries: BTreeMap::new(),
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -105,7 +108,11 @@ impl Metadata {
     }
 
     fn err(&self, key: &str, reason: impl Into<String>) -> Error {
-        Error::Metadata { path: self.path.clone(), key: key.to_string(), reason: reason.into() }
+        Error::Metadata {
+            path: self.path.clone(),
+            key: key.to_string(),
+            reason: reason.into(),
+        }
     }
 
     fn required(&self, key: &str) -> Result<&Value> {
@@ -117,7 +124,12 @@ impl Metadata {
         let v = self.required(key)?;
         v.as_i64()
             .and_then(|i| usize::try_from(i).ok())
-            .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {}", v.summary())))
+            .ok_or_else(|| {
+                self.err(
+                    key,
+                    format!("expected a non-negative integer, found {}", v.summary()),
+                )
+            })
     }
 
     pub fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
@@ -151,7 +163,8 @@ impl Metadata {
 
     pub fn str(&self, key: &str) -> Result<&str> {
         let v = self.required(key)?;
-        v.as_str().ok_or_else(|| self.err(key, format!("expected a string, found {}", v.summary())))
+        v.as_str()
+            .ok_or_else(|| self.err(key, format!("expected a string, found {}", v.summary())))
     }
 
     pub fn str_opt(&self, key: &str) -> Result<Option<&str>> {
@@ -176,7 +189,10 @@ impl Metadata {
         self.array(key)?
             .iter()
             .enumerate()
-            .map(|(i, v)| v.as_str().ok_or_else(|| self.err(key, format!("item {i} is not a string"))))
+            .map(|(i, v)| {
+                v.as_str()
+                    .ok_or_else(|| self.err(key, format!("item {i} is not a string")))
+            })
             .collect()
     }
 
@@ -185,7 +201,9 @@ impl Metadata {
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                v.as_f64().map(|f| f as f32).ok_or_else(|| self.err(key, format!("item {i} is not a number")))
+                v.as_f64()
+                    .map(|f| f as f32)
+                    .ok_or_else(|| self.err(key, format!("item {i} is not a number")))
             })
             .collect()
     }
@@ -194,7 +212,10 @@ impl Metadata {
         self.array(key)?
             .iter()
             .enumerate()
-            .map(|(i, v)| v.as_i64().ok_or_else(|| self.err(key, format!("item {i} is not an integer"))))
+            .map(|(i, v)| {
+                v.as_i64()
+                    .ok_or_else(|| self.err(key, format!("item {i} is not an integer")))
+            })
             .collect()
     }
 }

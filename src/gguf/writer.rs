@@ -45,13 +45,25 @@ impl GgufWriter {
 
     /// Adds a tensor with ggml-order `dims` whose bytes are given. Panics in debug builds only if
     /// the byte count does not match the type and dims (a programming error in the caller).
-    pub fn add_tensor(&mut self, name: &str, ty: TensorType, dims: &[u64], data: TensorData) -> &mut Self {
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        ty: TensorType,
+        dims: &[u64],
+        data: TensorData,
+    ) -> &mut Self {
         let n: u64 = dims.iter().product();
         let n_bytes = n / ty.block_elems() as u64 * ty.block_bytes() as u64;
         if let TensorData::Bytes(b) = &data {
             debug_assert_eq!(b.len() as u64, n_bytes, "tensor {name}");
         }
-        self.tensors.push(PendingTensor { name: name.to_string(), ty, dims: dims.to_vec(), n_bytes, data });
+        self.tensors.push(PendingTensor {
+            name: name.to_string(),
+            ty,
+            dims: dims.to_vec(),
+            n_bytes,
+            data,
+        });
         self
     }
 
@@ -110,7 +122,10 @@ impl GgufWriter {
         let mut pos = 0u64;
         for (t, off) in self.tensors.into_iter().zip(offsets) {
             w.write_all(&vec![0u8; (off - pos) as usize])?;
-            let mut counted = CountingWriter { inner: &mut *w, n: 0 };
+            let mut counted = CountingWriter {
+                inner: &mut *w,
+                n: 0,
+            };
             match t.data {
                 TensorData::Bytes(b) => counted.write_all(&b)?,
                 TensorData::Producer(f) => f(&mut counted)?,

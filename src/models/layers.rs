@@ -16,23 +16,33 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(weight: &Weight, eps: f32) -> Result<Self> {
-        Ok(RmsNorm { weight: weight.dense()?, eps })
+        Ok(RmsNorm {
+            weight: weight.dense()?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
     }
 }
 
 /// `x · Wᵀ (+ b)`.
 pub struct Linear {
-    weight: Weight,      // [n_out, n_in]
+    weight: Weight,       // [n_out, n_in]
     bias: Option<Tensor>, // [n_out]
 }
 
 impl Linear {
     pub fn new(weight: Weight, bias: Option<&Weight>) -> Result<Self> {
-        Ok(Linear { weight, bias: bias.map(Weight::dense).transpose()? })
+        Ok(Linear {
+            weight,
+            bias: bias.map(Weight::dense).transpose()?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -146,8 +156,11 @@ impl Attention {
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v.contiguous()?)?; // [1, h_kv, n_rep * t, hd]
-        // back to [t, h * hd], head-major within each token
-        let out = out.reshape((1, h, t, hd))?.transpose(1, 2)?.reshape((t, h * hd))?;
+                                                   // back to [t, h * hd], head-major within each token
+        let out = out
+            .reshape((1, h, t, hd))?
+            .transpose(1, 2)?
+            .reshape((t, h * hd))?;
         self.o.forward(&out)
     }
 }
@@ -160,7 +173,11 @@ fn causal_mask(t: usize, n_kv: usize, n_rep: usize, device: &Device) -> Result<T
         .flat_map(|i| (0..n_kv).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     let mask = Tensor::from_vec(row, (t, n_kv), device)?;
-    Ok(mask.unsqueeze(0)?.repeat((n_rep, 1, 1))?.reshape((n_rep * t, n_kv))?.to_dtype(DType::F32)?)
+    Ok(mask
+        .unsqueeze(0)?
+        .repeat((n_rep, 1, 1))?
+        .reshape((n_rep * t, n_kv))?
+        .to_dtype(DType::F32)?)
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.

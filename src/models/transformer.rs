@@ -46,7 +46,9 @@ impl Transformer {
         let (d, v, ff) = (cfg.n_embd, cfg.n_vocab, cfg.n_ff);
         let (h, h_kv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
         let embed = store.get("token_embd.weight", &[v, d])?;
-        let output = store.get_opt("output.weight", &[v, d])?.unwrap_or_else(|| embed.clone());
+        let output = store
+            .get_opt("output.weight", &[v, d])?
+            .unwrap_or_else(|| embed.clone());
         let freq_factors = match store.get_opt("rope_freqs.weight", &[cfg.rope_dim / 2])? {
             Some(w) => Some(w.dense()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
@@ -65,7 +67,10 @@ impl Transformer {
             let name = |s: &str| format!("blk.{i}.{s}");
             let linear = |s: &str, rows: usize, cols: usize| -> Result<Linear> {
                 let bias = store.get_opt(&name(&format!("{s}.bias")), &[rows])?;
-                Linear::new(store.get(&name(&format!("{s}.weight")), &[rows, cols])?, bias.as_ref())
+                Linear::new(
+                    store.get(&name(&format!("{s}.weight")), &[rows, cols])?,
+                    bias.as_ref(),
+                )
             };
             let attn = Attention {
                 q: linear("attn_q", h * hd, d)?,
@@ -87,7 +92,11 @@ impl Transformer {
                     .zip(up)
                     .zip(down)
                     .map(|((g, u), dn)| {
-                        Ok(Mlp { gate: Linear::new(g, None)?, up: Linear::new(u, None)?, down: Linear::new(dn, None)? })
+                        Ok(Mlp {
+                            gate: Linear::new(g, None)?,
+                            up: Linear::new(u, None)?,
+                            down: Linear::new(dn, None)?,
+                        })
                     })
                     .collect::<Result<Vec<_>>>()?;
                 FeedForward::Moe(Moe {
@@ -127,7 +136,9 @@ impl LanguageModel for Transformer {
     fn forward(&mut self, tokens: &[u32], logits: Logits) -> Result<Tensor> {
         let t = tokens.len();
         if t == 0 {
-            return Err(Error::InvalidRequest("forward pass over zero tokens".into()));
+            return Err(Error::InvalidRequest(
+                "forward pass over zero tokens".into(),
+            ));
         }
         if self.n_past + t > self.n_ctx {
             return Err(Error::InvalidRequest(format!(
@@ -135,7 +146,10 @@ impl LanguageModel for Transformer {
                 self.n_past, self.n_ctx
             )));
         }
-        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.config.n_vocab) {
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.config.n_vocab)
+        {
             return Err(Error::InvalidRequest(format!(
                 "token id {bad} is outside the vocabulary (n_vocab {})",
                 self.config.n_vocab
@@ -145,7 +159,9 @@ impl LanguageModel for Transformer {
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.rows(&ids)?; // [t, d]
         for block in &mut self.blocks {
-            let a = block.attn.forward(&block.attn_norm.forward(&x)?, pos, &self.rope)?; // [t, d]
+            let a = block
+                .attn
+                .forward(&block.attn_norm.forward(&x)?, pos, &self.rope)?; // [t, d]
             x = (x + a)?;
             let n = block.ffn_norm.forward(&x)?;
             let f = match &block.ffn {

@@ -37,7 +37,12 @@ impl WeightStore {
             let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io("mmap", path, 0, e))?;
             maps.push(Arc::new(map));
         }
-        Ok(WeightStore { files, maps, device: device.clone(), on_read: None })
+        Ok(WeightStore {
+            files,
+            maps,
+            device: device.clone(),
+            on_read: None,
+        })
     }
 
     /// Calls `f(bytes)` each time tensor bytes are read (progress reporting).
@@ -97,7 +102,13 @@ impl WeightStore {
 
     /// A merged expert tensor `[n_expert, rows, cols]` as one weight per expert, each `[rows, cols]`.
     /// Each expert's slice is contiguous in the file, so each is separately placeable.
-    pub fn get_experts(&self, name: &str, n_expert: usize, rows: usize, cols: usize) -> Result<Vec<Weight>> {
+    pub fn get_experts(
+        &self,
+        name: &str,
+        n_expert: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<Weight>> {
         let e = self.entry(name)?;
         if e.shape() != [n_expert, rows, cols] {
             return Err(self.shape_error(e, &[n_expert, rows, cols]));
@@ -113,8 +124,18 @@ impl WeightStore {
     }
 
     /// Copies `bytes` into a tensor on the compute device.
-    fn resident(&self, name: &str, e: &TensorEntry, bytes: &[u8], shape: &[usize]) -> Result<Weight> {
-        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &self.device, e.ty.to_candle())?;
+    fn resident(
+        &self,
+        name: &str,
+        e: &TensorEntry,
+        bytes: &[u8],
+        shape: &[usize],
+    ) -> Result<Weight> {
+        let storage = QStorage::from_data(
+            std::borrow::Cow::Borrowed(bytes),
+            &self.device,
+            e.ty.to_candle(),
+        )?;
         let q = QTensor::new(storage, shape)?;
         if let Some(f) = &self.on_read {
             f(bytes.len() as u64);

@@ -35,7 +35,11 @@ pub fn build(tokens: &[String], merges: &[&str], pre: &str) -> Result<Tokenizer>
         .map(|(i, m)| {
             m.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| Error::Tokenizer(format!("merge {i} ({m:?}) is not two symbols separated by a space")))
+                .ok_or_else(|| {
+                    Error::Tokenizer(format!(
+                        "merge {i} ({m:?}) is not two symbols separated by a space"
+                    ))
+                })
         })
         .collect::<Result<Vec<_>>>()?;
     let ignore_merges = matches!(pre, "llama-bpe" | "llama3" | "llama-v3");
@@ -45,8 +49,12 @@ pub fn build(tokens: &[String], merges: &[&str], pre: &str) -> Result<Tokenizer>
         .build()
         .map_err(|e| Error::Tokenizer(format!("BPE vocabulary: {e}")))?;
     let mut tok = Tokenizer::new(bpe);
-    let split = Split::new(SplitPattern::Regex(pre_tokenizer_regex(pre).into()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
+    let split = Split::new(
+        SplitPattern::Regex(pre_tokenizer_regex(pre).into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
     let pre_tok = tokenizers::pre_tokenizers::sequence::Sequence::new(vec![
         PreTokenizerWrapper::Split(split),
         PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),

@@ -69,22 +69,43 @@ impl Tokenizer {
     /// Builds the tokenizer described by the `tokenizer.ggml.*` keys of `md`.
     pub fn from_metadata(md: &Metadata) -> Result<Self> {
         let model = md.str("tokenizer.ggml.model")?;
-        let tokens: Vec<String> = md.str_array("tokenizer.ggml.tokens")?.into_iter().map(String::from).collect();
+        let tokens: Vec<String> = md
+            .str_array("tokenizer.ggml.tokens")?
+            .into_iter()
+            .map(String::from)
+            .collect();
         if tokens.is_empty() || tokens.len() > u32::MAX as usize / 2 {
-            return Err(meta_err(md, "tokenizer.ggml.tokens", format!("{} tokens", tokens.len())));
+            return Err(meta_err(
+                md,
+                "tokenizer.ggml.tokens",
+                format!("{} tokens", tokens.len()),
+            ));
         }
         let types: Vec<TokenType> = if md.has("tokenizer.ggml.token_type") {
-            md.i64_array("tokenizer.ggml.token_type")?.into_iter().map(TokenType::from_id).collect()
+            md.i64_array("tokenizer.ggml.token_type")?
+                .into_iter()
+                .map(TokenType::from_id)
+                .collect()
         } else {
             vec![TokenType::Normal; tokens.len()]
         };
         if types.len() != tokens.len() {
-            return Err(meta_err(md, "tokenizer.ggml.token_type", format!("{} types for {} tokens", types.len(), tokens.len())));
+            return Err(meta_err(
+                md,
+                "tokenizer.ggml.token_type",
+                format!("{} types for {} tokens", types.len(), tokens.len()),
+            ));
         }
         let id = |key: &str| -> Result<Option<u32>> {
             Ok(match md.usize_opt(key)? {
                 Some(i) if i < tokens.len() => Some(i as u32),
-                Some(i) => return Err(meta_err(md, key, format!("token id {i} is outside the vocabulary of {}", tokens.len()))),
+                Some(i) => {
+                    return Err(meta_err(
+                        md,
+                        key,
+                        format!("token id {i} is outside the vocabulary of {}", tokens.len()),
+                    ))
+                }
                 None => None,
             })
         };
@@ -96,10 +117,19 @@ impl Tokenizer {
                     vec![0.0; tokens.len()]
                 };
                 if scores.len() != tokens.len() {
-                    return Err(meta_err(md, "tokenizer.ggml.scores", format!("{} scores for {} tokens", scores.len(), tokens.len())));
+                    return Err(meta_err(
+                        md,
+                        "tokenizer.ggml.scores",
+                        format!("{} scores for {} tokens", scores.len(), tokens.len()),
+                    ));
                 }
-                let add_space_prefix = md.bool_opt("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
-                (Kind::Spm, spm::build(&tokens, &scores, &types, add_space_prefix)?)
+                let add_space_prefix = md
+                    .bool_opt("tokenizer.ggml.add_space_prefix")?
+                    .unwrap_or(true);
+                (
+                    Kind::Spm,
+                    spm::build(&tokens, &scores, &types, add_space_prefix)?,
+                )
             }
             "gpt2" => {
                 let merges = md.str_array("tokenizer.ggml.merges")?;
@@ -107,7 +137,11 @@ impl Tokenizer {
                 (Kind::Bpe, bpe::build(&tokens, &merges, pre)?)
             }
             other => {
-                return Err(meta_err(md, "tokenizer.ggml.model", format!("tokenizer '{other}' is not supported (llama and gpt2 are)")))
+                return Err(meta_err(
+                    md,
+                    "tokenizer.ggml.model",
+                    format!("tokenizer '{other}' is not supported (llama and gpt2 are)"),
+                ))
             }
         };
         // Control and unknown tokens are special (matched only when parsing special text);
@@ -130,7 +164,10 @@ impl Tokenizer {
         let mut plain = base.clone();
         plain.set_encode_special_tokens(true);
 
-        let (bos, eos) = (id("tokenizer.ggml.bos_token_id")?, id("tokenizer.ggml.eos_token_id")?);
+        let (bos, eos) = (
+            id("tokenizer.ggml.bos_token_id")?,
+            id("tokenizer.ggml.eos_token_id")?,
+        );
         let mut eog: Vec<u32> = eos.into_iter().collect();
         for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
             eog.extend(id(key)?);
@@ -138,7 +175,15 @@ impl Tokenizer {
         // llama.cpp also ends generation on these well-known control tokens when present.
         for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
             if *ty == TokenType::Control
-                && matches!(t.as_str(), "<|eot_id|>" | "<|im_end|>" | "<|end|>" | "<|endoftext|>" | "<|eom_id|>" | "</s>")
+                && matches!(
+                    t.as_str(),
+                    "<|eot_id|>"
+                        | "<|im_end|>"
+                        | "<|end|>"
+                        | "<|endoftext|>"
+                        | "<|eom_id|>"
+                        | "</s>"
+                )
             {
                 eog.push(i as u32);
             }
@@ -155,16 +200,28 @@ impl Tokenizer {
             bos,
             eos,
             eog,
-            add_bos: md.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(default_bos) && bos.is_some(),
-            add_eos: md.bool_opt("tokenizer.ggml.add_eos_token")?.unwrap_or(false) && eos.is_some(),
+            add_bos: md
+                .bool_opt("tokenizer.ggml.add_bos_token")?
+                .unwrap_or(default_bos)
+                && bos.is_some(),
+            add_eos: md
+                .bool_opt("tokenizer.ggml.add_eos_token")?
+                .unwrap_or(false)
+                && eos.is_some(),
         })
     }
 
     /// Token ids of `text`. `add_special`: add BOS (and EOS) if the vocabulary asks for them;
     /// `parse_special`: special-token text such as `<|im_start|>` becomes that token.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
-        let tok = if parse_special { &self.parse_special } else { &self.plain };
-        let enc = tok.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let tok = if parse_special {
+            &self.parse_special
+        } else {
+            &self.plain
+        };
+        let enc = tok
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 2);
         if add_special && self.add_bos {
             ids.extend(self.bos);
@@ -179,7 +236,9 @@ impl Tokenizer {
     /// The bytes token `id` stands for in output text: SentencePiece `▁` becomes a space,
     /// `<0xNN>` the byte NN, byte-level BPE symbols their bytes; control tokens are empty.
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        let Some(t) = self.tokens.get(id as usize) else { return Vec::new() };
+        let Some(t) = self.tokens.get(id as usize) else {
+            return Vec::new();
+        };
         match (self.types[id as usize], self.kind) {
             (TokenType::Control | TokenType::Unknown | TokenType::Unused, _) => Vec::new(),
             (TokenType::UserDefined, _) => t.as_bytes().to_vec(),
@@ -232,5 +291,9 @@ impl Tokenizer {
 }
 
 fn meta_err(md: &Metadata, key: &str, reason: String) -> Error {
-    Error::Metadata { path: md.path.clone(), key: key.to_string(), reason }
+    Error::Metadata {
+        path: md.path.clone(),
+        key: key.to_string(),
+        reason,
+    }
 }

@@ -11,11 +11,19 @@ use crate::error::{Error, Result};
 /// pieces too, ranked by the merged piece's score (highest first; ties in vocabulary order, then by
 /// the halves' ids) — Hugging Face's `SentencePieceExtractor` rule, which reproduces
 /// SentencePiece's (and llama.cpp's) highest-score-bigram-first merging.
-pub fn build(tokens: &[String], scores: &[f32], types: &[TokenType], add_space_prefix: bool) -> Result<Tokenizer> {
+pub fn build(
+    tokens: &[String],
+    scores: &[f32],
+    types: &[TokenType],
+    add_space_prefix: bool,
+) -> Result<Tokenizer> {
     let mut vocab = ahash_map(tokens);
     let mut merges: Vec<(f32, usize, u32, u32)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
-        if matches!(types[id], TokenType::Control | TokenType::Byte | TokenType::Unknown | TokenType::Unused) {
+        if matches!(
+            types[id],
+            TokenType::Control | TokenType::Byte | TokenType::Unknown | TokenType::Unused
+        ) {
             continue;
         }
         let mut local = Vec::new();
@@ -34,16 +42,24 @@ pub fn build(tokens: &[String], scores: &[f32], types: &[TokenType], add_space_p
         .into_iter()
         .map(|(_, _, a, b)| (tokens[a as usize].clone(), tokens[b as usize].clone()))
         .collect();
-    let unk = types.iter().position(|t| *t == TokenType::Unknown).map(|i| tokens[i].clone());
+    let unk = types
+        .iter()
+        .position(|t| *t == TokenType::Unknown)
+        .map(|i| tokens[i].clone());
     // The vocabulary must hold every piece once; the first id wins for duplicates.
     for (i, t) in tokens.iter().enumerate() {
         vocab.entry(t.clone()).or_insert(i as u32);
     }
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
     if let Some(unk) = unk {
         builder = builder.unk_token(unk);
     }
-    let bpe = builder.build().map_err(|e| Error::Tokenizer(format!("SentencePiece vocabulary: {e}")))?;
+    let bpe = builder
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("SentencePiece vocabulary: {e}")))?;
     let mut tok = Tokenizer::new(bpe);
     let replace = Replace::new(" ", "\u{2581}").map_err(|e| Error::Tokenizer(e.to_string()))?;
     let mut norm: Vec<NormalizerWrapper> = Vec::new();

@@ -11,7 +11,10 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub fn new(tok: &'a Tokenizer) -> Self {
-        StreamDecoder { tok, pending: Vec::new() }
+        StreamDecoder {
+            tok,
+            pending: Vec::new(),
+        }
     }
 
     /// Adds `id`; returns the text that is now complete, if any.

@@ -52,7 +52,11 @@ pub fn fixture_models() -> Vec<PathBuf> {
         }
     }
     out.sort();
-    assert!(out.len() >= 14, "expected the oracle fixtures, found {}", out.len());
+    assert!(
+        out.len() >= 14,
+        "expected the oracle fixtures, found {}",
+        out.len()
+    );
     out
 }
 
@@ -66,7 +70,11 @@ pub fn reference(gguf: &Path) -> serde_json::Value {
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 /// `X.ref.json` → `X.<suffix>` (e.g. `ref.logits.npy`).
@@ -76,7 +84,10 @@ pub fn sibling(gguf: &Path, suffix: &str) -> PathBuf {
 }
 
 pub fn read_npy_2d(path: &Path) -> Vec<Vec<f32>> {
-    Tensor::read_npy(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_vec2().unwrap()
+    Tensor::read_npy(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_vec2()
+        .unwrap()
 }
 
 pub fn is_f32_model(gguf: &Path) -> bool {
@@ -121,7 +132,12 @@ pub struct Comparison {
 
 pub fn compare(ours: &[Vec<f32>], theirs: &[Vec<f32>]) -> Comparison {
     assert_eq!(ours.len(), theirs.len(), "position count");
-    let mut c = Comparison { min_cosine: 1.0, max_abs: 0.0, top1_agree: 0, n: ours.len() };
+    let mut c = Comparison {
+        min_cosine: 1.0,
+        max_abs: 0.0,
+        top1_agree: 0,
+        n: ours.len(),
+    };
     for (a, b) in ours.iter().zip(theirs) {
         assert_eq!(a.len(), b.len(), "vocab size");
         c.min_cosine = c.min_cosine.min(cosine(a, b));
@@ -137,11 +153,28 @@ pub fn compare(ours: &[Vec<f32>], theirs: &[Vec<f32>]) -> Comparison {
 /// quantized files top-1 ≥ 90 %.
 pub fn assert_close(what: &str, gguf: &Path, c: &Comparison) {
     let name = gguf.file_name().unwrap().to_string_lossy();
-    assert!(c.min_cosine >= 0.999, "{name} {what}: min cosine {} < 0.999 ({c:?})", c.min_cosine);
+    assert!(
+        c.min_cosine >= 0.999,
+        "{name} {what}: min cosine {} < 0.999 ({c:?})",
+        c.min_cosine
+    );
     if is_f32_model(gguf) {
-        assert!(c.max_abs <= 1e-2, "{name} {what}: max |Δ| {} > 1e-2", c.max_abs);
-        assert_eq!(c.top1_agree, c.n, "{name} {what}: top-1 {}/{}", c.top1_agree, c.n);
+        assert!(
+            c.max_abs <= 1e-2,
+            "{name} {what}: max |Δ| {} > 1e-2",
+            c.max_abs
+        );
+        assert_eq!(
+            c.top1_agree, c.n,
+            "{name} {what}: top-1 {}/{}",
+            c.top1_agree, c.n
+        );
     } else {
-        assert!(c.top1_agree * 10 >= c.n * 9, "{name} {what}: top-1 {}/{} < 90 %", c.top1_agree, c.n);
+        assert!(
+            c.top1_agree * 10 >= c.n * 9,
+            "{name} {what}: top-1 {}/{} < 90 %",
+            c.top1_agree,
+            c.n
+        );
     }
 }

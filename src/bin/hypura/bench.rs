@@ -32,7 +32,9 @@ pub struct BenchArgs {
 
 /// Deterministic token ids spread over the vocabulary (avoiding id 0).
 fn tokens(n: usize, n_vocab: usize) -> Vec<u32> {
-    (0..n).map(|i| (1 + (i * 7919) % (n_vocab - 1)) as u32).collect()
+    (0..n)
+        .map(|i| (1 + (i * 7919) % (n_vocab - 1)) as u32)
+        .collect()
 }
 
 fn mean_std(xs: &[f64]) -> (f64, f64) {
@@ -62,22 +64,43 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let n_ctx = a.n_prompt.max(a.n_gen).max(1);
     let mut m = a.model.load(false, Some(n_ctx))?;
     let n_vocab = m.config.n_vocab;
-    let threads = a.model.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut run = |n: usize, f: fn(&mut dyn LanguageModel, &[u32]) -> Result<f64>| -> Result<Option<(f64, f64)>> {
+    let threads = a
+        .model
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut run = |n: usize,
+                   f: fn(&mut dyn LanguageModel, &[u32]) -> Result<f64>|
+     -> Result<Option<(f64, f64)>> {
         if n == 0 {
             return Ok(None);
         }
         let toks = tokens(n, n_vocab);
         f(&mut m.model, &toks[..n.min(16)])?; // warm-up
-        let rates = (0..a.reps.max(1)).map(|_| f(&mut m.model, &toks)).collect::<Result<Vec<_>>>()?;
+        let rates = (0..a.reps.max(1))
+            .map(|_| f(&mut m.model, &toks))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Some(mean_std(&rates)))
     };
     let pp = run(a.n_prompt, time_pp)?;
     let tg = run(a.n_gen, time_tg)?;
     let size = m.files.tensor_bytes();
-    let n_params: u64 = m.files.tensors.iter().map(|t| t.dims.iter().product::<u64>()).sum();
-    let model_name = m.files.path().file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let backend = if m.model.n_ctx() > 0 && hypura::backend::best_device()?.is_cuda() { "CUDA" } else { "CPU" };
+    let n_params: u64 = m
+        .files
+        .tensors
+        .iter()
+        .map(|t| t.dims.iter().product::<u64>())
+        .sum();
+    let model_name = m
+        .files
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let backend = if m.model.n_ctx() > 0 && hypura::backend::best_device()?.is_cuda() {
+        "CUDA"
+    } else {
+        "CPU"
+    };
     if a.json {
         let j = serde_json::json!({
             "model": model_name, "size_bytes": size, "n_params": n_params, "backend": backend, "threads": threads,

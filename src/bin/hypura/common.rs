@@ -35,7 +35,9 @@ impl ModelArgs {
                 eprintln!("hypura: no -m given; {why}");
                 Ok(path)
             }
-            None => anyhow::bail!("no model given: pass -m MODEL (a .gguf path or ORG/REPO:FILE.gguf)"),
+            None => {
+                anyhow::bail!("no model given: pass -m MODEL (a .gguf path or ORG/REPO:FILE.gguf)")
+            }
         }
     }
 
@@ -50,7 +52,8 @@ impl ModelArgs {
             device: hypura::backend::best_device()?,
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         };
-        let loaded = loader::load(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+        let loaded =
+            loader::load(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
         let c = &loaded.config;
         eprintln!(
             "hypura: {} ({} {}, {} layers, d {}, {}{} vocab {}) loaded in {:.2} s, context {} tokens",

@@ -34,7 +34,9 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
-#[command(after_help = "The output is float32 [n_tokens, n_vocab], one forward pass from an empty KV cache.")]
+#[command(
+    after_help = "The output is float32 [n_tokens, n_vocab], one forward pass from an empty KV cache."
+)]
 pub struct LogitsArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -48,10 +50,18 @@ pub struct LogitsArgs {
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
     let n = a.tokens.len();
-    let mut m = a.model.load(false, Some(a.model.ctx_size.unwrap_or(n).max(n)))?;
+    let mut m = a
+        .model
+        .load(false, Some(a.model.ctx_size.unwrap_or(n).max(n)))?;
     let logits = m.model.forward(&a.tokens, Logits::All)?;
-    logits.write_npy(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("hypura: wrote logits {:?} to {}", logits.dims(), a.out.display());
+    logits
+        .write_npy(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "hypura: wrote logits {:?} to {}",
+        logits.dims(),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -73,7 +83,8 @@ pub struct PerplexityArgs {
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let n_ctx = a.model.ctx_size.unwrap_or(512);
-    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
     let mut m = a.model.load(false, Some(n_ctx))?;
     let tokens = m.tokenizer.encode(prepare_text(&text), true, false)?;
     if tokens.len() < 2 * n_ctx {
@@ -84,17 +95,31 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
             2 * n_ctx
         );
     }
-    let bos = if m.tokenizer.adds_bos() { m.tokenizer.bos_id() } else { None };
+    let bos = if m.tokenizer.adds_bos() {
+        m.tokenizer.bos_id()
+    } else {
+        None
+    };
     let n_vocab = m.model.n_vocab();
-    eprintln!("hypura: {} tokens, {} chunks of {n_ctx}, vocab {n_vocab}", tokens.len(), tokens.len() / n_ctx);
+    eprintln!(
+        "hypura: {} tokens, {} chunks of {n_ctx}, vocab {n_vocab}",
+        tokens.len(),
+        tokens.len() / n_ctx
+    );
     let r = compute_ppl(&mut m.model, &tokens, n_ctx, bos, &mut |k, running| {
         eprint!("[{}]{running:.4},", k + 1);
     })?;
     eprintln!();
     if a.json {
-        println!("{}", serde_json::json!({ "ppl": r.ppl, "tokens_scored": r.tokens_scored, "n_chunks": r.n_chunks }));
+        println!(
+            "{}",
+            serde_json::json!({ "ppl": r.ppl, "tokens_scored": r.tokens_scored, "n_chunks": r.n_chunks })
+        );
     } else {
-        println!("Final estimate: PPL = {:.4} ({} tokens scored)", r.ppl, r.tokens_scored);
+        println!(
+            "Final estimate: PPL = {:.4} ({} tokens scored)",
+            r.ppl, r.tokens_scored
+        );
     }
     Ok(())
 }

@@ -64,15 +64,21 @@ pub fn run(a: RunArgs) -> Result<()> {
         seed: a.seed,
     };
     let mut sampler = Sampler::new(params);
-    let stop_ids: Vec<u32> = (0..m.config.n_vocab as u32).filter(|&id| m.tokenizer.is_end_of_generation(id)).collect();
-    let opts = GenerateOptions { max_new_tokens: a.n_predict, stop_ids, batch_size: a.batch_size.max(1) };
+    let stop_ids: Vec<u32> = (0..m.config.n_vocab as u32)
+        .filter(|&id| m.tokenizer.is_end_of_generation(id))
+        .collect();
+    let opts = GenerateOptions {
+        max_new_tokens: a.n_predict,
+        stop_ids,
+        batch_size: a.batch_size.max(1),
+    };
     let mut decoder = StreamDecoder::new(&m.tokenizer);
     let mut out = std::io::stdout().lock();
     let stats = generate(&mut m.model, &prompt, &opts, &mut sampler, &mut |id| {
         if let Some(text) = decoder.push(id) {
-            out.write_all(text.as_bytes()).and_then(|_| out.flush()).map_err(|e| {
-                hypura::Error::InvalidRequest(format!("writing to stdout: {e}"))
-            })?;
+            out.write_all(text.as_bytes())
+                .and_then(|_| out.flush())
+                .map_err(|e| hypura::Error::InvalidRequest(format!("writing to stdout: {e}")))?;
         }
         Ok(ControlFlow::Continue(()))
     })?;

@@ -25,6 +25,7 @@ fn main() -> anyhow::Result<()> {
         rope_freq_base: 10000.0,
         rms_eps: 1e-5,
         ctx_len: 2048,
+        tie_embeddings: false,
         ty: TensorType::Q8_0,
         seed: 20261123,
     };

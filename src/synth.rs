@@ -1,17 +1,38 @@
 //! Synthetic models: GGUF files with random weights and the exact tensor names, shapes and types
-//! of a real architecture. Quantized blocks are written directly (random codes with sane scales),
-//! with no float quantization pass, so large models are written at disk speed.
+//! of a real architecture (llama.cpp's layout), for tests, benchmarks and the bundled model.
+//!
+//! Quantized tensors are written *directly as blocks* — random codes from a rounded, clipped
+//! normal distribution with random per-block and per-sub-block scales — with no float
+//! quantization pass, and every tensor is streamed through a [`TensorData::Producer`] in chunks
+//! generated in parallel. A model of any size is therefore written at about disk speed and never
+//! sits in memory, and the output depends only on the spec and seed (not on the thread count).
+//!
+//! Scales: a matrix with fan-in `n` (its row length, ggml `dims[0]`) has entries with mean 0 and
+//! standard deviation `1/sqrt(n)`, so it maps a unit-RMS vector to a unit-RMS vector; RMSNorm
+//! weights are `1 + 0.05·N(0, 1)`; Qwen2 Q/K/V biases `N(0, 0.2²)`; the MoE router has standard
+//! deviation `2/sqrt(n_embd)` (stored F32, as llama.cpp does). The token embedding has unit
+//! standard deviation, or `1/sqrt(n_embd)` when it doubles as the output matrix (tied), so the
+//! logits have about unit spread either way.
+//!
+//! A row whose length is not a whole number of the requested type's blocks falls back as
+//! llama.cpp's quantizer does: `Q4_K` → `Q5_0`, `Q5_K` → `Q5_1`, `Q6_K` → `Q8_0`, `Q2_K`/`Q3_K` →
+//! `Q4_0`, and to `F16` if that still does not fit.
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::gguf::{Arch, GgufWriter, Metadata, TensorData, TensorType, Value};
 
 /// The shape of a synthetic model.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SynthSpec {
     pub arch: Arch,
+    /// `general.name`.
     pub name: String,
     pub n_embd: usize,
     pub n_layer: usize,
@@ -24,159 +45,291 @@ pub struct SynthSpec {
     pub rope_freq_base: f32,
     pub rms_eps: f32,
     pub ctx_len: usize,
-    /// Type of the large matrices (norms, biases and routers are F32).
+    /// No `output.weight`: the token embedding doubles as the output matrix (small Qwen2 models,
+    /// Llama 3.2 1B/3B).
+    pub tie_embeddings: bool,
+    /// Type of the large matrices (embedding, attention, feed-forward, output). Norms, biases and
+    /// the MoE router are always F32.
     pub ty: TensorType,
     pub seed: u64,
 }
 
-/// Types [`write_model`] can generate.
-pub const SYNTH_TYPES: [TensorType; 3] = [TensorType::F32, TensorType::F16, TensorType::Q8_0];
-
-struct Planned {
-    name: String,
-    dims: Vec<u64>,
-    ty: TensorType,
-    /// Standard deviation of the values; `None` = a norm weight (1 + small noise).
-    std: Option<f32>,
+impl Default for SynthSpec {
+    /// The bundled model's shape: llama, d 256, 4 layers, ff 768, 8 heads / 2 KV heads, Q8_0.
+    fn default() -> Self {
+        SynthSpec {
+            arch: Arch::Llama,
+            name: "hypura synthetic (random weights)".into(),
+            n_embd: 256,
+            n_layer: 4,
+            n_ff: 768,
+            n_head: 8,
+            n_head_kv: 2,
+            n_expert: 0,
+            n_expert_used: 0,
+            rope_freq_base: 10000.0,
+            rms_eps: 1e-5,
+            ctx_len: 2048,
+            tie_embeddings: false,
+            ty: TensorType::Q8_0,
+            seed: 0,
+        }
+    }
 }
 
-fn plan(spec: &SynthSpec, n_vocab: usize) -> Vec<Planned> {
+impl SynthSpec {
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head.max(1)
+    }
+
+    /// Checks that the dimensions describe a model hypura (and llama.cpp) can run.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidRequest(format!("synth: {m}")));
+        if !SYNTH_TYPES.contains(&self.ty) {
+            let names: Vec<_> = SYNTH_TYPES.iter().map(|t| t.name()).collect();
+            return bad(format!(
+                "cannot write {} weights (it can write {})",
+                self.ty,
+                names.join(", ")
+            ));
+        }
+        if self.n_embd == 0 || self.n_layer == 0 || self.n_ff == 0 || self.ctx_len == 0 {
+            return bad("embedding, layers, feed-forward and context must be non-zero".into());
+        }
+        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+            return bad(format!(
+                "{} heads must divide the embedding length {}",
+                self.n_head, self.n_embd
+            ));
+        }
+        if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+            return bad(format!(
+                "{} KV heads must divide the {} heads",
+                self.n_head_kv, self.n_head
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!("head size {} must be even (RoPE)", self.head_dim()));
+        }
+        if self.n_expert > 0 && (self.n_expert_used == 0 || self.n_expert_used > self.n_expert) {
+            return bad(format!(
+                "{} of {} experts per token is not valid",
+                self.n_expert_used, self.n_expert
+            ));
+        }
+        if self.n_expert == 0 && self.n_expert_used != 0 {
+            return bad("experts used per token given for a dense model".into());
+        }
+        Ok(())
+    }
+}
+
+/// Types [`write_model`] can generate.
+pub const SYNTH_TYPES: [TensorType; 13] = [
+    TensorType::F32,
+    TensorType::F16,
+    TensorType::BF16,
+    TensorType::Q4_0,
+    TensorType::Q4_1,
+    TensorType::Q5_0,
+    TensorType::Q5_1,
+    TensorType::Q8_0,
+    TensorType::Q2_K,
+    TensorType::Q3_K,
+    TensorType::Q4_K,
+    TensorType::Q5_K,
+    TensorType::Q6_K,
+];
+
+/// One tensor of a synthetic model: where it goes and how its values are drawn
+/// (`mean + std·N(0, 1)`, approximately, in the stored type).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SynthTensor {
+    pub name: String,
+    pub ty: TensorType,
+    /// ggml order: `dims[0]` is the row length.
+    pub dims: Vec<u64>,
+    pub mean: f32,
+    pub std: f32,
+}
+
+impl SynthTensor {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    pub fn n_bytes(&self) -> u64 {
+        self.n_elements() / self.ty.block_elems() as u64 * self.ty.block_bytes() as u64
+    }
+}
+
+/// The type a row of `row_len` elements is stored in when `ty` is asked for (llama.cpp's fallback
+/// for rows that are not a whole number of blocks).
+pub fn storage_type(ty: TensorType, row_len: u64) -> TensorType {
+    let fits = |t: TensorType| row_len % t.block_elems() as u64 == 0;
+    if fits(ty) {
+        return ty;
+    }
+    let fallback = match ty {
+        TensorType::Q2_K | TensorType::Q3_K => TensorType::Q4_0,
+        TensorType::Q4_K => TensorType::Q5_0,
+        TensorType::Q5_K => TensorType::Q5_1,
+        TensorType::Q6_K => TensorType::Q8_0,
+        _ => TensorType::F16,
+    };
+    if fits(fallback) {
+        fallback
+    } else {
+        TensorType::F16
+    }
+}
+
+/// The tensors of `spec` with a vocabulary of `n_vocab` tokens, in file order.
+pub fn plan(spec: &SynthSpec, n_vocab: usize) -> Result<Vec<SynthTensor>> {
+    spec.validate()?;
+    if n_vocab == 0 {
+        return Err(Error::InvalidRequest("synth: empty vocabulary".into()));
+    }
     let (d, ff) = (spec.n_embd as u64, spec.n_ff as u64);
-    let hd = (spec.n_embd / spec.n_head) as u64;
+    let hd = spec.head_dim() as u64;
     let (q, kv) = (spec.n_head as u64 * hd, spec.n_head_kv as u64 * hd);
     let v = n_vocab as u64;
-    let mat = |name: String, dims: Vec<u64>, ty| {
-        let fan_in = dims[0] as f32;
-        Planned {
-            name,
-            dims,
-            ty,
-            std: Some(1.0 / fan_in.sqrt()),
-        }
-    };
-    let norm = |name: String, n: u64| Planned {
+    let big = |name: String, dims: Vec<u64>, std: f32| SynthTensor {
+        ty: storage_type(spec.ty, dims[0]),
         name,
-        dims: vec![n],
-        ty: TensorType::F32,
-        std: None,
+        dims,
+        mean: 0.0,
+        std,
     };
-    let mut t = vec![Planned {
-        name: "token_embd.weight".into(),
-        dims: vec![d, v],
-        ty: spec.ty,
-        std: Some(1.0),
-    }];
-    t.push(norm("output_norm.weight".into(), d));
-    if spec.arch == Arch::Llama {
-        t.push(mat("output.weight".into(), vec![d, v], spec.ty));
+    let mat = |name: String, dims: Vec<u64>| {
+        let std = 1.0 / (dims[0] as f32).sqrt();
+        big(name, dims, std)
+    };
+    let f32_t = |name: String, dims: Vec<u64>, mean: f32, std: f32| SynthTensor {
+        name,
+        ty: TensorType::F32,
+        dims,
+        mean,
+        std,
+    };
+    let norm = |name: String| f32_t(name, vec![d], 1.0, 0.05);
+    let embd_std = if spec.tie_embeddings {
+        1.0 / (d as f32).sqrt()
+    } else {
+        1.0
+    };
+    let mut t = vec![
+        big("token_embd.weight".into(), vec![d, v], embd_std),
+        norm("output_norm.weight".into()),
+    ];
+    if !spec.tie_embeddings {
+        t.push(mat("output.weight".into(), vec![d, v]));
     }
     for i in 0..spec.n_layer {
         let n = |s: &str| format!("blk.{i}.{s}");
-        t.push(norm(n("attn_norm.weight"), d));
-        t.push(mat(n("attn_q.weight"), vec![d, q], spec.ty));
-        t.push(mat(n("attn_k.weight"), vec![d, kv], spec.ty));
-        t.push(mat(n("attn_v.weight"), vec![d, kv], spec.ty));
+        t.push(norm(n("attn_norm.weight")));
+        t.push(mat(n("attn_q.weight"), vec![d, q]));
+        t.push(mat(n("attn_k.weight"), vec![d, kv]));
+        t.push(mat(n("attn_v.weight"), vec![d, kv]));
         if spec.arch == Arch::Qwen2 {
-            for (b, len) in [("attn_q.bias", q), ("attn_k.bias", kv), ("attn_v.bias", kv)] {
-                t.push(Planned {
-                    name: n(b),
-                    dims: vec![len],
-                    ty: TensorType::F32,
-                    std: Some(0.2),
-                });
-            }
+            t.push(f32_t(n("attn_q.bias"), vec![q], 0.0, 0.2));
+            t.push(f32_t(n("attn_k.bias"), vec![kv], 0.0, 0.2));
+            t.push(f32_t(n("attn_v.bias"), vec![kv], 0.0, 0.2));
         }
-        t.push(mat(n("attn_output.weight"), vec![q, d], spec.ty));
-        t.push(norm(n("ffn_norm.weight"), d));
+        t.push(mat(n("attn_output.weight"), vec![q, d]));
+        t.push(norm(n("ffn_norm.weight")));
         if spec.n_expert > 0 {
             let e = spec.n_expert as u64;
-            t.push(Planned {
-                name: n("ffn_gate_inp.weight"),
-                dims: vec![d, e],
-                ty: TensorType::F32,
-                std: Some(2.0 / (d as f32).sqrt()),
-            });
-            t.push(mat(n("ffn_gate_exps.weight"), vec![d, ff, e], spec.ty));
-            t.push(mat(n("ffn_up_exps.weight"), vec![d, ff, e], spec.ty));
-            t.push(mat(n("ffn_down_exps.weight"), vec![ff, d, e], spec.ty));
+            let router_std = 2.0 / (d as f32).sqrt();
+            t.push(f32_t(n("ffn_gate_inp.weight"), vec![d, e], 0.0, router_std));
+            t.push(mat(n("ffn_gate_exps.weight"), vec![d, ff, e]));
+            t.push(mat(n("ffn_up_exps.weight"), vec![d, ff, e]));
+            t.push(mat(n("ffn_down_exps.weight"), vec![ff, d, e]));
         } else {
-            t.push(mat(n("ffn_gate.weight"), vec![d, ff], spec.ty));
-            t.push(mat(n("ffn_up.weight"), vec![d, ff], spec.ty));
-            t.push(mat(n("ffn_down.weight"), vec![ff, d], spec.ty));
+            t.push(mat(n("ffn_gate.weight"), vec![d, ff]));
+            t.push(mat(n("ffn_up.weight"), vec![d, ff]));
+            t.push(mat(n("ffn_down.weight"), vec![ff, d]));
         }
     }
-    t
+    Ok(t)
 }
 
-/// Writes the model `spec` to `out`, copying every `tokenizer.*` key from `vocab`.
+/// llama.cpp's `general.file_type` for a file whose large matrices are `ty`.
+fn file_type(ty: TensorType) -> u32 {
+    match ty {
+        TensorType::F32 => 0,
+        TensorType::F16 => 1,
+        TensorType::Q4_0 => 2,
+        TensorType::Q4_1 => 3,
+        TensorType::Q8_0 => 7,
+        TensorType::Q5_0 => 8,
+        TensorType::Q5_1 => 9,
+        TensorType::Q2_K => 10,
+        TensorType::Q3_K => 11, // Q3_K_S: all Q3_K
+        TensorType::Q4_K => 14, // Q4_K_S
+        TensorType::Q5_K => 16, // Q5_K_S
+        TensorType::Q6_K => 18,
+        TensorType::BF16 => 32,
+        // Not generated (see SYNTH_TYPES); "guessed".
+        _ => 1024,
+    }
+}
+
+/// Writes the model `spec` to `out`, copying every `tokenizer.*` key from `vocab` (whose
+/// `tokenizer.ggml.tokens` sets the vocabulary size). The file appears atomically (written to a
+/// temporary name beside it, then renamed).
 pub fn write_model(spec: &SynthSpec, vocab: &Metadata, out: &Path) -> Result<()> {
-    if !SYNTH_TYPES.contains(&spec.ty) {
-        return Err(Error::InvalidRequest(format!(
-            "synth cannot write {} weights yet",
-            spec.ty
-        )));
-    }
-    if spec.n_head == 0
-        || !spec.n_embd.is_multiple_of(spec.n_head)
-        || spec.n_head_kv == 0
-        || !spec.n_head.is_multiple_of(spec.n_head_kv)
-    {
-        return Err(Error::InvalidRequest(
-            "heads must divide the embedding and KV heads must divide heads".into(),
-        ));
-    }
+    write_model_with_progress(spec, vocab, out, &mut |_, _| {})
+}
+
+/// [`write_model`], calling `progress(bytes_written, total_bytes)` as the file grows (at most
+/// every few MiB; the total counts tensor data, not the header).
+pub fn write_model_with_progress(
+    spec: &SynthSpec,
+    vocab: &Metadata,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
     let n_vocab = vocab.str_array("tokenizer.ggml.tokens")?.len();
+    let tensors = plan(spec, n_vocab)?;
     let arch = spec.arch.gguf_name();
     let mut w = GgufWriter::new();
     w.set("general.architecture", Value::String(arch.into()));
     w.set("general.name", Value::String(spec.name.clone()));
-    w.set(
-        "general.file_type",
-        Value::U32(match spec.ty {
-            TensorType::F32 => 0,
-            TensorType::F16 => 1,
-            _ => 7,
-        }),
-    );
+    w.set("general.file_type", Value::U32(file_type(spec.ty)));
+    if spec.ty.is_quantized() {
+        w.set("general.quantization_version", Value::U32(2));
+    }
     let k = |s: &str| format!("{arch}.{s}");
-    w.set(&k("context_length"), Value::U32(spec.ctx_len as u32));
-    w.set(&k("embedding_length"), Value::U32(spec.n_embd as u32));
-    w.set(&k("block_count"), Value::U32(spec.n_layer as u32));
-    w.set(&k("feed_forward_length"), Value::U32(spec.n_ff as u32));
-    w.set(&k("attention.head_count"), Value::U32(spec.n_head as u32));
-    w.set(
-        &k("attention.head_count_kv"),
-        Value::U32(spec.n_head_kv as u32),
-    );
+    let u32v = |x: usize| Value::U32(x as u32);
+    w.set(&k("context_length"), u32v(spec.ctx_len));
+    w.set(&k("embedding_length"), u32v(spec.n_embd));
+    w.set(&k("block_count"), u32v(spec.n_layer));
+    w.set(&k("feed_forward_length"), u32v(spec.n_ff));
+    w.set(&k("attention.head_count"), u32v(spec.n_head));
+    w.set(&k("attention.head_count_kv"), u32v(spec.n_head_kv));
     w.set(
         &k("attention.layer_norm_rms_epsilon"),
         Value::F32(spec.rms_eps),
     );
     w.set(&k("rope.freq_base"), Value::F32(spec.rope_freq_base));
-    w.set(
-        &k("rope.dimension_count"),
-        Value::U32((spec.n_embd / spec.n_head) as u32),
-    );
-    w.set(&k("vocab_size"), Value::U32(n_vocab as u32));
+    w.set(&k("rope.dimension_count"), u32v(spec.head_dim()));
+    w.set(&k("vocab_size"), u32v(n_vocab));
     if spec.n_expert > 0 {
-        w.set(&k("expert_count"), Value::U32(spec.n_expert as u32));
-        w.set(
-            &k("expert_used_count"),
-            Value::U32(spec.n_expert_used as u32),
-        );
+        w.set(&k("expert_count"), u32v(spec.n_expert));
+        w.set(&k("expert_used_count"), u32v(spec.n_expert_used));
     }
     for (key, value) in &vocab.entries {
         if key.starts_with("tokenizer.") {
             w.set(key, value.clone());
         }
     }
-    for (i, t) in plan(spec, n_vocab).into_iter().enumerate() {
-        let seed = spec.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let n: u64 = t.dims.iter().product();
-        let (ty, std) = (t.ty, t.std);
-        let producer = move |out: &mut dyn Write| -> std::io::Result<()> {
-            write_random(out, ty, n, std, seed)
-        };
+    let total: u64 = tensors.iter().map(SynthTensor::n_bytes).sum();
+    for (i, t) in tensors.into_iter().enumerate() {
+        let seed = mix(spec.seed ^ mix(i as u64 + 1));
+        let (ty, n, mean, std) = (t.ty, t.n_elements(), t.mean, t.std);
+        let producer =
+            move |out: &mut dyn Write| -> std::io::Result<()> { write_random(out, ty, n, mean, std, seed) };
         w.add_tensor(
             &t.name,
             t.ty,
@@ -184,89 +337,563 @@ pub fn write_model(spec: &SynthSpec, vocab: &Metadata, out: &Path) -> Result<()>
             TensorData::Producer(Box::new(producer)),
         );
     }
-    let tmp = out.with_extension("gguf.tmp");
-    let f = std::fs::File::create(&tmp).map_err(|e| Error::io("create", &tmp, 0, e))?;
-    let mut buf = std::io::BufWriter::with_capacity(1 << 20, f);
-    w.write(&mut buf)
-        .map_err(|e| Error::io("write", &tmp, 0, e))?;
-    buf.flush().map_err(|e| Error::io("write", &tmp, 0, e))?;
-    std::fs::rename(&tmp, out).map_err(|e| Error::io("rename", &tmp, 0, e))?;
-    Ok(())
+    let file_name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model.gguf".into());
+    let tmp = out.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let f = std::fs::File::create(&tmp).map_err(|e| Error::io("create", &tmp, 0, e))?;
+        let mut pw = ProgressWriter {
+            inner: std::io::BufWriter::with_capacity(1 << 20, f),
+            done: 0,
+            last: 0,
+            total,
+            progress,
+        };
+        w.write(&mut pw)
+            .map_err(|e| Error::io("write", &tmp, pw.done, e))?;
+        pw.inner
+            .flush()
+            .map_err(|e| Error::io("write", &tmp, pw.done, e))?;
+        (pw.progress)(pw.done, total);
+        std::fs::rename(&tmp, out).map_err(|e| Error::io("rename", &tmp, 0, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
-/// Streams `n` random values of type `ty`: N(0, std²) (approximately), or `1 + 0.05·N(0, 1)` for
-/// norms (`std = None`).
+struct ProgressWriter<'a, W: Write> {
+    inner: W,
+    done: u64,
+    last: u64,
+    total: u64,
+    progress: &'a mut dyn FnMut(u64, u64),
+}
+
+impl<W: Write> Write for ProgressWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.done += n as u64;
+        if self.done - self.last >= 4 << 20 {
+            self.last = self.done;
+            (self.progress)(self.done, self.total);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The bytes of a random tensor of `n` elements of type `ty` whose values are about
+/// `mean + std·N(0, 1)` (quantized types: `mean` must be 0). For tests of kernels and loaders.
+pub fn random_tensor_bytes(ty: TensorType, n: u64, mean: f32, std: f32, seed: u64) -> Vec<u8> {
+    let mut v = Vec::new();
+    // Writing to a Vec cannot fail.
+    let _ = write_random(&mut v, ty, n, mean, std, seed);
+    v
+}
+
+/// Bytes generated per chunk (each chunk has its own seed, so chunks are made in parallel).
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// Streams `n` random values of type `ty` (see [`random_tensor_bytes`]). `n` must be a whole
+/// number of blocks.
 fn write_random(
     out: &mut dyn Write,
     ty: TensorType,
     n: u64,
-    std: Option<f32>,
+    mean: f32,
+    std: f32,
     seed: u64,
 ) -> std::io::Result<()> {
-    let mut rng = Rng(seed | 1);
-    let mut buf = Vec::with_capacity(1 << 16);
-    let mut written = 0u64;
-    while written < n {
-        buf.clear();
-        match ty {
-            TensorType::Q8_0 => {
-                // 32 int8 codes with a scale: value = d · q, q ≈ N(0, 42²) clipped to ±127.
-                let d = half::f16::from_f32(std.unwrap_or(1.0) / 42.0);
-                for _ in 0..256 {
-                    buf.extend(d.to_le_bytes());
-                    for _ in 0..32 {
-                        buf.push((rng.normal() * 42.0).round().clamp(-127.0, 127.0) as i8 as u8);
-                    }
-                }
-                written += 256 * 32;
-            }
-            TensorType::F16 => {
-                for _ in 0..4096 {
-                    buf.extend(half::f16::from_f32(value(&mut rng, std)).to_le_bytes());
-                }
-                written += 4096;
-            }
-            _ => {
-                for _ in 0..4096 {
-                    buf.extend(value(&mut rng, std).to_le_bytes());
-                }
-                written += 4096;
-            }
+    let block_elems = ty.block_elems() as u64;
+    if n % block_elems != 0 {
+        return Err(std::io::Error::other(format!(
+            "{n} elements are not a whole number of {ty} blocks"
+        )));
+    }
+    let gen = Generator::new(ty, mean, std);
+    let n_blocks = n / block_elems;
+    let per_chunk = (CHUNK_BYTES / ty.block_bytes()).max(1) as u64;
+    let n_chunks = n_blocks.div_ceil(per_chunk);
+    let chunk = |c: u64| {
+        let blocks = per_chunk.min(n_blocks - c * per_chunk) as usize;
+        let mut buf = Vec::with_capacity(blocks * ty.block_bytes());
+        let mut rng = Rng::new(mix(seed ^ mix(c)));
+        for _ in 0..blocks {
+            gen.block(&mut rng, &mut buf);
         }
-        let over = written.saturating_sub(n) as usize;
-        let elem_bytes = ty.block_bytes() / ty.block_elems().max(1);
-        let keep = if ty.is_quantized() {
-            buf.len() - over / 32 * ty.block_bytes()
-        } else {
-            buf.len() - over * elem_bytes
-        };
-        out.write_all(&buf[..keep])?;
+        buf
+    };
+    if n_chunks <= 1 {
+        for c in 0..n_chunks {
+            out.write_all(&chunk(c))?;
+        }
+        return Ok(());
+    }
+    let batch = (4 * rayon::current_num_threads()).max(2) as u64;
+    let mut c0 = 0;
+    while c0 < n_chunks {
+        let c1 = (c0 + batch).min(n_chunks);
+        let bufs: Vec<Vec<u8>> = (c0..c1).into_par_iter().map(chunk).collect();
+        for b in bufs {
+            out.write_all(&b)?;
+        }
+        c0 = c1;
     }
     Ok(())
 }
 
-fn value(rng: &mut Rng, std: Option<f32>) -> f32 {
-    match std {
-        Some(s) => rng.normal() * s,
-        None => 1.0 + 0.05 * rng.normal(),
+/// SplitMix64's finalizer: a good 64-bit mixing function for deriving seeds.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// SplitMix64, handing out 16 bits at a time.
+struct Rng {
+    state: u64,
+    bits: u64,
+    left: u32,
+}
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng {
+            state: seed,
+            bits: 0,
+            left: 0,
+        }
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn u16(&mut self) -> usize {
+        if self.left == 0 {
+            self.bits = self.next_u64();
+            self.left = 4;
+        }
+        let v = (self.bits & 0xFFFF) as usize;
+        self.bits >>= 16;
+        self.left -= 1;
+        v
+    }
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f32 {
+        (self.u16() as f32 + 0.5) / 65536.0
+    }
+    /// Uniform integer in `lo..=hi` (`hi - lo < 65536`).
+    fn range(&mut self, lo: i32, hi: i32) -> i32 {
+        lo + ((self.u16() as i64 * (hi - lo + 1) as i64) >> 16) as i32
     }
 }
 
-/// xorshift64* with a Box-Muller normal.
-struct Rng(u64);
+/// 65536 equally likely values of N(0, 1) (its quantiles at (i + ½)/65536), scaled to exactly
+/// unit variance: drawing an entry with 16 random bits is a fast normal sample.
+fn normal_table() -> &'static [f32] {
+    static T: OnceLock<Vec<f32>> = OnceLock::new();
+    T.get_or_init(|| {
+        let mut t: Vec<f64> = (0..65536)
+            .map(|i| inv_normal_cdf((i as f64 + 0.5) / 65536.0))
+            .collect();
+        let rms = (t.iter().map(|x| x * x).sum::<f64>() / t.len() as f64).sqrt();
+        t.iter_mut().for_each(|x| *x /= rms);
+        t.into_iter().map(|x| x as f32).collect()
+    })
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+/// The standard normal quantile function (Acklam's rational approximation, relative error
+/// < 1.2e-9).
+fn inv_normal_cdf(p: f64) -> f64 {
+    const A: [f64; 6] = [
+        -3.969_683_028_665_376e1,
+        2.209_460_984_245_205e2,
+        -2.759_285_104_469_687e2,
+        1.383_577_518_672_69e2,
+        -3.066_479_806_614_716e1,
+        2.506_628_277_459_239,
+    ];
+    const B: [f64; 5] = [
+        -5.447_609_879_822_406e1,
+        1.615_858_368_580_409e2,
+        -1.556_989_798_598_866e2,
+        6.680_131_188_771_972e1,
+        -1.328_068_155_288_572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] = [
+        7.784_695_709_041_462e-3,
+        3.224_671_290_700_398e-1,
+        2.445_134_137_142_996,
+        3.754_408_661_907_416,
+    ];
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    const P_LOW: f64 = 0.02425;
+    if p < P_LOW {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p <= 1.0 - P_LOW {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    } else {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
     }
-    fn uniform(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+}
+
+/// How a quantized type's random codes are drawn: `round(center + sigma·z)` clipped to
+/// `lo..=hi`, each sub-block scale uniform in `sub_lo..=sub_hi` (1..=1 for types without
+/// sub-blocks). The decoded value is `d·scale·(code − center)`.
+#[derive(Clone, Copy)]
+struct CodeSpec {
+    lo: i32,
+    hi: i32,
+    center: f32,
+    sigma: f32,
+    sub_lo: i32,
+    sub_hi: i32,
+}
+
+fn code_spec(ty: TensorType) -> Option<CodeSpec> {
+    let c = |lo, hi, center, sigma, sub_lo, sub_hi| {
+        Some(CodeSpec {
+            lo,
+            hi,
+            center,
+            sigma,
+            sub_lo,
+            sub_hi,
+        })
+    };
+    match ty {
+        TensorType::Q8_0 => c(-127, 127, 0.0, 40.0, 1, 1),
+        TensorType::Q4_0 => c(-8, 7, 0.0, 2.5, 1, 1),
+        TensorType::Q4_1 => c(0, 15, 7.5, 2.5, 1, 1),
+        TensorType::Q5_0 => c(-16, 15, 0.0, 5.0, 1, 1),
+        TensorType::Q5_1 => c(0, 31, 15.5, 5.0, 1, 1),
+        // The min of the K types with one (m·dmin) is set to center·scale·d exactly: m = scale,
+        // dmin = center·d.
+        TensorType::Q2_K => c(0, 3, 1.5, 1.0, 8, 15),
+        TensorType::Q3_K => c(-4, 3, 0.0, 1.5, 16, 31),
+        TensorType::Q4_K => c(0, 15, 7.5, 2.5, 32, 63),
+        TensorType::Q5_K => c(0, 31, 15.5, 5.0, 32, 63),
+        TensorType::Q6_K => c(-32, 31, 0.0, 10.0, 64, 127),
+        _ => None,
     }
-    fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+/// Per-block scale factor: uniform in [0.5, 1.5), so E[f²] = 13/12.
+const BLOCK_F2: f32 = 13.0 / 12.0;
+
+/// Draws the blocks of one tensor.
+struct Generator {
+    ty: TensorType,
+    mean: f32,
+    std: f32,
+    /// Quantized types: 65536 equally likely codes.
+    codes: Vec<i8>,
+    code: Option<CodeSpec>,
+    /// Quantized types: the block scale `d` before the per-block factor.
+    d_base: f32,
+}
+
+impl Generator {
+    fn new(ty: TensorType, mean: f32, std: f32) -> Self {
+        let normal = normal_table();
+        let Some(cs) = code_spec(ty) else {
+            return Generator {
+                ty,
+                mean,
+                std,
+                codes: Vec::new(),
+                code: None,
+                d_base: 0.0,
+            };
+        };
+        let codes: Vec<i8> = normal
+            .iter()
+            .map(|z| {
+                (cs.center + cs.sigma * z)
+                    .round()
+                    .clamp(cs.lo as f32, cs.hi as f32) as i8
+            })
+            .collect();
+        let code_ms = codes
+            .iter()
+            .map(|&c| (c as f64 - cs.center as f64).powi(2))
+            .sum::<f64>()
+            / codes.len() as f64;
+        let sub_ms = (cs.sub_lo..=cs.sub_hi)
+            .map(|s| (s as f64).powi(2))
+            .sum::<f64>()
+            / (cs.sub_hi - cs.sub_lo + 1) as f64;
+        let d_base = std as f64 / (BLOCK_F2 as f64 * sub_ms * code_ms).sqrt();
+        Generator {
+            ty,
+            mean,
+            std,
+            codes,
+            code: Some(cs),
+            d_base: d_base as f32,
+        }
+    }
+
+    /// Appends one random block.
+    fn block(&self, rng: &mut Rng, out: &mut Vec<u8>) {
+        let Some(cs) = self.code else {
+            let normal = normal_table();
+            let mut v = || self.mean + self.std * normal[rng.u16()];
+            match self.ty {
+                TensorType::F16 => out.extend(f16::from_f32(v()).to_le_bytes()),
+                TensorType::BF16 => out.extend(bf16::from_f32(v()).to_le_bytes()),
+                _ => out.extend(v().to_le_bytes()),
+            }
+            return;
+        };
+        let n = self.ty.block_elems();
+        let mut codes = [0i8; 256];
+        for c in &mut codes[..n] {
+            *c = self.codes[rng.u16()];
+        }
+        let n_sub = match self.ty {
+            TensorType::Q4_K | TensorType::Q5_K => 8,
+            TensorType::Q2_K | TensorType::Q3_K | TensorType::Q6_K => 16,
+            _ => 0,
+        };
+        let mut subs = [0u8; 16];
+        for s in &mut subs[..n_sub] {
+            *s = rng.range(cs.sub_lo, cs.sub_hi) as u8;
+        }
+        let d = f16::from_f32(self.d_base * (0.5 + rng.unit()));
+        pack_block(self.ty, &codes[..n], &subs[..n_sub], d, out);
+    }
+}
+
+/// Appends one block of type `ty` holding `codes` (one per element, in element order, in the
+/// range of the type's [`CodeSpec`]), with sub-block scales `subs` (K types; element `e` is in
+/// sub-block `e / (256 / subs.len())`) and block scale `d`. Types with a min get
+/// `min = center·scale·d`, so the decoded value is `d·scale·(code − center)`.
+fn pack_block(ty: TensorType, codes: &[i8], subs: &[u8], d: f16, out: &mut Vec<u8>) {
+    let dmin = |center: f32| f16::from_f32(center * d.to_f32());
+    let u = |c: i8, offset: i32| (c as i32 + offset) as u8;
+    match ty {
+        TensorType::Q8_0 => {
+            out.extend(d.to_le_bytes());
+            out.extend(codes.iter().map(|&c| c as u8));
+        }
+        TensorType::Q4_0 | TensorType::Q4_1 => {
+            let off = if ty == TensorType::Q4_0 { 8 } else { 0 };
+            out.extend(d.to_le_bytes());
+            if ty == TensorType::Q4_1 {
+                out.extend(f16::from_f32(-7.5 * d.to_f32()).to_le_bytes());
+            }
+            out.extend((0..16).map(|j| u(codes[j], off) | (u(codes[j + 16], off) << 4)));
+        }
+        TensorType::Q5_0 | TensorType::Q5_1 => {
+            let off = if ty == TensorType::Q5_0 { 16 } else { 0 };
+            out.extend(d.to_le_bytes());
+            if ty == TensorType::Q5_1 {
+                out.extend(f16::from_f32(-15.5 * d.to_f32()).to_le_bytes());
+            }
+            let qh = (0..32).fold(0u32, |h, e| h | (((u(codes[e], off) >> 4) as u32 & 1) << e));
+            out.extend(qh.to_le_bytes());
+            out.extend((0..16).map(|j| (u(codes[j], off) & 0xF) | ((u(codes[j + 16], off) & 0xF) << 4)));
+        }
+        TensorType::Q2_K => {
+            // scales (low nibble: scale, high nibble: min), qs, d, dmin.
+            out.extend(subs.iter().map(|&s| s | (s << 4)));
+            let mut qs = [0u8; 64];
+            for (e, &c) in codes.iter().enumerate() {
+                let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+                qs[n * 32 + l] |= (c as u8 & 3) << (2 * j);
+            }
+            out.extend(qs);
+            out.extend(d.to_le_bytes());
+            out.extend(dmin(1.5).to_le_bytes());
+        }
+        TensorType::Q3_K => {
+            // hmask, qs, 16 6-bit scales (stored + 32), d. code = low2 − (high bit ? 0 : 4).
+            let mut hmask = [0u8; 32];
+            let mut qs = [0u8; 64];
+            for (e, &c) in codes.iter().enumerate() {
+                let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+                qs[n * 32 + l] |= (c as u8 & 3) << (2 * j);
+                if c >= 0 {
+                    hmask[l] |= 1 << (n * 4 + j);
+                }
+            }
+            let s: Vec<u8> = subs.iter().map(|&x| x + 32).collect();
+            let mut sc = [0u8; 12];
+            for j in 0..4 {
+                sc[j] = (s[j] & 0xF) | ((s[j + 8] & 0xF) << 4);
+                sc[j + 4] = (s[j + 4] & 0xF) | ((s[j + 12] & 0xF) << 4);
+                sc[j + 8] = (s[j] >> 4)
+                    | ((s[j + 4] >> 4) << 2)
+                    | ((s[j + 8] >> 4) << 4)
+                    | ((s[j + 12] >> 4) << 6);
+            }
+            out.extend(hmask);
+            out.extend(qs);
+            out.extend(sc);
+            out.extend(d.to_le_bytes());
+        }
+        TensorType::Q4_K | TensorType::Q5_K => {
+            // d, dmin, 8 (scale, min) 6-bit pairs in 12 bytes, [qh,] qs.
+            let center = if ty == TensorType::Q4_K { 7.5 } else { 15.5 };
+            out.extend(d.to_le_bytes());
+            out.extend(dmin(center).to_le_bytes());
+            let (sc, m) = (subs, subs);
+            let mut packed = [0u8; 12];
+            for j in 0..4 {
+                packed[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+                packed[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
+                packed[j + 8] = (sc[j + 4] & 0xF) | ((m[j + 4] & 0xF) << 4);
+            }
+            out.extend(packed);
+            let mut qs = [0u8; 128];
+            let mut qh = [0u8; 32];
+            for (e, &c) in codes.iter().enumerate() {
+                let c = c as u8;
+                qs[(e / 64) * 32 + e % 32] |= (c & 0xF) << (4 * ((e / 32) & 1));
+                qh[e % 32] |= ((c >> 4) & 1) << (e / 32);
+            }
+            if ty == TensorType::Q5_K {
+                out.extend(qh);
+            }
+            out.extend(qs);
+        }
+        TensorType::Q6_K => {
+            // ql, qh, 16 i8 scales, d; code stored + 32.
+            let mut ql = [0u8; 128];
+            let mut qh = [0u8; 64];
+            for (e, &c) in codes.iter().enumerate() {
+                let q = u(c, 32);
+                let (idx, r) = (e / 128, e % 128);
+                let (qq, l) = (r / 32, r % 32);
+                ql[64 * idx + l + (qq & 1) * 32] |= (q & 0xF) << (4 * (qq >> 1));
+                qh[32 * idx + l] |= (q >> 4) << (2 * qq);
+            }
+            out.extend(ql);
+            out.extend(qh);
+            out.extend(subs.iter().copied());
+            out.extend(d.to_le_bytes());
+        }
+        _ => unreachable!("pack_block is only called for the quantized SYNTH_TYPES"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{QStorage, QTensor};
+    use candle_core::Device;
+    use std::borrow::Cow;
+
+    fn dequantize(ty: TensorType, bytes: &[u8], n: usize) -> Vec<f32> {
+        let storage =
+            QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, ty.to_candle()).unwrap();
+        let t = QTensor::new(storage, (n,)).unwrap();
+        t.dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    /// Every packer puts every code and scale where ggml's dequantization (candle's) reads it.
+    #[test]
+    fn packed_blocks_decode_to_d_scale_code() {
+        for ty in SYNTH_TYPES.into_iter().filter(|t| t.is_quantized()) {
+            let cs = code_spec(ty).unwrap();
+            let n = ty.block_elems();
+            let n_sub = match n {
+                32 => 0,
+                _ if matches!(ty, TensorType::Q4_K | TensorType::Q5_K) => 8,
+                _ => 16,
+            };
+            for round in 0..4u64 {
+                let mut rng = Rng::new(mix(round + 100 * ty as u64));
+                let codes: Vec<i8> = (0..n)
+                    .map(|e| match round {
+                        0 => (cs.lo + (e as i32 % (cs.hi - cs.lo + 1))) as i8,
+                        1 => cs.lo as i8,
+                        2 => cs.hi as i8,
+                        _ => rng.range(cs.lo, cs.hi) as i8,
+                    })
+                    .collect();
+                let subs: Vec<u8> = (0..n_sub)
+                    .map(|_| rng.range(cs.sub_lo, cs.sub_hi) as u8)
+                    .collect();
+                let d = f16::from_f32(0.01);
+                let mut bytes = Vec::new();
+                pack_block(ty, &codes, &subs, d, &mut bytes);
+                assert_eq!(bytes.len(), ty.block_bytes(), "{ty}");
+                let got = dequantize(ty, &bytes, n);
+                for e in 0..n {
+                    let s = if n_sub == 0 {
+                        1.0
+                    } else {
+                        subs[e / (n / n_sub)] as f32
+                    };
+                    let want = d.to_f32() * s * (codes[e] as f32 - cs.center);
+                    let tol = 2e-3 * d.to_f32() * s * (cs.hi - cs.lo) as f32;
+                    assert!(
+                        (got[e] - want).abs() <= tol,
+                        "{ty} round {round} element {e}: got {} want {want}",
+                        got[e]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn normal_table_is_standard() {
+        let t = normal_table();
+        let mean = t.iter().map(|&x| x as f64).sum::<f64>() / t.len() as f64;
+        let var = t.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / t.len() as f64;
+        assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5, "{mean} {var}");
+        assert!((inv_normal_cdf(0.975) - 1.959_964).abs() < 1e-5);
+        assert!(t.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn output_is_deterministic_and_chunked_in_parallel_alike() {
+        // More than one chunk, so the parallel path runs.
+        let n = 3 * (CHUNK_BYTES as u64 / 34 + 7) * 32;
+        let a = random_tensor_bytes(TensorType::Q8_0, n, 0.0, 0.1, 7);
+        let b = random_tensor_bytes(TensorType::Q8_0, n, 0.0, 0.1, 7);
+        let c = random_tensor_bytes(TensorType::Q8_0, n, 0.0, 0.1, 8);
+        assert_eq!(a.len() as u64, n / 32 * 34);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn rows_that_do_not_fit_fall_back() {
+        assert_eq!(storage_type(TensorType::Q4_K, 512), TensorType::Q4_K);
+        assert_eq!(storage_type(TensorType::Q4_K, 896), TensorType::Q5_0);
+        assert_eq!(storage_type(TensorType::Q6_K, 896), TensorType::Q8_0);
+        assert_eq!(storage_type(TensorType::Q8_0, 48), TensorType::F16);
+        assert_eq!(storage_type(TensorType::F32, 7), TensorType::F32);
     }
 }

@@ -12,6 +12,9 @@
 use candle_core::quantized::k_quants::{self, GgmlType};
 use candle_core::quantized::GgmlDType;
 
+#[cfg(target_arch = "x86_64")]
+mod q8_0_x86;
+
 /// Why a kernel call was refused.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelError(pub String);
@@ -32,6 +35,19 @@ pub fn matmul_t(
     lhs: &[f32],
     dst: &mut [f32],
 ) -> Result<(), KernelError> {
+    #[cfg(target_arch = "x86_64")]
+    if ty == GgmlDType::Q8_0
+        && m == 1
+        && k % 64 == 0
+        && w.len() == n * (k / 32) * 34
+        && lhs.len() == k
+        && dst.len() == n
+        && std::env::var_os("HYPURA_GENERIC_KERNELS").is_none()
+        && q8_0_x86::available()
+    {
+        q8_0_x86::matvec(w, n, k, lhs, dst);
+        return Ok(());
+    }
     match ty {
         GgmlDType::F32 => run::<f32>(w, (m, k, n), lhs, dst),
         GgmlDType::F16 => run::<half::f16>(w, (m, k, n), lhs, dst),
@@ -139,6 +155,21 @@ mod tests {
                 "row {r}: {} vs {exact}",
                 dst[r]
             );
+        }
+    }
+
+    #[test]
+    fn q8_0_fast_path_matches_the_generic_kernel() {
+        for (n, k) in [(1, 64), (5, 128), (64, 2048), (3, 192)] {
+            let (w, _) = q8_0_rows(n, k);
+            let lhs: Vec<f32> = (0..k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let mut fast = vec![0f32; n];
+            matmul_t(GgmlDType::Q8_0, &w, (1, k, n), &lhs, &mut fast).unwrap();
+            let mut generic = vec![0f32; n];
+            run::<k_quants::BlockQ8_0>(&w, (1, k, n), &lhs, &mut generic).unwrap();
+            for (a, b) in fast.iter().zip(&generic) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "({n},{k}): {a} vs {b}");
+            }
         }
     }
 

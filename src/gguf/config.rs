@@ -117,6 +117,12 @@ impl ModelConfig {
                 ))
             }
         };
+        if head_dim == 0 || head_dim > 1 << 14 {
+            return Err(bad(
+                "attention.key_length",
+                format!("head size {head_dim} is not valid"),
+            ));
+        }
         let rope_dim = md
             .usize_opt(&k("rope.dimension_count"))?
             .unwrap_or(head_dim);
@@ -143,6 +149,22 @@ impl ModelConfig {
             return Err(bad(
                 "expert_used_count",
                 format!("{n_expert_used} of {n_expert} experts per token is not valid"),
+            ));
+        }
+        let rms_eps = md
+            .f32_opt(&k("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5);
+        if !(rms_eps.is_finite() && rms_eps >= 0.0) {
+            return Err(bad(
+                "attention.layer_norm_rms_epsilon",
+                format!("{rms_eps} is not a valid epsilon"),
+            ));
+        }
+        let rope_freq_base = md.f32_opt(&k("rope.freq_base"))?.unwrap_or(10000.0);
+        if !(rope_freq_base.is_finite() && rope_freq_base > 0.0) {
+            return Err(bad(
+                "rope.freq_base",
+                format!("{rope_freq_base} is not a valid RoPE base"),
             ));
         }
         let embd = files
@@ -174,15 +196,13 @@ impl ModelConfig {
             n_head_kv,
             head_dim,
             n_ctx_train: md.usize_opt(&k("context_length"))?.unwrap_or(4096),
-            rms_eps: md
-                .f32_opt(&k("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5),
+            rms_eps,
             rope_style: match arch {
                 Arch::Llama => RopeStyle::Interleaved,
                 Arch::Qwen2 => RopeStyle::HalfSplit,
             },
             rope_dim,
-            rope_freq_base: md.f32_opt(&k("rope.freq_base"))?.unwrap_or(10000.0),
+            rope_freq_base,
             rope_freq_scale,
             n_expert,
             n_expert_used,

@@ -61,21 +61,46 @@ impl ModelFiles {
             Some(p) => p,
             None => vec![path.to_path_buf()],
         };
+        if paths.len() > 1 {
+            check_split_part(&first, 0, paths.len())?;
+        }
         let mut headers = vec![first];
-        for p in &paths[1..] {
+        for (i, p) in paths.iter().enumerate().skip(1) {
             if !p.exists() {
                 return Err(Error::InvalidGguf {
                     path: path.to_path_buf(),
                     reason: format!("split part {} is missing", p.display()),
                 });
             }
-            headers.push(read_header(p)?);
+            let h = read_header(p)?;
+            check_split_part(&h, i, paths.len())?;
+            headers.push(h);
         }
-        Self::from_headers(headers)
+        let files = Self::from_headers(headers)?;
+        if paths.len() > 1 {
+            if let Some(n) = files.metadata.usize_opt("split.tensors.count")? {
+                if n != files.tensors.len() {
+                    return Err(Error::InvalidGguf {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "split.tensors.count says {n} tensors but the {} parts hold {}",
+                            paths.len(),
+                            files.tensors.len()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(files)
     }
 
     /// Builds the index from parsed headers (first part first).
     pub fn from_headers(headers: Vec<Header>) -> Result<Self> {
+        if headers.is_empty() {
+            return Err(Error::InvalidRequest(
+                "ModelFiles::from_headers needs at least one header".into(),
+            ));
+        }
         let paths: Vec<PathBuf> = headers.iter().map(|h| h.path.clone()).collect();
         let mut tensors = Vec::new();
         let mut by_name = HashMap::new();
@@ -136,19 +161,20 @@ fn split_parts(path: &Path, md: &Metadata) -> Result<Option<Vec<PathBuf>>> {
         .and_then(|n| n.to_str())
         .unwrap_or_default();
     let parsed = name.strip_suffix(".gguf").and_then(|stem| {
-        let (rest, count) = stem.rsplit_once("-of-")?;
-        let (prefix, no) = rest.rsplit_once('-')?;
-        let no: usize = no.parse().ok()?;
-        let count: usize = count.parse().ok()?;
-        Some((
-            prefix.to_string(),
-            no,
-            count,
-            count.to_string().len().max(5),
-        ))
+        let (rest, count_s) = stem.rsplit_once("-of-")?;
+        let (prefix, no_s) = rest.rsplit_once('-')?;
+        if !(no_s.bytes().all(|b| b.is_ascii_digit())
+            && count_s.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return None;
+        }
+        let no: usize = no_s.parse().ok()?;
+        let count: usize = count_s.parse().ok()?;
+        // Part names keep the digit widths of the name given (llama.cpp writes 5 digits).
+        Some((prefix.to_string(), no, count, no_s.len(), count_s.len()))
     });
     let md_count = md.usize_opt("split.count")?;
-    let Some((prefix, no, count, width)) = parsed else {
+    let Some((prefix, no, count, no_width, count_width)) = parsed else {
         return match md_count {
             Some(n) if n > 1 => Err(Error::InvalidGguf {
                 path: path.to_path_buf(),
@@ -160,11 +186,13 @@ fn split_parts(path: &Path, md: &Metadata) -> Result<Option<Vec<PathBuf>>> {
     if count <= 1 {
         return Ok(None);
     }
+    let part_name = |i: usize| format!("{prefix}-{i:0no_width$}-of-{count:0count_width$}.gguf");
     if no != 1 {
         return Err(Error::InvalidGguf {
             path: path.to_path_buf(),
             reason: format!(
-                "is part {no} of {count}; open the first part (-00001-of-{count:05}.gguf)"
+                "is part {no} of a {count}-part split; open the first part, {}",
+                part_name(1)
             ),
         });
     }
@@ -183,9 +211,31 @@ fn split_parts(path: &Path, md: &Metadata) -> Result<Option<Vec<PathBuf>>> {
         }
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    Ok(Some(
-        (1..=count)
-            .map(|i| dir.join(format!("{prefix}-{i:0width$}-of-{count:0width$}.gguf")))
-            .collect(),
-    ))
+    Ok(Some((1..=count).map(|i| dir.join(part_name(i))).collect()))
+}
+
+/// Checks that part `index` (0-based, as `split.no` counts) of a `count`-part set says so, so that
+/// parts of different sets (or a stale part) are not mixed.
+fn check_split_part(h: &Header, index: usize, count: usize) -> Result<()> {
+    let bad = |reason: String| Error::InvalidGguf {
+        path: h.path.clone(),
+        reason,
+    };
+    if let Some(no) = h.metadata.usize_opt("split.no")? {
+        if no != index {
+            return Err(bad(format!(
+                "split.no is {no} but this is split part {} of {count} (split.no {index} expected): \
+                 the part belongs to another split set",
+                index + 1
+            )));
+        }
+    }
+    if let Some(n) = h.metadata.usize_opt("split.count")? {
+        if n != count {
+            return Err(bad(format!(
+                "split.count is {n} but the set has {count} parts: the part belongs to another split set"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -1,8 +1,9 @@
 //! The GGUF header parser: magic, key/values and the tensor table, read from the file's first bytes.
 //!
 //! It reads no tensor data. Every count and length in the header is checked against the bytes that
-//! remain before anything is allocated, so a truncated or hostile file gives an error, not a panic
-//! or a multi-gigabyte allocation.
+//! remain, and against sanity limits no real file comes near, before anything is allocated, and
+//! lists are reserved a little at a time, so a truncated or hostile file (even a large one) gives an
+//! error, not a panic or a multi-gigabyte allocation.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,18 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: u32 = 4;
 /// Deepest array nesting we accept (GGUF writers never go past 2).
 const MAX_ARRAY_DEPTH: u32 = 4;
+/// Most tensors one file may list (real models have a few thousand).
+const MAX_TENSORS: u64 = 1 << 20;
+/// Most metadata values (keys plus array items) one file may hold. The largest real headers
+/// (256k-token vocabularies with scores, types and merges) hold about 2M; the limit stops a corrupt
+/// count in a large file from turning gigabytes of tensor data into metadata values.
+const MAX_METADATA_VALUES: u64 = 1 << 24;
+/// Longest string we read (a whole `tokenizer.huggingface.json` is a few tens of MB).
+const MAX_STRING_BYTES: u64 = 1 << 27;
+/// Largest single dimension and element count of a tensor.
+const MAX_ELEMENTS: u64 = 1 << 48;
+/// Items reserved up front for a counted list; more are added as they are actually read.
+const PREALLOC_ITEMS: u64 = 1024;
 
 /// One entry of a file's tensor table.
 #[derive(Clone, Debug, PartialEq)]
@@ -73,6 +86,7 @@ pub fn parse_header(reader: impl Read, file_bytes: u64, path: &Path) -> Result<H
         pos: 0,
         len: file_bytes,
         path,
+        values_left: MAX_METADATA_VALUES,
     };
     let magic = c.u32()?;
     if magic != GGUF_MAGIC {
@@ -82,15 +96,20 @@ pub fn parse_header(reader: impl Read, file_bytes: u64, path: &Path) -> Result<H
     }
     let version = c.u32()?;
     if !(2..=3).contains(&version) {
-        return Err(c.invalid(format!(
-            "GGUF version {version} is not supported (2 and 3 are)"
-        )));
+        let hint = if (2..=3).contains(&version.swap_bytes()) {
+            " (this is a big-endian GGUF file; hypura reads little-endian files)"
+        } else {
+            " (2 and 3 are)"
+        };
+        return Err(c.invalid(format!("GGUF version {version} is not supported{hint}")));
     }
     let n_tensors = c.u64()?;
     let n_kv = c.u64()?;
     // A key/value takes at least 8 (key len) + 4 (type) + 1 bytes; a tensor entry at least 8+4+8+4+8.
     c.check_count(n_kv, 13, "metadata entries")?;
     c.check_count(n_tensors, 32, "tensors")?;
+    c.check_limit(n_tensors, MAX_TENSORS, "tensors")?;
+    c.take_values(n_kv, "metadata entries")?;
 
     let mut metadata = Metadata::new(path);
     for _ in 0..n_kv {
@@ -102,7 +121,7 @@ pub fn parse_header(reader: impl Read, file_bytes: u64, path: &Path) -> Result<H
         }
     }
 
-    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    let mut tensors = Vec::with_capacity(n_tensors.min(PREALLOC_ITEMS) as usize);
     let mut names = std::collections::HashSet::new();
     for _ in 0..n_tensors {
         let name = c.string()?;
@@ -141,11 +160,19 @@ pub fn parse_header(reader: impl Read, file_bytes: u64, path: &Path) -> Result<H
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(v) => match v.as_i64() {
-            Some(a) if a > 0 && (a as u64).is_power_of_two() && a <= 1 << 20 => a as u64,
+            Some(a)
+                if !matches!(v, Value::Bool(_))
+                    && a > 0
+                    && (a as u64).is_power_of_two()
+                    && a <= 1 << 20 =>
+            {
+                a as u64
+            }
             _ => {
                 return Err(c.invalid(format!(
-                    "general.alignment {} is not a power of two",
-                    v.summary()
+                    "general.alignment {} is not a power of two from 1 to {}",
+                    v.summary(),
+                    1 << 20
                 )))
             }
         },
@@ -187,7 +214,7 @@ fn tensor_bytes(name: &str, ty: TensorType, dims: &[u64]) -> std::result::Result
     for &d in dims {
         n = n
             .checked_mul(d)
-            .filter(|&n| n < 1 << 48)
+            .filter(|&n| n < MAX_ELEMENTS && d < MAX_ELEMENTS)
             .ok_or_else(|| format!("tensor '{name}' dims {dims:?} are absurd"))?;
     }
     if !dims[0].is_multiple_of(ty.block_elems() as u64) {
@@ -206,6 +233,8 @@ struct Cursor<'a, R> {
     pos: u64,
     len: u64,
     path: &'a Path,
+    /// Metadata values still allowed (see [`MAX_METADATA_VALUES`]).
+    values_left: u64,
 }
 
 impl<R: Read> Cursor<'_, R> {
@@ -261,9 +290,34 @@ impl<R: Read> Cursor<'_, R> {
         Ok(())
     }
 
+    /// Refuses a count above a sanity limit that no real file comes near.
+    fn check_limit(&self, n: u64, limit: u64, what: &str) -> Result<()> {
+        if n > limit {
+            return Err(self.invalid(format!(
+                "claims {n} {what} at offset {} (at most {limit} are accepted): the file is corrupt",
+                self.pos
+            )));
+        }
+        Ok(())
+    }
+
+    /// Charges `n` values against the metadata budget.
+    fn take_values(&mut self, n: u64, what: &str) -> Result<()> {
+        if n > self.values_left {
+            return Err(self.invalid(format!(
+                "claims {n} {what} at offset {}, more than the {MAX_METADATA_VALUES} metadata values \
+                 a header may hold: the file is corrupt",
+                self.pos
+            )));
+        }
+        self.values_left -= n;
+        Ok(())
+    }
+
     fn string(&mut self) -> Result<String> {
         let n = self.u64()?;
         self.check_count(n, 1, "string bytes")?;
+        self.check_limit(n, MAX_STRING_BYTES, "string bytes")?;
         let mut buf = vec![0u8; n as usize];
         self.fill(&mut buf)?;
         Ok(match String::from_utf8(buf) {
@@ -307,7 +361,8 @@ impl<R: Read> Cursor<'_, R> {
                     }
                 };
                 self.check_count(n, min_item, "array items")?;
-                let mut items = Vec::with_capacity(n as usize);
+                self.take_values(n, "array items")?;
+                let mut items = Vec::with_capacity(n.min(PREALLOC_ITEMS) as usize);
                 for _ in 0..n {
                     items.push(self.value(item_ty, depth + 1)?);
                 }

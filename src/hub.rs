@@ -75,10 +75,14 @@ impl ModelRef {
         let bad_file = file.is_empty()
             || file.starts_with('/')
             || file.ends_with('/')
-            || file.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+            || file
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..");
         let bad_rev = revision.is_empty()
             || revision.starts_with('/')
-            || revision.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+            || revision
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..");
         if bad_file || bad_rev {
             return Err(Error::ModelSource {
                 reference: s.into(),
@@ -102,8 +106,7 @@ fn is_repo_id(s: &str) -> bool {
             && p != "."
             && p != ".."
             && !p.starts_with('.')
-            && p
-                .chars()
+            && p.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     matches!(s.split_once('/'), Some((org, name)) if ok(org) && ok(name))
@@ -175,7 +178,11 @@ impl HubOptions {
 /// The Hub cache folder as `huggingface_hub` finds it: `HF_HUB_CACHE`, else `$HF_HOME/hub`, else
 /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
 pub fn default_cache_dir() -> Option<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(d) = var("HF_HUB_CACHE") {
         return Some(d);
     }
@@ -210,92 +217,142 @@ pub fn resolve(r: &ModelRef, opts: &HubOptions) -> Result<PathBuf> {
             repo,
             file,
             revision,
-        } => {
-            let err = |reason: String| Error::ModelSource {
-                reference: r.to_string(),
-                reason,
-            };
-            let cache = opts.cache_path()?;
-            let parts = split_part_names(file);
-            let mut paths = Vec::with_capacity(parts.len());
-            let mut missing = Vec::new();
-            for part in &parts {
-                match cached_file(&cache, repo, revision, part) {
-                    Some(p) => paths.push(p),
-                    None => missing.push(part.clone()),
-                }
-            }
-            if !missing.is_empty() && opts.offline {
-                let what = if parts.len() > 1 {
-                    format!(
-                        "{} of the {} parts ({})",
-                        missing.len(),
-                        parts.len(),
-                        missing.join(", ")
-                    )
-                } else {
-                    missing[0].clone()
-                };
-                return Err(err(format!(
-                    "{what} not in the Hub cache at {} and offline mode (HF_HUB_OFFLINE) is on; \
-                     run once with network access to download it, or fetch it with \
-                     `huggingface-cli download {repo} {}` (revision {revision}), or pass a local path",
+        } => resolve_hub(repo, file, revision, opts).map_err(|miss| Error::ModelSource {
+            reference: r.to_string(),
+            reason: match miss {
+                Miss::Offline {
+                    missing,
+                    n_parts,
+                    cache,
+                } => format!(
+                    "{} in the Hub cache at {} and offline mode (HF_HUB_OFFLINE) is on; run once \
+                     with network access to download it, or fetch it with `huggingface-cli \
+                     download {repo} {}{}`, or pass a local path",
+                    missing_parts(&missing, n_parts),
                     cache.display(),
                     missing.join(" "),
-                )));
-            }
-            for part in &missing {
-                let p = download(
-                    DownloadRequest {
-                        endpoint: std::env::var("HF_ENDPOINT")
-                            .ok()
-                            .filter(|e| !e.is_empty())
-                            .unwrap_or_else(|| DEFAULT_ENDPOINT.into()),
-                        cache: cache.clone(),
-                        repo: repo.clone(),
-                        file: part.clone(),
-                        revision: revision.clone(),
-                        progress: opts.progress,
-                    },
-                    HUB_CONNECT_TIMEOUT,
-                    HUB_STALL_TIMEOUT,
-                )
-                .map_err(|e| {
-                    err(format!(
-                        "{part} is not in the Hub cache at {} and downloading it failed: {e} \
-                         (set HF_HUB_OFFLINE=1 to use only the cache, or pass a local path)",
-                        cache.display()
-                    ))
-                })?;
-                paths.push(p);
-            }
-            // Cached parts first, then downloaded ones: put them back in part order.
-            paths.sort_by_key(|p| {
-                parts
-                    .iter()
-                    .position(|n| p.ends_with(n))
-                    .unwrap_or(usize::MAX)
-            });
-            if paths
-                .iter()
-                .any(|p| p.parent() != paths.first().and_then(|f| f.parent()))
-            {
-                return Err(err(format!(
-                    "the parts of this split model are in different snapshots of the cache \
-                     (the repository changed between downloads): {}; delete them and try again",
-                    paths
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            paths
-                .into_iter()
-                .next()
-                .ok_or_else(|| err("no file to resolve".into()))
+                    if revision == "main" {
+                        String::new()
+                    } else {
+                        format!(" --revision {revision}")
+                    }
+                ),
+                Miss::Download { part, cache, error } => format!(
+                    "{part} is not in the Hub cache at {} and downloading it failed: {error} \
+                     (set HF_HUB_OFFLINE=1 to use only the cache, or pass a local path)",
+                    cache.display()
+                ),
+                Miss::Other(reason) => reason,
+            },
+        }),
+    }
+}
+
+/// Why a Hub reference did not resolve.
+enum Miss {
+    /// Offline, and these parts are not cached.
+    Offline {
+        missing: Vec<String>,
+        n_parts: usize,
+        cache: PathBuf,
+    },
+    /// Not cached, and the download failed.
+    Download {
+        part: String,
+        cache: PathBuf,
+        error: String,
+    },
+    Other(String),
+}
+
+/// "x.gguf is not" / "2 of the 3 parts (a, b) are not".
+fn missing_parts(missing: &[String], n_parts: usize) -> String {
+    if n_parts > 1 {
+        format!(
+            "{} of the {n_parts} parts ({}) {} not",
+            missing.len(),
+            missing.join(", "),
+            if missing.len() == 1 { "is" } else { "are" }
+        )
+    } else {
+        format!("{} is not", missing.join(", "))
+    }
+}
+
+fn resolve_hub(
+    repo: &str,
+    file: &str,
+    revision: &str,
+    opts: &HubOptions,
+) -> std::result::Result<PathBuf, Miss> {
+    let cache = opts.cache_path().map_err(|e| match e {
+        Error::ModelSource { reason, .. } => Miss::Other(reason),
+        other => Miss::Other(other.to_string()),
+    })?;
+    let parts = split_part_names(file);
+    let mut paths = Vec::with_capacity(parts.len());
+    let mut missing = Vec::new();
+    for part in &parts {
+        match cached_file(&cache, repo, revision, part) {
+            Some(p) => paths.push(p),
+            None => missing.push(part.clone()),
         }
     }
+    if !missing.is_empty() && opts.offline {
+        return Err(Miss::Offline {
+            missing,
+            n_parts: parts.len(),
+            cache,
+        });
+    }
+    for part in &missing {
+        let p = download(
+            DownloadRequest {
+                endpoint: std::env::var("HF_ENDPOINT")
+                    .ok()
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| DEFAULT_ENDPOINT.into()),
+                cache: cache.clone(),
+                repo: repo.into(),
+                file: part.clone(),
+                revision: revision.into(),
+                progress: opts.progress,
+            },
+            HUB_CONNECT_TIMEOUT,
+            HUB_STALL_TIMEOUT,
+        )
+        .map_err(|error| Miss::Download {
+            part: part.clone(),
+            cache: cache.clone(),
+            error,
+        })?;
+        paths.push(p);
+    }
+    // Cached parts first, then downloaded ones: put them back in part order.
+    paths.sort_by_key(|p| {
+        parts
+            .iter()
+            .position(|n| p.ends_with(n))
+            .unwrap_or(usize::MAX)
+    });
+    if paths
+        .iter()
+        .any(|p| p.parent() != paths.first().and_then(|f| f.parent()))
+    {
+        return Err(Miss::Other(format!(
+            "the parts of this split model are in different snapshots of the cache (the \
+             repository changed between downloads): {}; delete them and try again",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    paths
+        .into_iter()
+        .next()
+        .ok_or_else(|| Miss::Other("no file to resolve".into()))
 }
 
 /// `x-00001-of-00003.gguf` → all three part names; any other name → itself.
@@ -307,7 +364,12 @@ fn split_part_names(file: &str) -> Vec<String> {
         if !all_digits(no) || !all_digits(count) {
             return None;
         }
-        Some((prefix, no.parse::<usize>().ok()?, count.parse::<usize>().ok()?, count.len()))
+        Some((
+            prefix,
+            no.parse::<usize>().ok()?,
+            count.parse::<usize>().ok()?,
+            count.len(),
+        ))
     });
     match parsed {
         Some((prefix, 1, count, width)) if (2..=9999).contains(&count) => (1..=count)
@@ -402,7 +464,10 @@ fn download(
         .with_progress(false)
         .with_retries(0)
         .with_user_agent("hypura", env!("CARGO_PKG_VERSION"));
-    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+    if let Some(token) = std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    {
         builder = builder.with_token(Some(token.trim().to_string()));
     }
     let api = builder
@@ -482,7 +547,11 @@ fn download(
 /// file with exactly the bundled bytes. Tries `$XDG_CACHE_HOME/hypura`, `~/.cache/hypura`, then
 /// the system temporary folder; the file appears atomically (temporary name, then rename).
 pub fn bundled_model_path() -> Result<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     let mut dirs = Vec::new();
     if let Some(d) = var("XDG_CACHE_HOME").filter(|d| d.is_absolute()) {
         dirs.push(d.join("hypura"));
@@ -532,28 +601,35 @@ fn write_bundled(dir: &Path) -> Result<PathBuf> {
 /// The model to use when the user names none: [`DEFAULT_HUB_MODEL`] when it is cached or can be
 /// downloaded, else the bundled model. Returns the path and a sentence saying which and why.
 pub fn default_model(opts: &HubOptions) -> Result<(PathBuf, String)> {
-    let r = ModelRef::parse(DEFAULT_HUB_MODEL)?;
-    match resolve(&r, opts) {
-        Ok(p) => Ok((
-            p.clone(),
-            format!("using the default model {DEFAULT_HUB_MODEL} ({})", p.display()),
-        )),
-        Err(e) => {
-            let p = bundled_model_path()?;
-            let why = match e {
-                Error::ModelSource { reason, .. } => reason,
-                other => other.to_string(),
-            };
-            Ok((
-                p,
-                format!(
-                    "the default model {DEFAULT_HUB_MODEL} is not available ({why}); using the \
-                     bundled model {BUNDLED_MODEL_NAME} instead (random weights: its output is \
-                     gibberish)"
-                ),
-            ))
+    let Some((repo, file)) = DEFAULT_HUB_MODEL.split_once(':') else {
+        return Err(Error::InvalidRequest("bad DEFAULT_HUB_MODEL".into()));
+    };
+    let why = match resolve_hub(repo, file, "main", opts) {
+        Ok(p) => {
+            let msg = format!(
+                "using the default model {DEFAULT_HUB_MODEL} ({})",
+                p.display()
+            );
+            return Ok((p, msg));
         }
-    }
+        Err(Miss::Offline { cache, .. }) => format!(
+            "is not in the Hub cache at {} and offline mode (HF_HUB_OFFLINE) is on",
+            cache.display()
+        ),
+        Err(Miss::Download { cache, error, .. }) => format!(
+            "is not in the Hub cache at {} and could not be downloaded: {error}",
+            cache.display()
+        ),
+        Err(Miss::Other(reason)) => format!("could not be used: {reason}"),
+    };
+    let p = bundled_model_path()?;
+    Ok((
+        p,
+        format!(
+            "the default model {DEFAULT_HUB_MODEL} {why}; using the bundled model \
+             {BUNDLED_MODEL_NAME} instead (random weights: its output is gibberish)"
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -571,11 +647,18 @@ mod tests {
     #[test]
     fn parses_references() {
         let p = |s: &str| ModelRef::parse(s).unwrap();
-        assert_eq!(p("org/repo:file.gguf"), hub("org/repo", "file.gguf", "main"));
+        assert_eq!(
+            p("org/repo:file.gguf"),
+            hub("org/repo", "file.gguf", "main")
+        );
         assert_eq!(p("org/repo:f.gguf@v2"), hub("org/repo", "f.gguf", "v2"));
         assert_eq!(
             p("Org-1/my.repo_x:Q4_K_M/m-00001-of-00002.gguf@refs/pr/3"),
-            hub("Org-1/my.repo_x", "Q4_K_M/m-00001-of-00002.gguf", "refs/pr/3")
+            hub(
+                "Org-1/my.repo_x",
+                "Q4_K_M/m-00001-of-00002.gguf",
+                "refs/pr/3"
+            )
         );
         for path in [
             "some/local/file.gguf",
@@ -588,7 +671,12 @@ mod tests {
         ] {
             assert_eq!(p(path), ModelRef::Path(path.into()), "{path}");
         }
-        for bad in ["org/repo:", "org/repo:x.gguf@", "org/repo:../x.gguf", "org/repo:a//b.gguf"] {
+        for bad in [
+            "org/repo:",
+            "org/repo:x.gguf@",
+            "org/repo:../x.gguf",
+            "org/repo:a//b.gguf",
+        ] {
             let e = ModelRef::parse(bad).unwrap_err().to_string();
             assert!(e.contains("ORG/REPO:FILE.gguf"), "{bad}: {e}");
         }
@@ -610,7 +698,11 @@ mod tests {
     fn split_names() {
         assert_eq!(
             split_part_names("m-00001-of-00003.gguf"),
-            ["m-00001-of-00003.gguf", "m-00002-of-00003.gguf", "m-00003-of-00003.gguf"]
+            [
+                "m-00001-of-00003.gguf",
+                "m-00002-of-00003.gguf",
+                "m-00003-of-00003.gguf"
+            ]
         );
         assert_eq!(
             split_part_names("d/m-00002-of-00003.gguf"),

@@ -64,6 +64,7 @@ pub mod hub;
 pub mod loader;
 
 pub mod models;
+pub mod plan;
 pub mod storage;
 pub mod synth;
 pub mod tokenizer;

@@ -78,6 +78,16 @@ impl Default for SynthSpec {
 }
 
 impl SynthSpec {
+    /// The spec of the model bundled in `models/` (`examples/make_bundled_model.rs` writes it with
+    /// the vocabulary of the `small-llama` test fixture).
+    pub fn bundled() -> Self {
+        SynthSpec {
+            name: "hypura tiny random (weights are random)".into(),
+            seed: 20261123,
+            ..SynthSpec::default()
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head.max(1)
     }
@@ -96,19 +106,19 @@ impl SynthSpec {
         if self.n_embd == 0 || self.n_layer == 0 || self.n_ff == 0 || self.ctx_len == 0 {
             return bad("embedding, layers, feed-forward and context must be non-zero".into());
         }
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "{} heads must divide the embedding length {}",
                 self.n_head, self.n_embd
             ));
         }
-        if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+        if self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
             return bad(format!(
                 "{} KV heads must divide the {} heads",
                 self.n_head_kv, self.n_head
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!("head size {} must be even (RoPE)", self.head_dim()));
         }
         if self.n_expert > 0 && (self.n_expert_used == 0 || self.n_expert_used > self.n_expert) {
@@ -166,7 +176,7 @@ impl SynthTensor {
 /// The type a row of `row_len` elements is stored in when `ty` is asked for (llama.cpp's fallback
 /// for rows that are not a whole number of blocks).
 pub fn storage_type(ty: TensorType, row_len: u64) -> TensorType {
-    let fits = |t: TensorType| row_len % t.block_elems() as u64 == 0;
+    let fits = |t: TensorType| row_len.is_multiple_of(t.block_elems() as u64);
     if fits(ty) {
         return ty;
     }
@@ -328,8 +338,9 @@ pub fn write_model_with_progress(
     for (i, t) in tensors.into_iter().enumerate() {
         let seed = mix(spec.seed ^ mix(i as u64 + 1));
         let (ty, n, mean, std) = (t.ty, t.n_elements(), t.mean, t.std);
-        let producer =
-            move |out: &mut dyn Write| -> std::io::Result<()> { write_random(out, ty, n, mean, std, seed) };
+        let producer = move |out: &mut dyn Write| -> std::io::Result<()> {
+            write_random(out, ty, n, mean, std, seed)
+        };
         w.add_tensor(
             &t.name,
             t.ty,
@@ -411,7 +422,7 @@ fn write_random(
     seed: u64,
 ) -> std::io::Result<()> {
     let block_elems = ty.block_elems() as u64;
-    if n % block_elems != 0 {
+    if !n.is_multiple_of(block_elems) {
         return Err(std::io::Error::other(format!(
             "{n} elements are not a whole number of {ty} blocks"
         )));
@@ -424,9 +435,7 @@ fn write_random(
         let blocks = per_chunk.min(n_blocks - c * per_chunk) as usize;
         let mut buf = Vec::with_capacity(blocks * ty.block_bytes());
         let mut rng = Rng::new(mix(seed ^ mix(c)));
-        for _ in 0..blocks {
-            gen.block(&mut rng, &mut buf);
-        }
+        gen.blocks(&mut rng, blocks, &mut buf);
         buf
     };
     if n_chunks <= 1 {
@@ -608,8 +617,8 @@ const BLOCK_F2: f32 = 13.0 / 12.0;
 /// Draws the blocks of one tensor.
 struct Generator {
     ty: TensorType,
-    mean: f32,
-    std: f32,
+    /// Float types: the stored bytes of `mean + std·z` for each entry `z` of the normal table.
+    values: Vec<u8>,
     /// Quantized types: 65536 equally likely codes.
     codes: Vec<i8>,
     code: Option<CodeSpec>,
@@ -621,10 +630,20 @@ impl Generator {
     fn new(ty: TensorType, mean: f32, std: f32) -> Self {
         let normal = normal_table();
         let Some(cs) = code_spec(ty) else {
+            let values = normal
+                .iter()
+                .flat_map(|z| {
+                    let v = mean + std * z;
+                    match ty {
+                        TensorType::F16 => f16::from_f32(v).to_le_bytes().to_vec(),
+                        TensorType::BF16 => bf16::from_f32(v).to_le_bytes().to_vec(),
+                        _ => v.to_le_bytes().to_vec(),
+                    }
+                })
+                .collect();
             return Generator {
                 ty,
-                mean,
-                std,
+                values,
                 codes: Vec::new(),
                 code: None,
                 d_base: 0.0,
@@ -650,24 +669,31 @@ impl Generator {
         let d_base = std as f64 / (BLOCK_F2 as f64 * sub_ms * code_ms).sqrt();
         Generator {
             ty,
-            mean,
-            std,
+            values: Vec::new(),
             codes,
             code: Some(cs),
             d_base: d_base as f32,
         }
     }
 
-    /// Appends one random block.
+    /// Appends `n` random blocks.
+    fn blocks(&self, rng: &mut Rng, n: usize, out: &mut Vec<u8>) {
+        if self.code.is_none() {
+            let size = self.ty.block_bytes();
+            for _ in 0..n {
+                let i = rng.u16() * size;
+                out.extend_from_slice(&self.values[i..i + size]);
+            }
+            return;
+        }
+        for _ in 0..n {
+            self.block(rng, out);
+        }
+    }
+
+    /// Appends one random block of a quantized type.
     fn block(&self, rng: &mut Rng, out: &mut Vec<u8>) {
         let Some(cs) = self.code else {
-            let normal = normal_table();
-            let mut v = || self.mean + self.std * normal[rng.u16()];
-            match self.ty {
-                TensorType::F16 => out.extend(f16::from_f32(v()).to_le_bytes()),
-                TensorType::BF16 => out.extend(bf16::from_f32(v()).to_le_bytes()),
-                _ => out.extend(v().to_le_bytes()),
-            }
             return;
         };
         let n = self.ty.block_elems();
@@ -717,7 +743,9 @@ fn pack_block(ty: TensorType, codes: &[i8], subs: &[u8], d: f16, out: &mut Vec<u
             }
             let qh = (0..32).fold(0u32, |h, e| h | (((u(codes[e], off) >> 4) as u32 & 1) << e));
             out.extend(qh.to_le_bytes());
-            out.extend((0..16).map(|j| (u(codes[j], off) & 0xF) | ((u(codes[j + 16], off) & 0xF) << 4)));
+            out.extend(
+                (0..16).map(|j| (u(codes[j], off) & 0xF) | ((u(codes[j + 16], off) & 0xF) << 4)),
+            );
         }
         TensorType::Q2_K => {
             // scales (low nibble: scale, high nibble: min), qs, d, dmin.
@@ -849,10 +877,9 @@ mod tests {
                 assert_eq!(bytes.len(), ty.block_bytes(), "{ty}");
                 let got = dequantize(ty, &bytes, n);
                 for e in 0..n {
-                    let s = if n_sub == 0 {
-                        1.0
-                    } else {
-                        subs[e / (n / n_sub)] as f32
+                    let s = match n.checked_div(n_sub) {
+                        Some(width) => subs[e / width] as f32,
+                        None => 1.0,
                     };
                     let want = d.to_f32() * s * (codes[e] as f32 - cs.center);
                     let tol = 2e-3 * d.to_f32() * s * (cs.hi - cs.lo) as f32;
@@ -871,7 +898,10 @@ mod tests {
         let t = normal_table();
         let mean = t.iter().map(|&x| x as f64).sum::<f64>() / t.len() as f64;
         let var = t.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / t.len() as f64;
-        assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5, "{mean} {var}");
+        assert!(
+            mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5,
+            "{mean} {var}"
+        );
         assert!((inv_normal_cdf(0.975) - 1.959_964).abs() < 1e-5);
         assert!(t.windows(2).all(|w| w[0] <= w[1]));
     }

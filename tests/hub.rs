@@ -13,7 +13,9 @@ fn lay_out_cache(root: &Path, repo: &str, files: &[(&str, &[u8])]) -> PathBuf {
     let snap = repo_dir.join("snapshots").join(commit);
     std::fs::create_dir_all(&snap).unwrap();
     for (name, bytes) in files {
-        std::fs::write(snap.join(name), bytes).unwrap();
+        let p = snap.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
     }
     snap
 }
@@ -27,7 +29,7 @@ fn temp(tag: &str) -> PathBuf {
 
 fn offline(cache_dir: PathBuf) -> HubOptions {
     HubOptions {
-        cache_dir,
+        cache_dir: Some(cache_dir),
         offline: true,
         progress: false,
     }
@@ -97,22 +99,106 @@ fn offline_miss_and_missing_path_are_clear_errors() {
 
 #[test]
 fn unreachable_hub_fails_quickly() {
-    // No network here (and none needed): an online attempt must end in an error, not a hang.
+    // No network here: an online attempt must end in an error, not a hang. (With a network, the
+    // Hub answers 401/404 for this made-up repository: an error too.)
     let root = temp("online");
     let opts = HubOptions {
-        cache_dir: root.clone(),
+        cache_dir: Some(root.clone()),
         offline: false,
         progress: false,
     };
     let start = std::time::Instant::now();
-    let r = ModelRef::parse("org/none-GGUF:none.gguf").unwrap();
-    if let Err(e) = resolve(&r, &opts) {
-        assert!(e.to_string().contains("none.gguf"), "{e}");
-    }
+    let r = ModelRef::parse("hypura-test-org/no-such-repo-GGUF:none.gguf").unwrap();
+    let msg = resolve(&r, &opts).unwrap_err().to_string();
+    let took = start.elapsed();
+    eprintln!("online attempt failed in {took:?}: {msg}");
     assert!(
-        start.elapsed().as_secs() < 120,
-        "took {:?}",
-        start.elapsed()
+        msg.contains("none.gguf") && msg.contains("downloading it failed"),
+        "{msg}"
     );
+    assert!(
+        took < hypura::hub::HUB_CONNECT_TIMEOUT + std::time::Duration::from_secs(10),
+        "took {took:?}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn split_set_offline_names_every_missing_part() {
+    let root = temp("split3");
+    let parts = [
+        "Q4/m-00001-of-00003.gguf",
+        "Q4/m-00002-of-00003.gguf",
+        "Q4/m-00003-of-00003.gguf",
+    ];
+    let snap = lay_out_cache(
+        &root,
+        "org/split3-GGUF",
+        &[(parts[0], b"1"), (parts[2], b"3")],
+    );
+    let r = ModelRef::parse(&format!("org/split3-GGUF:{}", parts[0])).unwrap();
+    let msg = resolve(&r, &offline(root.clone())).unwrap_err().to_string();
+    assert!(
+        msg.contains(parts[1]) && !msg.contains(parts[2]) && msg.contains("1 of the 3 parts"),
+        "{msg}"
+    );
+    std::fs::write(snap.join(parts[1]), b"2").unwrap();
+    assert_eq!(
+        resolve(&r, &offline(root.clone())).unwrap(),
+        snap.join(parts[0])
+    );
+    // Naming a later part resolves just that file.
+    let r2 = ModelRef::parse(&format!("org/split3-GGUF:{}", parts[1])).unwrap();
+    assert_eq!(
+        resolve(&r2, &offline(root.clone())).unwrap(),
+        snap.join(parts[1])
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn revisions_other_than_main() {
+    let root = temp("rev");
+    let snap = lay_out_cache(&root, "org/rev-GGUF", &[("a.gguf", b"a")]);
+    let commit = snap.file_name().unwrap().to_str().unwrap().to_string();
+    // A commit hash needs no ref; a branch without a ref is not cached.
+    let r = ModelRef::parse(&format!("org/rev-GGUF:a.gguf@{commit}")).unwrap();
+    assert_eq!(
+        resolve(&r, &offline(root.clone())).unwrap(),
+        snap.join("a.gguf")
+    );
+    let r = ModelRef::parse("org/rev-GGUF:a.gguf@dev").unwrap();
+    assert!(resolve(&r, &offline(root.clone())).is_err());
+    let refs = root.join("models--org--rev-GGUF/refs");
+    std::fs::write(refs.join("dev"), &commit).unwrap();
+    assert_eq!(
+        resolve(&r, &offline(root.clone())).unwrap(),
+        snap.join("a.gguf")
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn default_model_falls_back_to_the_bundled_one() {
+    let root = temp("default");
+    let (path, why) = hypura::hub::default_model(&offline(root.clone())).unwrap();
+    assert!(
+        why.contains("bundled model") && why.contains("random weights"),
+        "{why}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models/hypura-tiny-random-Q8_0.gguf")
+        )
+        .unwrap()
+    );
+    assert_eq!(hypura::hub::bundled_model_path().unwrap(), path);
+    // With the default model in the cache, that one is used.
+    let (repo, file) = hypura::hub::DEFAULT_HUB_MODEL.split_once(':').unwrap();
+    let snap = lay_out_cache(&root, repo, &[(file, b"stand-in")]);
+    let (path, why) = hypura::hub::default_model(&offline(root.clone())).unwrap();
+    assert_eq!(path, snap.join(file));
+    assert!(why.contains(hypura::hub::DEFAULT_HUB_MODEL), "{why}");
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -12,14 +12,16 @@ use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
 
 /// Whether this CPU can run [`matvec`].
 pub fn available() -> bool {
-    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
 }
 
 /// The activations once quantized, laid out for the kernel.
 struct Acts {
-    qs: Vec<i8>,        // k codes
-    d: Vec<f32>,        // k / 32 scales
-    sum128: Vec<f32>,   // per block: 128 · Σ codes · d
+    qs: Vec<i8>,      // k codes
+    d: Vec<f32>,      // k / 32 scales
+    sum128: Vec<f32>, // per block: 128 · Σ codes · d
 }
 
 fn quantize(lhs: &[f32]) -> Acts {
@@ -28,7 +30,11 @@ fn quantize(lhs: &[f32]) -> Acts {
     BlockQ8_0::from_float(lhs, &mut blocks);
     // SAFETY: BlockQ8_0 is repr(C) { d: f16, qs: [i8; 32] } = 34 bytes, ggml's block_q8_0.
     let bytes: &[u8] = unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, nb * 34) };
-    let mut a = Acts { qs: Vec::with_capacity(nb * 32), d: Vec::with_capacity(nb), sum128: Vec::with_capacity(nb) };
+    let mut a = Acts {
+        qs: Vec::with_capacity(nb * 32),
+        d: Vec::with_capacity(nb),
+        sum128: Vec::with_capacity(nb),
+    };
     for b in bytes.chunks_exact(34) {
         let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         let codes = &b[2..];
@@ -38,6 +44,31 @@ fn quantize(lhs: &[f32]) -> Acts {
         a.sum128.push(128.0 * s as f32 * d);
     }
     a
+}
+
+/// The fast row product for `ty`, when it applies (Q8_0, this CPU, matching sizes).
+pub fn row_dot<'a>(
+    ty: candle_core::quantized::GgmlDType,
+    w: &'a [u8],
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+) -> Option<Box<dyn Fn(usize) -> f32 + Sync + 'a>> {
+    if ty != candle_core::quantized::GgmlDType::Q8_0
+        || !k.is_multiple_of(64)
+        || w.len() != n * k / 32 * 34
+        || lhs.len() != k
+        || std::env::var_os("HYPURA_GENERIC_KERNELS").is_some()
+        || !available()
+    {
+        return None;
+    }
+    let a = quantize(lhs);
+    let row_bytes = k / 32 * 34;
+    // SAFETY: available() was checked; rows are in bounds by the size check above.
+    Some(Box::new(move |r| unsafe {
+        dot_row(&w[r * row_bytes..(r + 1) * row_bytes], &a)
+    }))
 }
 
 /// `dst[r] = row r of w · lhs`, `w` = `n` rows of `k` Q8_0 values. Caller checked [`available`],
@@ -78,7 +109,11 @@ unsafe fn dot_row(x: &[u8], a: &Acts) -> f32 {
         let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(codes, flip), acts);
         let d0 = half::f16::from_bits(u16::from_le_bytes([*x0, *x0.add(1)])).to_f32();
         let d1 = half::f16::from_bits(u16::from_le_bytes([*x1, *x1.add(1)])).to_f32();
-        let scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0 * a.d[b]), _mm512_set1_ps(d1 * a.d[b + 1]));
+        let scale = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(d0 * a.d[b]),
+            _mm512_set1_ps(d1 * a.d[b + 1]),
+        );
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc);
         corr += d0 * a.sum128[b] + d1 * a.sum128[b + 1];
         b += 2;

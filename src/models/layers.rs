@@ -46,7 +46,21 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.matmul_t(x)?;
+        self.add_bias(self.weight.matmul_t(x)?)
+    }
+
+    /// Several projections of the same input (q/k/v, gate/up), computed together.
+    pub fn forward_many<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let ys = Weight::matmul_t_many(&layers.map(|l| &l.weight), x)?;
+        let mut out = Vec::with_capacity(N);
+        for (l, y) in layers.iter().zip(ys) {
+            out.push(l.add_bias(y)?);
+        }
+        out.try_into()
+            .map_err(|_| crate::Error::InvalidRequest("projection count".into()))
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -140,9 +154,10 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope.apply(&heads(self.q.forward(x)?, h)?, pos)?; // [1, h, t, hd]
-        let k = rope.apply(&heads(self.k.forward(x)?, h_kv)?, pos)?; // [1, h_kv, t, hd]
-        let v = heads(self.v.forward(x)?, h_kv)?; // [1, h_kv, t, hd]
+        let [q, k, v] = Linear::forward_many([&self.q, &self.k, &self.v], x)?; // [t, h*hd], [t, h_kv*hd] ×2
+        let q = rope.apply(&heads(q, h)?, pos)?; // [1, h, t, hd]
+        let k = rope.apply(&heads(k, h_kv)?, pos)?; // [1, h_kv, t, hd]
+        let v = heads(v, h_kv)?; // [1, h_kv, t, hd]
         let (k, v) = self.cache.append(&k, &v)?; // [1, h_kv, n_kv, hd]
         let n_kv = k.dim(2)?;
 
@@ -189,8 +204,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
-        let u = self.up.forward(x)?;
-        self.down.forward(&(g * u)?)
+        let [g, u] = Linear::forward_many([&self.gate, &self.up], x)?; // [t, n_ff] each
+        self.down.forward(&(g.silu()? * u)?)
     }
 }

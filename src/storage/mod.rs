@@ -1,33 +1,57 @@
 //! Storage: where a tensor's bytes live, and the one weight type models read them through.
 //!
 //! Storage knows no models. It opens the model's files read-only, memory-maps them, and serves
-//! any tensor of the index as a [`Weight`] on the compute device. The placement plan decides, per
-//! tensor, which tier serves it; this module is where that decision is carried out.
+//! any tensor of the index as a [`Weight`] on the tier the [`Placement`] names: owned on the
+//! compute device, a zero-copy view of the mapped file, or streamed from disk through a pool of
+//! direct-I/O buffers ([`Streamer`]).
 
+mod aligned;
+mod direct;
+mod stream;
 mod weight;
 
+use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::{QStorage, QTensor};
-use candle_core::Device;
+use candle_core::{Device, Shape};
 use memmap2::Mmap;
 
+pub use aligned::AlignedBuf;
+pub use direct::{DirectFile, ReadMode, DIRECT_IO_ALIGN};
+pub use stream::{Slab, StreamGroup, StreamStats, Streamer};
 pub use weight::Weight;
 
 use crate::error::{Error, Result};
-use crate::gguf::{ModelFiles, TensorEntry};
+use crate::gguf::{ModelFiles, TensorEntry, TensorType};
+use crate::plan::{Placement, TierKind};
+use weight::Tier;
 
-/// The model's files, mapped, serving tensors by name.
+/// The model's files, mapped, serving tensors by name on their planned tiers.
 pub struct WeightStore {
     files: ModelFiles,
     maps: Vec<Arc<Mmap>>,
     device: Device,
+    placement: Placement,
+    streamer: Option<Arc<Streamer>>,
     on_read: Option<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 impl WeightStore {
-    /// Maps every file of `files` read-only. No tensor byte is read yet.
+    /// Maps every file of `files` read-only; every tensor goes to the device. No tensor byte is
+    /// read yet.
     pub fn open(files: ModelFiles, device: &Device) -> Result<Self> {
+        Self::with_placement(files, device, Placement::default())
+    }
+
+    /// Like [`open`](Self::open), with tensors on the tiers `placement` names. Starts the stream
+    /// I/O thread when some tensors are on NVMe.
+    pub fn with_placement(
+        files: ModelFiles,
+        device: &Device,
+        placement: Placement,
+    ) -> Result<Self> {
         let mut maps = Vec::with_capacity(files.paths.len());
         for path in &files.paths {
             let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, 0, e))?;
@@ -37,15 +61,34 @@ impl WeightStore {
             let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io("mmap", path, 0, e))?;
             maps.push(Arc::new(map));
         }
+        let off_device = placement.tiers.values().any(|t| *t != TierKind::Device);
+        if off_device && !device.is_cpu() {
+            return Err(Error::InvalidRequest(
+                "RAM and NVMe tiers are implemented for the CPU backend only so far".into(),
+            ));
+        }
+        let streamer = if placement.groups.is_empty() {
+            None
+        } else {
+            let slots = placement.lookahead + placement.max_groups_per_layer;
+            Some(Streamer::new(
+                &files.paths,
+                placement.groups.clone(),
+                placement.lookahead,
+                slots,
+            )?)
+        };
         Ok(WeightStore {
             files,
             maps,
             device: device.clone(),
+            placement,
+            streamer,
             on_read: None,
         })
     }
 
-    /// Calls `f(bytes)` each time tensor bytes are read (progress reporting).
+    /// Calls `f(bytes)` each time tensor bytes are copied to the device (progress reporting).
     pub fn on_read(&mut self, f: Box<dyn Fn(u64) + Send + Sync>) {
         self.on_read = Some(f);
     }
@@ -56,6 +99,15 @@ impl WeightStore {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// The streaming engine, when some tensors are on NVMe.
+    pub fn streamer(&self) -> Option<&Arc<Streamer>> {
+        self.streamer.as_ref()
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -78,18 +130,13 @@ impl WeightStore {
         }
     }
 
-    /// The bytes of `e` in its mapped file (bounds were checked when the header was read).
-    fn bytes(&self, e: &TensorEntry) -> &[u8] {
-        &self.maps[e.file][e.offset as usize..(e.offset + e.n_bytes) as usize]
-    }
-
     /// The tensor `name`, which must have `shape` (candle order, outermost first).
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         let e = self.entry(name)?;
         if e.shape() != shape {
             return Err(self.shape_error(e, shape));
         }
-        self.resident(&e.name, e, self.bytes(e), shape)
+        self.weight(&e.name, e, 0..e.n_bytes as usize, shape)
     }
 
     /// Like [`get`](Self::get), but `Ok(None)` when the file has no such tensor.
@@ -114,32 +161,102 @@ impl WeightStore {
             return Err(self.shape_error(e, &[n_expert, rows, cols]));
         }
         let per_expert = (e.n_bytes / n_expert as u64) as usize;
-        let all = self.bytes(e);
         (0..n_expert)
             .map(|i| {
-                let bytes = &all[i * per_expert..(i + 1) * per_expert];
-                self.resident(&format!("{name}[{i}]"), e, bytes, &[rows, cols])
+                self.weight(
+                    &format!("{name}[{i}]"),
+                    e,
+                    i * per_expert..(i + 1) * per_expert,
+                    &[rows, cols],
+                )
             })
             .collect()
     }
 
-    /// Copies `bytes` into a tensor on the compute device.
-    fn resident(
+    /// Bytes `part` (relative to the tensor's start) of tensor `e`, served from its tier.
+    fn weight(
         &self,
         name: &str,
         e: &TensorEntry,
-        bytes: &[u8],
+        part: Range<usize>,
         shape: &[usize],
     ) -> Result<Weight> {
-        let storage = QStorage::from_data(
-            std::borrow::Cow::Borrowed(bytes),
-            &self.device,
-            e.ty.to_candle(),
-        )?;
-        let q = QTensor::new(storage, shape)?;
-        if let Some(f) = &self.on_read {
-            f(bytes.len() as u64);
+        let shape = Shape::from(shape);
+        match self.placement.tier(&e.name) {
+            TierKind::Device => {
+                let start = e.offset as usize + part.start;
+                let bytes = &self.maps[e.file][start..start + part.len()];
+                let q = qtensor(bytes, e.ty, shape, &self.device)?;
+                if let Some(f) = &self.on_read {
+                    f(bytes.len() as u64);
+                }
+                Weight::device(name, e.ty, q)
+            }
+            TierKind::Ram => {
+                let start = e.offset as usize + part.start;
+                let tier = Tier::Mapped {
+                    map: self.maps[e.file].clone(),
+                    range: start..start + part.len(),
+                };
+                Ok(Weight::new(name, e.ty, shape, tier))
+            }
+            TierKind::Nvme => {
+                let (group, range) =
+                    self.placement
+                        .members
+                        .get(&e.name)
+                        .cloned()
+                        .ok_or_else(|| {
+                            Error::InvalidRequest(format!(
+                                "{}: placed on NVMe but in no stream group",
+                                e.name
+                            ))
+                        })?;
+                let streamer = self.streamer.clone().ok_or_else(|| {
+                    Error::InvalidRequest("NVMe placement without a streamer".into())
+                })?;
+                let range = range.start + part.start..range.start + part.end;
+                Ok(Weight::new(
+                    name,
+                    e.ty,
+                    shape,
+                    Tier::Streamed {
+                        streamer,
+                        group,
+                        range,
+                    },
+                ))
+            }
         }
-        Weight::resident(name, e.ty, q)
     }
+}
+
+/// A candle tensor from ggml block bytes. Checks the length; copies to an aligned buffer when the
+/// bytes are not aligned for the block type (GGUF alignment can be as small as 1).
+pub(crate) fn qtensor(
+    bytes: &[u8],
+    ty: TensorType,
+    shape: Shape,
+    device: &Device,
+) -> Result<QTensor> {
+    let n = shape.elem_count() as u64;
+    let expected = n / ty.block_elems() as u64 * ty.block_bytes() as u64;
+    if bytes.len() as u64 != expected || n % ty.block_elems() as u64 != 0 {
+        return Err(Error::InvalidRequest(format!(
+            "{} bytes for a {ty} tensor of shape {shape:?}",
+            bytes.len()
+        )));
+    }
+    if (bytes.as_ptr() as usize).is_multiple_of(16) {
+        let storage = QStorage::from_data(Cow::Borrowed(bytes), device, ty.to_candle())?;
+        return Ok(QTensor::new(storage, shape)?);
+    }
+    // Misaligned (odd `general.alignment`): copy into 16-aligned storage first.
+    let mut words = vec![0u128; bytes.len().div_ceil(16)];
+    // SAFETY: `words` owns at least bytes.len() bytes, and u8 has no alignment requirement.
+    let aligned =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, bytes.len()) };
+    aligned.copy_from_slice(bytes);
+    let storage = QStorage::from_data(Cow::Borrowed(aligned), device, ty.to_candle())?;
+    Ok(QTensor::new(storage, shape)?)
 }

@@ -1,11 +1,15 @@
 //! [`Weight`]: a model's view of one weight tensor, whatever tier holds its bytes.
 
+use std::borrow::Cow;
+use std::ops::{Deref, Range};
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Shape, Tensor};
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::{Device, Module, Shape, Tensor};
+use memmap2::Mmap;
 
-use crate::error::Result;
+use super::stream::{Slab, Streamer};
+use crate::error::{Error, Result};
 use crate::gguf::TensorType;
 
 /// One weight tensor. Models call [`matmul_t`](Self::matmul_t), [`rows`](Self::rows) or
@@ -22,31 +26,70 @@ struct Inner {
     tier: Tier,
 }
 
-enum Tier {
-    /// Held on the compute device (GPU memory, or RAM on a CPU build). `q` is kept for quantized
-    /// weights on the CPU, where single-row products run on hypura's own kernel (see `matmul_t`).
-    Resident {
+/// Where a weight's bytes are.
+pub(crate) enum Tier {
+    /// Owned on the compute device (GPU memory, or RAM on a CPU build). `q` is kept for quantized
+    /// weights on the CPU, where single-row products run on hypura's own kernels.
+    Device {
         mm: QMatMul,
         q: Option<Arc<QTensor>>,
     },
+    /// A zero-copy view of the memory-mapped file (CPU): the page cache holds the bytes.
+    Mapped { map: Arc<Mmap>, range: Range<usize> },
+    /// Read from disk into a pool buffer when needed: bytes `range` of stream group `group`.
+    Streamed {
+        streamer: Arc<Streamer>,
+        group: usize,
+        range: Range<usize>,
+    },
+}
+
+/// A weight's bytes for the duration of one use.
+enum Bytes<'a> {
+    Borrowed(&'a [u8]),
+    Cow(Cow<'a, [u8]>),
+    Slab(Arc<Slab>, Range<usize>),
+}
+
+impl Deref for Bytes<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Borrowed(b) => b,
+            Bytes::Cow(c) => c,
+            Bytes::Slab(s, r) => &s[r.clone()],
+        }
+    }
 }
 
 impl Weight {
-    pub(crate) fn resident(name: &str, ty: TensorType, q: QTensor) -> Result<Self> {
+    pub(crate) fn new(name: &str, ty: TensorType, shape: Shape, tier: Tier) -> Self {
+        Weight {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                ty,
+                shape,
+                tier,
+            }),
+        }
+    }
+
+    /// A weight owned on the device.
+    pub(crate) fn device(name: &str, ty: TensorType, q: QTensor) -> Result<Self> {
         let shape = q.shape().clone();
         // Float weights become plain tensors (no second copy); quantized ones stay in blocks.
         let keep = ty.is_quantized() && q.device().is_cpu();
         let q = Arc::new(q);
         let mm = QMatMul::from_arc(q.clone())?;
-        let q = keep.then_some(q);
-        Ok(Weight {
-            inner: Arc::new(Inner {
-                name: name.to_string(),
-                ty,
-                shape,
-                tier: Tier::Resident { mm, q },
-            }),
-        })
+        Ok(Self::new(
+            name,
+            ty,
+            shape,
+            Tier::Device {
+                mm,
+                q: keep.then_some(q),
+            },
+        ))
     }
 
     pub fn name(&self) -> &str {
@@ -62,57 +105,181 @@ impl Weight {
         &self.inner.shape
     }
 
-    /// `x · Wᵀ`: `x` is `[..., n_in]`, the result `[..., n_out]`. Quantized weights are multiplied
-    /// in their block format (activations quantized as llama.cpp does), never dequantized whole.
-    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.inner.tier {
-            Tier::Resident { q: Some(q), .. }
-                if x.elem_count() == x.dim(candle_core::D::Minus1)? =>
-            {
-                // One row (decode): the block kernel over the weight's own bytes. candle's repacked
-                // path pays for an expanded copy that only a multi-row batch earns back.
-                let (n, k) = q.shape().dims2()?;
-                let lhs = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut dst = vec![0f32; n];
-                let bytes = q.data()?;
-                hypura_kernels::matmul_t(
-                    self.inner.ty.to_candle(),
-                    &bytes,
-                    (1, k, n),
-                    &lhs,
-                    &mut dst,
-                )
-                .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", self.inner.name)))?;
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().unwrap_or(&mut 0) = n;
-                Ok(Tensor::from_vec(dst, dims, x.device())?)
-            }
-            Tier::Resident { mm, .. } => Ok(mm.forward(&x.contiguous()?)?),
+    /// Which tier serves this weight: `"device"`, `"ram"` or `"nvme"`.
+    pub fn tier_name(&self) -> &'static str {
+        match self.inner.tier {
+            Tier::Device { .. } => "device",
+            Tier::Mapped { .. } => "ram",
+            Tier::Streamed { .. } => "nvme",
         }
     }
 
-    /// Rows `ids` of a `[n_rows, n_cols]` weight as F32 `[ids.len(), n_cols]` (embedding lookup).
-    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
-        match &self.inner.tier {
-            Tier::Resident { mm, .. } => Ok(mm.embedding(ids)?),
+    /// The weight's bytes in ggml block layout, when the CPU kernels can use them directly.
+    fn bytes(&self) -> Result<Option<Bytes<'_>>> {
+        Ok(match &self.inner.tier {
+            Tier::Device { q: Some(q), .. } => Some(Bytes::Cow(q.data()?)),
+            Tier::Device { .. } => None,
+            Tier::Mapped { map, range } => Some(Bytes::Borrowed(&map[range.clone()])),
+            Tier::Streamed {
+                streamer,
+                group,
+                range,
+            } => Some(Bytes::Slab(streamer.acquire(*group)?, range.clone())),
+        })
+    }
+
+    fn kernel_error(&self, e: hypura_kernels::KernelError) -> Error {
+        Error::Candle(candle_core::Error::Msg(format!("{}: {e}", self.inner.name)))
+    }
+
+    /// `x · Wᵀ`: `x` is `[..., n_in]`, the result `[..., n_out]`. Quantized weights are multiplied
+    /// in their block format (activations quantized as llama.cpp does), never dequantized whole.
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        let k = x.dim(candle_core::D::Minus1)?;
+        let m = x.elem_count() / k.max(1);
+        // One input row of a quantized weight: hypura's kernels over the bytes where they lie.
+        // Anything else: candle's path (it repacks Q4_K/Q8_0 for batches), from a temporary copy
+        // for off-device tiers, so that every tier computes exactly the same numbers.
+        if m != 1 || !self.inner.ty.is_quantized() {
+            if let Tier::Device { mm, .. } = &self.inner.tier {
+                return Ok(mm.forward(&x.contiguous()?)?);
+            }
+            let bytes = self
+                .bytes()?
+                .ok_or_else(|| Error::InvalidRequest("no bytes".into()))?;
+            let q = super::qtensor(
+                &bytes,
+                self.inner.ty,
+                self.inner.shape.clone(),
+                &Device::Cpu,
+            )?;
+            return Ok(QMatMul::from_qtensor(q)?.forward(&x.contiguous()?)?);
         }
+        let Some(bytes) = self.bytes()? else {
+            let Tier::Device { mm, .. } = &self.inner.tier else {
+                unreachable!("only device tiers lack bytes")
+            };
+            return Ok(mm.forward(&x.contiguous()?)?);
+        };
+        let n = self.inner.shape.dims()[0];
+        let lhs = x.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let mut dst = vec![0f32; n];
+        hypura_kernels::matmul_t(self.inner.ty.to_candle(), &bytes, (1, k, n), &lhs, &mut dst)
+            .map_err(|e| self.kernel_error(e))?;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok(Tensor::from_vec(dst, dims, x.device())?)
+    }
+
+    /// `[x · W₁ᵀ, x · W₂ᵀ, ...]` for weights that share the input `x` (q/k/v, gate/up). For one
+    /// input row on the CPU the products run in one parallel region; otherwise one by one.
+    pub fn matmul_t_many(weights: &[&Weight], x: &Tensor) -> Result<Vec<Tensor>> {
+        let k = x.dim(candle_core::D::Minus1)?;
+        let single_row = x.elem_count() == k && x.device().is_cpu();
+        let all_bytes = weights.iter().all(|w| {
+            w.inner.ty.is_quantized() && !matches!(w.inner.tier, Tier::Device { q: None, .. })
+        });
+        if !single_row || !all_bytes {
+            return weights.iter().map(|w| w.matmul_t(x)).collect();
+        }
+        let lhs = x.flatten_all()?.to_vec1::<f32>()?;
+        let datas = weights
+            .iter()
+            .map(|w| {
+                w.bytes()?
+                    .ok_or_else(|| Error::InvalidRequest("no bytes".into()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut outs: Vec<Vec<f32>> = weights
+            .iter()
+            .map(|w| vec![0f32; w.inner.shape.dims()[0]])
+            .collect();
+        let mut parts: Vec<hypura_kernels::MatvecPart> = weights
+            .iter()
+            .zip(&datas)
+            .zip(outs.iter_mut())
+            .map(|((w, data), out)| hypura_kernels::MatvecPart {
+                ty: w.inner.ty.to_candle(),
+                w: data,
+                n: out.len(),
+                dst: out,
+            })
+            .collect();
+        hypura_kernels::matvec_many(k, &lhs, &mut parts).map_err(|e| weights[0].kernel_error(e))?;
+        drop(parts);
+        outs.into_iter()
+            .map(|o| {
+                let mut dims = x.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = o.len();
+                }
+                Ok(Tensor::from_vec(o, dims, x.device())?)
+            })
+            .collect()
+    }
+
+    /// Rows `ids` of a `[n_rows, n_cols]` weight as F32 `[ids.len(), n_cols]` (embedding lookup).
+    /// Off-device tiers read only the rows asked for.
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        if let Tier::Device { mm, .. } = &self.inner.tier {
+            return Ok(mm.embedding(ids)?);
+        }
+        let (n_rows, n_cols) = self.inner.shape.dims2()?;
+        let row_bytes = self.inner.ty.row_bytes(n_cols as u64).unwrap_or(0) as usize;
+        let ids_v: Vec<u32> = ids.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
+        let bytes = self
+            .bytes()?
+            .ok_or_else(|| Error::InvalidRequest("no bytes".into()))?;
+        let mut picked = Vec::with_capacity(ids_v.len() * row_bytes);
+        for &id in &ids_v {
+            let r = id as usize;
+            if r >= n_rows {
+                return Err(Error::InvalidRequest(format!(
+                    "{}: row {r} of {n_rows}",
+                    self.inner.name
+                )));
+            }
+            picked.extend_from_slice(&bytes[r * row_bytes..(r + 1) * row_bytes]);
+        }
+        let q = QTensor::new(
+            QStorage::from_data(Cow::Owned(picked), &Device::Cpu, self.inner.ty.to_candle())?,
+            (ids_v.len(), n_cols),
+        )?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(n_cols);
+        Ok(q.dequantize(&Device::Cpu)?
+            .reshape(dims)?
+            .to_device(ids.device())?)
     }
 
     /// The whole tensor as F32 (for small tensors: norms, biases, routers).
     pub fn dense(&self) -> Result<Tensor> {
         match &self.inner.tier {
-            Tier::Resident {
+            Tier::Device {
                 mm: QMatMul::QTensor(q),
                 ..
             } => Ok(q.dequantize(&q.device())?),
-            Tier::Resident {
+            Tier::Device {
                 mm: QMatMul::Tensor(t),
                 ..
             } => Ok(t.clone()),
-            Tier::Resident {
+            Tier::Device {
                 mm: QMatMul::TensorF16(t),
                 ..
             } => Ok(t.to_dtype(candle_core::DType::F32)?),
+            _ => {
+                let bytes = self
+                    .bytes()?
+                    .ok_or_else(|| Error::InvalidRequest("no bytes".into()))?;
+                let storage = QStorage::from_data(
+                    Cow::Borrowed(&bytes),
+                    &Device::Cpu,
+                    self.inner.ty.to_candle(),
+                )?;
+                Ok(QTensor::new(storage, self.inner.shape.clone())?.dequantize(&Device::Cpu)?)
+            }
         }
     }
 }
@@ -121,8 +288,11 @@ impl std::fmt::Debug for Weight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Weight({} {} {:?})",
-            self.inner.name, self.inner.ty, self.inner.shape
+            "Weight({} {} {:?} on {})",
+            self.inner.name,
+            self.inner.ty,
+            self.inner.shape,
+            self.tier_name()
         )
     }
 }

@@ -23,7 +23,7 @@ fn logits_with(gguf: &Path, placement: Placement) -> (Vec<Vec<f32>>, Vec<Vec<f32
     let r = reference(gguf);
     let prompt = ids(&r["fixed_prompt"]["ids"]);
     let greedy = ids(&r["fixed_prompt"]["greedy_ids"]);
-    let mut run = |model: &mut Transformer| {
+    let run = |model: &mut Transformer| {
         model.reset();
         let prompt_logits: Vec<Vec<f32>> = model
             .forward(&prompt, Logits::All)

@@ -74,7 +74,7 @@ pub fn row_dot<'a>(
 /// `dst[r] = row r of w · lhs`, `w` = `n` rows of `k` Q8_0 values. Caller checked [`available`],
 /// `w.len() == n * k / 32 * 34`, `lhs.len() == k`, `dst.len() == n`, `k % 64 == 0`.
 pub fn matvec(w: &[u8], n: usize, k: usize, lhs: &[f32], dst: &mut [f32]) {
-    assert!(w.len() == n * k / 32 * 34 && k % 64 == 0 && dst.len() == n && lhs.len() == k);
+    assert!(w.len() == n * k / 32 * 34 && k.is_multiple_of(64) && dst.len() == n && lhs.len() == k);
     let a = quantize(lhs);
     let row_bytes = k / 32 * 34;
     let dst_ptr = dst.as_mut_ptr() as usize;

@@ -89,6 +89,13 @@ impl Placement {
     }
 }
 
+/// Reads in use order, each streamed tensor's (group, range), and the most groups of one layer.
+type Groups = (
+    Vec<StreamGroup>,
+    HashMap<String, (usize, Range<usize>)>,
+    usize,
+);
+
 /// `blk.N.` → N.
 pub fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
@@ -97,14 +104,7 @@ pub fn layer_of(name: &str) -> Option<usize> {
 /// Groups the NVMe tensors into reads: per layer, runs of tensors that lie together in one file
 /// become one read (a gap of at most 1/4 of the run's bytes, e.g. a norm vector, is read through).
 /// Non-layer tensors come after the layers, each its own read. Order = use order.
-fn stream_groups(
-    files: &ModelFiles,
-    tiers: &HashMap<String, TierKind>,
-) -> (
-    Vec<crate::storage::StreamGroup>,
-    HashMap<String, (usize, Range<usize>)>,
-    usize,
-) {
+fn stream_groups(files: &ModelFiles, tiers: &HashMap<String, TierKind>) -> Groups {
     let mut by_layer: std::collections::BTreeMap<(usize, usize), Vec<&TensorEntry>> =
         Default::default();
     for t in &files.tensors {

@@ -241,7 +241,7 @@ pub(crate) fn qtensor(
 ) -> Result<QTensor> {
     let n = shape.elem_count() as u64;
     let expected = n / ty.block_elems() as u64 * ty.block_bytes() as u64;
-    if bytes.len() as u64 != expected || n % ty.block_elems() as u64 != 0 {
+    if bytes.len() as u64 != expected || !n.is_multiple_of(ty.block_elems() as u64) {
         return Err(Error::InvalidRequest(format!(
             "{} bytes for a {ty} tensor of shape {shape:?}",
             bytes.len()

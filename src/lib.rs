@@ -60,6 +60,7 @@ pub mod backend;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod hardware;
 pub mod hub;
 pub mod loader;
 

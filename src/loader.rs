@@ -1,16 +1,33 @@
-//! Opening a model end to end: index the GGUF, build the tokenizer, read the weights (with a
-//! progress bar), build the model. The one entry point the CLI, the examples and library users share.
+//! Opening a model end to end: index the GGUF, build the tokenizer, plan where each tensor lives
+//! (from the machine's profile and the budgets), read the weights (with a progress bar), build
+//! the model. The one entry point the CLI, the examples and library users share.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
 
 use crate::error::Result;
 use crate::gguf::{ModelConfig, ModelFiles};
+use crate::hardware::{self, MemoryInfo, Profile};
 use crate::models::Transformer;
-use crate::storage::WeightStore;
+use crate::plan::{self, Budgets, Override, Plan, PlanInput, Rates};
+use crate::storage::{Streamer, WeightStore};
 use crate::tokenizer::Tokenizer;
+
+/// Where tensors may go: budgets and overrides. Defaults: what the machine can safely give.
+#[derive(Clone, Debug, Default)]
+pub struct TierOptions {
+    /// RAM hypura may use; `None` = available RAM (cgroup-aware) minus headroom for the OS.
+    pub ram_budget: Option<u64>,
+    /// GPU memory hypura may use (GPU builds).
+    pub device_budget: Option<u64>,
+    /// `--place REGEX=tier` rules, applied first.
+    pub overrides: Vec<Override>,
+    /// Fixed prefetch depth instead of the derived one.
+    pub lookahead: Option<usize>,
+}
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -18,8 +35,9 @@ pub struct LoadOptions {
     /// KV-cache size in tokens; `None` = the model's training context, capped at 4096.
     pub n_ctx: Option<usize>,
     pub device: Device,
-    /// Draw a progress bar on stderr while weights are read.
+    /// Draw progress bars on stderr while profiling and reading weights.
     pub progress: bool,
+    pub tiers: TierOptions,
 }
 
 impl Default for LoadOptions {
@@ -28,6 +46,7 @@ impl Default for LoadOptions {
             n_ctx: None,
             device: Device::Cpu,
             progress: false,
+            tiers: TierOptions::default(),
         }
     }
 }
@@ -38,6 +57,9 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
     pub model: Transformer,
+    pub plan: Plan,
+    /// The streaming engine, when the plan streams tensors from disk.
+    pub streamer: Option<Arc<Streamer>>,
     pub load_seconds: f64,
 }
 
@@ -46,7 +68,61 @@ pub fn default_n_ctx(cfg: &ModelConfig) -> usize {
     cfg.n_ctx_train.clamp(1, 4096)
 }
 
-/// Opens, checks and loads the model at `path` (a single GGUF or the first part of a split set).
+/// The RAM budget hypura takes by default: what is available, less headroom for the OS and the
+/// rest of the machine (10 %, at least 512 MiB).
+pub fn default_ram_budget(mem: &MemoryInfo) -> u64 {
+    let headroom = (mem.total_bytes / 10).max(512 << 20);
+    mem.available_bytes.saturating_sub(headroom)
+}
+
+/// Rates assumed before the machine is measured (only used for predictions of plans that stream
+/// nothing; a streaming plan always measures first).
+const UNMEASURED: Rates = Rates {
+    mem_read_bps: 20e9,
+    disk_read_bps: 1e9,
+};
+
+/// Plans `files` for this machine. Reads the cached profile; measures the disk only when the plan
+/// streams and no profile is cached yet.
+pub fn plan_model(
+    files: &ModelFiles,
+    cfg: &ModelConfig,
+    n_ctx: usize,
+    tiers: &TierOptions,
+    progress: bool,
+) -> Result<(Plan, Option<Profile>)> {
+    let mem = hardware::read_memory();
+    let budgets = Budgets {
+        ram_bytes: tiers.ram_budget.unwrap_or_else(|| default_ram_budget(&mem)),
+        device_bytes: tiers.device_budget,
+    };
+    let cached = hardware::cached_profile(files.path());
+    let rates = |p: &Option<Profile>| {
+        p.as_ref().map_or(UNMEASURED, |p| Rates {
+            mem_read_bps: p.mem_read_bps,
+            disk_read_bps: p.disk_read_bps,
+        })
+    };
+    let input = |r: Rates| PlanInput {
+        tensors: &files.tensors,
+        config: cfg,
+        n_ctx,
+        budgets,
+        rates: r,
+        overrides: &tiers.overrides,
+        lookahead: tiers.lookahead,
+    };
+    let p = plan::plan(&input(rates(&cached)))?;
+    if p.placement.groups.is_empty() || cached.is_some() {
+        return Ok((p, cached));
+    }
+    let profile = hardware::profile(files.path(), false, progress)?;
+    let p = plan::plan(&input(rates(&Some(profile.clone()))))?;
+    Ok((p, Some(profile)))
+}
+
+/// Opens, checks, plans and loads the model at `path` (a single GGUF or the first part of a
+/// split set).
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let start = Instant::now();
     let files = ModelFiles::open(path)?;
@@ -58,9 +134,17 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             "context size must be at least 1 token".into(),
         ));
     }
-    let mut store = WeightStore::open(files.clone(), &opts.device)?;
+    let (plan, _) = plan_model(&files, &config, n_ctx, &opts.tiers, opts.progress)?;
+    let mut store =
+        WeightStore::with_placement(files.clone(), &opts.device, plan.placement.clone())?;
+    let device_bytes: u64 = plan
+        .placement
+        .bytes_by_tier(&files.tensors)
+        .get(&plan::TierKind::Device)
+        .copied()
+        .unwrap_or(0);
     let bar = opts.progress.then(|| {
-        let bar = indicatif::ProgressBar::new(files.tensor_bytes());
+        let bar = indicatif::ProgressBar::new(device_bytes);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "loading {msg} [{bar:30}] {bytes}/{total_bytes} ({eta})",
@@ -83,11 +167,14 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    let streamer = store.streamer().cloned();
     Ok(LoadedModel {
         files,
         config,
         tokenizer,
         model,
+        plan,
+        streamer,
         load_seconds: start.elapsed().as_secs_f64(),
     })
 }

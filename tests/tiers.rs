@@ -81,25 +81,37 @@ fn every_placement_matches_full_resident_bit_for_bit() {
     ] {
         let gguf = dir.join(rel);
         let files = ModelFiles::open(&gguf).unwrap();
-        let (want_prompt, want_decode, none) = logits_with(&gguf, Placement::default());
-        assert_eq!(none, None, "full-resident streams nothing");
-        for (name, placement) in [
-            ("all-ram", Placement::all(&files, TierKind::Ram, 2)),
-            ("all-nvme", Placement::all(&files, TierKind::Nvme, 2)),
-            ("mixed", mixed(&files)),
-        ] {
-            let streams = !placement.groups.is_empty();
-            let (prompt, decode, read) = logits_with(&gguf, placement);
-            assert!(
-                prompt == want_prompt,
-                "{rel} {name}: prompt logits differ from full-resident"
-            );
-            assert!(
-                decode == want_decode,
-                "{rel} {name}: decode logits differ from full-resident"
-            );
-            if streams {
-                assert!(read.unwrap() > 0, "{rel} {name}: nothing was streamed");
+        // Prompt batches on candle's repacked path, or in place over the bytes (tight budgets).
+        for in_place in [false, true] {
+            let resident = Placement {
+                batch_in_place: in_place,
+                ..Placement::default()
+            };
+            let (want_prompt, want_decode, none) = logits_with(&gguf, resident);
+            assert_eq!(none, None, "full-resident streams nothing");
+            for (name, mut placement) in [
+                ("all-ram", Placement::all(&files, TierKind::Ram, 2)),
+                ("all-nvme", Placement::all(&files, TierKind::Nvme, 2)),
+                ("mixed", mixed(&files)),
+            ] {
+                placement.batch_in_place = in_place;
+                let name = format!(
+                    "{name}{}",
+                    if in_place { " (batches in place)" } else { "" }
+                );
+                let streams = !placement.groups.is_empty();
+                let (prompt, decode, read) = logits_with(&gguf, placement);
+                assert!(
+                    prompt == want_prompt,
+                    "{rel} {name}: prompt logits differ from full-resident"
+                );
+                assert!(
+                    decode == want_decode,
+                    "{rel} {name}: decode logits differ from full-resident"
+                );
+                if streams {
+                    assert!(read.unwrap() > 0, "{rel} {name}: nothing was streamed");
+                }
             }
         }
     }

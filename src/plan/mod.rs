@@ -1,5 +1,10 @@
-//! Placement planning: which tier holds each tensor.
+//! Placement planning: which tier holds each tensor, how streamed tensors are read, and what
+//! that should cost. [`planner::plan`] is a pure function; [`Placement`] is what storage carries out.
 
 mod placement;
+mod planner;
 
 pub use placement::{layer_of, Placement, TierKind};
+pub use planner::{
+    gib, mib, parse_bytes, plan, Budgets, BytesPerToken, Mode, Override, Plan, PlanInput, Rates,
+};

@@ -50,6 +50,9 @@ pub struct Placement {
     pub lookahead: usize,
     /// Most groups one layer is split into (a fused product may hold them all at once).
     pub max_groups_per_layer: usize,
+    /// Multi-row products run in place over the weights' bytes rather than on repacked copies
+    /// (slower prompts, no second copy of the weights).
+    pub batch_in_place: bool,
 }
 
 impl Placement {
@@ -63,15 +66,25 @@ impl Placement {
         Self::new(files, tiers, lookahead)
     }
 
-    /// The given tiers; groups are formed for the NVMe tensors.
+    /// The given tiers over `files`' tensors; groups are formed for the NVMe tensors.
     pub fn new(files: &ModelFiles, tiers: HashMap<String, TierKind>, lookahead: usize) -> Self {
-        let (groups, members, max_groups_per_layer) = stream_groups(files, &tiers);
+        Self::from_tensors(&files.tensors, tiers, lookahead)
+    }
+
+    /// The given tiers over a tensor table; groups are formed for the NVMe tensors.
+    pub fn from_tensors(
+        tensors: &[TensorEntry],
+        tiers: HashMap<String, TierKind>,
+        lookahead: usize,
+    ) -> Self {
+        let (groups, members, max_groups_per_layer) = stream_groups(tensors, &tiers);
         Placement {
             tiers,
             groups,
             members,
             lookahead: lookahead.max(1),
             max_groups_per_layer,
+            batch_in_place: false,
         }
     }
 
@@ -80,9 +93,9 @@ impl Placement {
     }
 
     /// Bytes on each tier.
-    pub fn bytes_by_tier(&self, files: &ModelFiles) -> HashMap<TierKind, u64> {
+    pub fn bytes_by_tier(&self, tensors: &[TensorEntry]) -> HashMap<TierKind, u64> {
         let mut m = HashMap::new();
-        for t in &files.tensors {
+        for t in tensors {
             *m.entry(self.tier(&t.name)).or_insert(0) += t.n_bytes;
         }
         m
@@ -104,10 +117,10 @@ pub fn layer_of(name: &str) -> Option<usize> {
 /// Groups the NVMe tensors into reads: per layer, runs of tensors that lie together in one file
 /// become one read (a gap of at most 1/4 of the run's bytes, e.g. a norm vector, is read through).
 /// Non-layer tensors come after the layers, each its own read. Order = use order.
-fn stream_groups(files: &ModelFiles, tiers: &HashMap<String, TierKind>) -> Groups {
+fn stream_groups(tensors: &[TensorEntry], tiers: &HashMap<String, TierKind>) -> Groups {
     let mut by_layer: std::collections::BTreeMap<(usize, usize), Vec<&TensorEntry>> =
         Default::default();
-    for t in &files.tensors {
+    for t in tensors {
         if tiers.get(&t.name) == Some(&TierKind::Nvme) {
             // Token embeddings are used first; other non-layer tensors (output) last.
             let key = match layer_of(&t.name) {

@@ -32,6 +32,10 @@ use weight::Tier;
 pub struct WeightStore {
     files: ModelFiles,
     maps: Vec<Arc<Mmap>>,
+    /// Uncached readers for copying device tensors (so the page cache does not keep a second
+    /// copy of what is already owned on the device).
+    readers: Vec<DirectFile>,
+    scratch: std::sync::Mutex<Option<AlignedBuf>>,
     device: Device,
     placement: Placement,
     streamer: Option<Arc<Streamer>>,
@@ -78,9 +82,16 @@ impl WeightStore {
                 slots,
             )?)
         };
+        let readers = files
+            .paths
+            .iter()
+            .map(|p| DirectFile::open(p))
+            .collect::<Result<Vec<_>>>()?;
         Ok(WeightStore {
             files,
             maps,
+            readers,
+            scratch: std::sync::Mutex::new(None),
             device: device.clone(),
             placement,
             streamer,
@@ -181,14 +192,35 @@ impl WeightStore {
         part: Range<usize>,
         shape: &[usize],
     ) -> Result<Weight> {
+        Ok(self
+            .weight_on_tier(name, e, part, shape)?
+            .with_batch_in_place(self.placement.batch_in_place))
+    }
+
+    fn weight_on_tier(
+        &self,
+        name: &str,
+        e: &TensorEntry,
+        part: Range<usize>,
+        shape: &[usize],
+    ) -> Result<Weight> {
         let shape = Shape::from(shape);
         match self.placement.tier(&e.name) {
             TierKind::Device => {
-                let start = e.offset as usize + part.start;
-                let bytes = &self.maps[e.file][start..start + part.len()];
-                let q = qtensor(bytes, e.ty, shape, &self.device)?;
+                let offset = e.offset + part.start as u64;
+                let need = DirectFile::buffer_len_for(offset, part.len());
+                let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+                if scratch.as_ref().is_none_or(|b| b.len() < need) {
+                    *scratch = None; // free the old buffer before allocating the larger one
+                    *scratch = Some(AlignedBuf::new(need, DIRECT_IO_ALIGN)?);
+                }
+                let buf = scratch
+                    .as_mut()
+                    .ok_or_else(|| Error::InvalidRequest("load buffer".into()))?;
+                let range = self.readers[e.file].read_at(offset, part.len(), buf)?;
+                let q = qtensor(&buf.as_slice()[range], e.ty, shape, &self.device)?;
                 if let Some(f) = &self.on_read {
-                    f(bytes.len() as u64);
+                    f(part.len() as u64);
                 }
                 Weight::device(name, e.ty, q)
             }

@@ -24,6 +24,9 @@ struct Inner {
     ty: TensorType,
     shape: Shape,
     tier: Tier,
+    /// Multi-row products of quantized weights run hypura's kernels in place instead of
+    /// candle's repacked path (which keeps a repacked copy of every weight: ~2× memory).
+    batch_in_place: bool,
 }
 
 /// Where a weight's bytes are.
@@ -70,6 +73,7 @@ impl Weight {
                 ty,
                 shape,
                 tier,
+                batch_in_place: false,
             }),
         }
     }
@@ -90,6 +94,14 @@ impl Weight {
                 q: keep.then_some(q),
             },
         ))
+    }
+
+    /// The same weight, with multi-row products in place (no repacked copy) when `in_place`.
+    pub(crate) fn with_batch_in_place(mut self, in_place: bool) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.batch_in_place = in_place;
+        }
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -137,10 +149,12 @@ impl Weight {
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         let k = x.dim(candle_core::D::Minus1)?;
         let m = x.elem_count() / k.max(1);
-        // One input row of a quantized weight: hypura's kernels over the bytes where they lie.
-        // Anything else: candle's path (it repacks Q4_K/Q8_0 for batches), from a temporary copy
-        // for off-device tiers, so that every tier computes exactly the same numbers.
-        if m != 1 || !self.inner.ty.is_quantized() {
+        // Quantized weights: hypura's kernels over the bytes where they lie — always for one
+        // input row, and for batches too when the plan has no room for repacked copies. Other
+        // batches (and float weights): candle's path (it repacks Q4_K/Q8_0 for batches), from a
+        // temporary copy for off-device tiers, so every tier computes exactly the same numbers.
+        let in_place = self.inner.ty.is_quantized() && (m == 1 || self.inner.batch_in_place);
+        if !in_place {
             if let Tier::Device { mm, .. } = &self.inner.tier {
                 return Ok(mm.forward(&x.contiguous()?)?);
             }
@@ -155,16 +169,16 @@ impl Weight {
             )?;
             return Ok(QMatMul::from_qtensor(q)?.forward(&x.contiguous()?)?);
         }
-        let Some(bytes) = self.bytes()? else {
-            let Tier::Device { mm, .. } = &self.inner.tier else {
-                unreachable!("only device tiers lack bytes")
-            };
-            return Ok(mm.forward(&x.contiguous()?)?);
-        };
+        let bytes = self.bytes()?.ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "{}: quantized weight without bytes",
+                self.inner.name
+            ))
+        })?;
         let n = self.inner.shape.dims()[0];
         let lhs = x.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-        let mut dst = vec![0f32; n];
-        hypura_kernels::matmul_t(self.inner.ty.to_candle(), &bytes, (1, k, n), &lhs, &mut dst)
+        let mut dst = vec![0f32; m * n];
+        hypura_kernels::matmul_t(self.inner.ty.to_candle(), &bytes, (m, k, n), &lhs, &mut dst)
             .map_err(|e| self.kernel_error(e))?;
         let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
@@ -181,7 +195,7 @@ impl Weight {
         let all_bytes = weights.iter().all(|w| {
             w.inner.ty.is_quantized() && !matches!(w.inner.tier, Tier::Device { q: None, .. })
         });
-        if !single_row || !all_bytes {
+        if !single_row || !all_bytes || std::env::var_os("HYPURA_NO_FUSE").is_some() {
             return weights.iter().map(|w| w.matmul_t(x)).collect();
         }
         let lhs = x.flatten_all()?.to_vec1::<f32>()?;

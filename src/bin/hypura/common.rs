@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use hypura::hub::{self, HubOptions, ModelRef};
-use hypura::loader::{self, LoadOptions, LoadedModel};
+use hypura::loader::{self, LoadOptions, LoadedModel, TierOptions};
+use hypura::plan::{gib, Mode, Override, Plan, TierKind};
 
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
@@ -18,6 +19,76 @@ pub struct ModelArgs {
     /// Context size in tokens (KV cache). Default: the model's training context, at most 4096.
     #[arg(short = 'c', long = "ctx-size", value_name = "N")]
     pub ctx_size: Option<usize>,
+    #[command(flatten)]
+    pub tiers: TierArgs,
+}
+
+/// Where tensors may go. hypura plans this itself from the machine; these override it.
+#[derive(Args, Clone, Debug, Default)]
+pub struct TierArgs {
+    /// RAM hypura may use, e.g. 3GiB (default: available RAM, cgroup-aware, minus headroom).
+    /// A model that does not fit streams its feed-forward weights from disk.
+    #[arg(long = "ram-budget", value_name = "SIZE", help_heading = "Placement")]
+    pub ram_budget: Option<String>,
+    /// GPU memory hypura may use (GPU builds), e.g. 22GiB.
+    #[arg(
+        long = "device-budget",
+        value_name = "SIZE",
+        help_heading = "Placement"
+    )]
+    pub device_budget: Option<String>,
+    /// Put tensors whose name matches REGEX on a tier, before any other rule, like llama.cpp's
+    /// -ot: e.g. --place 'blk\.[0-9]\.ffn_.*=nvme'. Tiers: device, ram (the mapped file), nvme
+    /// (streamed with direct I/O). Repeatable; the first match wins.
+    #[arg(long = "place", value_name = "REGEX=TIER", help_heading = "Placement")]
+    pub place: Vec<String>,
+    /// Stream groups read ahead (default: derived from disk and memory bandwidth).
+    #[arg(long, value_name = "N", help_heading = "Placement")]
+    pub lookahead: Option<usize>,
+}
+
+impl TierArgs {
+    pub fn options(&self) -> Result<TierOptions> {
+        let size = |s: &Option<String>| s.as_deref().map(hypura::plan::parse_bytes).transpose();
+        Ok(TierOptions {
+            ram_budget: size(&self.ram_budget)?,
+            device_budget: size(&self.device_budget)?,
+            overrides: self
+                .place
+                .iter()
+                .map(|p| Override::parse(p))
+                .collect::<hypura::Result<_>>()?,
+            lookahead: self.lookahead,
+        })
+    }
+}
+
+/// One line saying what the plan does.
+pub fn plan_summary(p: &Plan) -> String {
+    let tiers = |k: TierKind| p.placement.tiers.values().filter(|t| **t == k).count();
+    match p.mode {
+        Mode::FullResident => format!(
+            "mode full-resident: {} of a {} RAM budget{}",
+            gib(p.ram_needed_bytes),
+            gib(p.budgets.ram_bytes),
+            if tiers(TierKind::Ram) + tiers(TierKind::Nvme) > 0 {
+                format!(" ({} tensors mapped, {} streamed by --place)", tiers(TierKind::Ram), tiers(TierKind::Nvme))
+            } else {
+                String::new()
+            }
+        ),
+        Mode::FfnStreaming => format!(
+            "mode FFN-streaming: {} of a {} RAM budget; {} streamed per token in {} reads, lookahead {}, pool {} × {}; predicted {:.2} tok/s",
+            gib(p.ram_needed_bytes),
+            gib(p.budgets.ram_bytes),
+            gib(p.bytes_per_token.nvme),
+            p.placement.groups.len(),
+            p.placement.lookahead,
+            p.pool_slots,
+            gib(p.pool_slot_bytes),
+            p.predicted_tok_s
+        ),
+    }
 }
 
 impl ModelArgs {
@@ -51,6 +122,7 @@ impl ModelArgs {
             n_ctx: n_ctx.or(self.ctx_size),
             device: hypura::backend::best_device()?,
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            tiers: self.tiers.options()?,
         };
         let loaded =
             loader::load(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
@@ -68,6 +140,7 @@ impl ModelArgs {
             loaded.load_seconds,
             hypura::models::LanguageModel::n_ctx(&loaded.model),
         );
+        eprintln!("hypura: {}", plan_summary(&loaded.plan));
         Ok(loaded)
     }
 }

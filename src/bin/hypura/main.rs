@@ -3,6 +3,7 @@
 mod bench;
 mod common;
 mod inspect_cmds;
+mod plan_cmds;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,10 @@ enum Command {
     Perplexity(inspect_cmds::PerplexityArgs),
     /// Measure prompt-processing and generation speed (llama-bench style table).
     Bench(bench::BenchArgs),
+    /// Measure this machine: device and RAM (cgroup-aware), memory and disk bandwidth.
+    Profile(plan_cmds::ProfileArgs),
+    /// Show where every tensor of a model would live here, and the predicted speed.
+    Plan(plan_cmds::PlanArgs),
 }
 
 fn main() {
@@ -49,6 +54,8 @@ fn main() {
         Command::Logits(a) => inspect_cmds::logits(a),
         Command::Perplexity(a) => inspect_cmds::perplexity(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Profile(a) => plan_cmds::profile(a),
+        Command::Plan(a) => plan_cmds::plan(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,122 @@
+//! The hardware profile: what the machine can hold and how fast it moves bytes — compute-device
+//! memory, RAM (cgroup-aware), the direct-I/O read bandwidth of the filesystem holding the model,
+//! and memory read bandwidth. The profiler measures; the planner only reads the numbers.
+
+mod measure;
+mod memory;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use measure::{measure_disk, measure_memory, DiskSample};
+pub use memory::{cgroup_limit, read_memory, CgroupLimit, MemoryInfo};
+
+use crate::error::{Error, Result};
+
+/// Bump when the profile's fields or measurements change, so old caches are not reused.
+const PROFILE_VERSION: u32 = 1;
+
+/// The compute device and what it may hold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// `"cpu"`, `"cuda"` or `"metal"`.
+    pub kind: String,
+    pub name: String,
+    /// Device memory hypura may use; `None` on a CPU build (the device tier is RAM).
+    pub memory_bytes: Option<u64>,
+}
+
+/// Everything the planner needs to know about the machine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub version: u32,
+    pub cpu_threads: usize,
+    pub device: DeviceInfo,
+    /// Read live each time (it changes); the rest is measured once and cached.
+    pub memory: MemoryInfo,
+    /// Sequential read bandwidth of memory, one thread and all threads.
+    pub mem_read_bps_1t: f64,
+    pub mem_read_bps: f64,
+    /// The filesystem measured (the model's), its device id, and the direct-I/O samples.
+    pub disk_path: PathBuf,
+    pub disk_device_id: u64,
+    pub disk_direct_io: bool,
+    pub disk_samples: Vec<DiskSample>,
+    /// The best sequential direct-I/O read bandwidth seen (what streaming can hope for).
+    pub disk_read_bps: f64,
+}
+
+/// Where profiles are cached: `$XDG_CACHE_HOME/hypura` or `~/.cache/hypura`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("hypura")
+}
+
+fn device_id(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)
+        .map_err(|e| Error::io("stat", path, 0, e))?
+        .dev())
+}
+
+fn current_device() -> DeviceInfo {
+    DeviceInfo {
+        kind: "cpu".into(),
+        name: "CPU (device tier = RAM)".into(),
+        memory_bytes: None,
+    }
+}
+
+/// The cached profile for the filesystem holding `path`, if one was measured (memory re-read).
+pub fn cached_profile(path: &Path) -> Option<Profile> {
+    let dev = device_id(path).ok()?;
+    let cache = cache_dir().join(format!("profile-v{PROFILE_VERSION}-dev{dev:x}.json"));
+    let mut p: Profile = serde_json::from_str(&std::fs::read_to_string(cache).ok()?).ok()?;
+    (p.version == PROFILE_VERSION).then(|| {
+        p.memory = read_memory();
+        p
+    })
+}
+
+/// The profile for the filesystem holding `sample_file` (a large file on it, e.g. the model):
+/// from the cache unless `refresh`, else measured (a few seconds) and cached. `progress` draws
+/// bars while measuring.
+pub fn profile(sample_file: &Path, refresh: bool, progress: bool) -> Result<Profile> {
+    let dev = device_id(sample_file)?;
+    let cache = cache_dir().join(format!("profile-v{PROFILE_VERSION}-dev{dev:x}.json"));
+    if !refresh {
+        if let Some(p) = cached_profile(sample_file) {
+            return Ok(p);
+        }
+    }
+    let cpu_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (mem1, mem_all) = measure_memory(cpu_threads, progress)?;
+    let (direct, samples) = measure_disk(sample_file, progress)?;
+    let disk_read_bps = samples.iter().map(|s| s.bytes_per_s).fold(0.0, f64::max);
+    let p = Profile {
+        version: PROFILE_VERSION,
+        cpu_threads,
+        device: current_device(),
+        memory: read_memory(),
+        mem_read_bps_1t: mem1,
+        mem_read_bps: mem_all,
+        disk_path: sample_file.to_path_buf(),
+        disk_device_id: dev,
+        disk_direct_io: direct,
+        disk_samples: samples,
+        disk_read_bps,
+    };
+    if std::fs::create_dir_all(cache_dir()).is_ok() {
+        if let Ok(json) = serde_json::to_string_pretty(&p) {
+            let tmp = cache.with_extension("tmp");
+            if std::fs::write(&tmp, json).is_ok() {
+                let _ = std::fs::rename(&tmp, &cache);
+            }
+        }
+    }
+    Ok(p)
+}

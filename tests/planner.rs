@@ -1,0 +1,222 @@
+//! The planner as a pure function over hand-written inventories and machines.
+
+use hypura::gguf::{Arch, ModelConfig, RopeStyle, TensorEntry, TensorType};
+use hypura::plan::{plan, Budgets, Mode, Override, PlanInput, Rates, TierKind};
+
+const MIB: u64 = 1 << 20;
+
+fn config(n_layer: usize) -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        name: "hand-written".into(),
+        n_vocab: 32000,
+        n_embd: 2048,
+        n_layer,
+        n_ff: 5632,
+        n_head: 32,
+        n_head_kv: 4,
+        head_dim: 64,
+        n_ctx_train: 4096,
+        rms_eps: 1e-5,
+        rope_style: RopeStyle::Interleaved,
+        rope_dim: 64,
+        rope_freq_base: 10000.0,
+        rope_freq_scale: 1.0,
+        n_expert: 0,
+        n_expert_used: 0,
+    }
+}
+
+/// A llama-shaped tensor table laid out like a GGUF file (embeddings, then layer by layer).
+fn inventory(cfg: &ModelConfig, ty: TensorType) -> Vec<TensorEntry> {
+    let (d, ff, v) = (cfg.n_embd as u64, cfg.n_ff as u64, cfg.n_vocab as u64);
+    let kv = (cfg.n_head_kv * cfg.head_dim) as u64;
+    let mut out = Vec::new();
+    let mut off = 4096u64;
+    let mut add = |name: String, dims: Vec<u64>, ty: TensorType| {
+        let n: u64 = dims.iter().product();
+        let n_bytes = n / ty.block_elems() as u64 * ty.block_bytes() as u64;
+        out.push(TensorEntry {
+            name,
+            ty,
+            dims,
+            file: 0,
+            offset: off,
+            n_bytes,
+        });
+        off += n_bytes.div_ceil(32) * 32;
+    };
+    add("token_embd.weight".into(), vec![d, v], ty);
+    for i in 0..cfg.n_layer {
+        add(
+            format!("blk.{i}.attn_norm.weight"),
+            vec![d],
+            TensorType::F32,
+        );
+        add(format!("blk.{i}.attn_q.weight"), vec![d, d], ty);
+        add(format!("blk.{i}.attn_k.weight"), vec![d, kv], ty);
+        add(format!("blk.{i}.attn_v.weight"), vec![d, kv], ty);
+        add(format!("blk.{i}.attn_output.weight"), vec![d, d], ty);
+        add(format!("blk.{i}.ffn_norm.weight"), vec![d], TensorType::F32);
+        add(format!("blk.{i}.ffn_gate.weight"), vec![d, ff], ty);
+        add(format!("blk.{i}.ffn_up.weight"), vec![d, ff], ty);
+        add(format!("blk.{i}.ffn_down.weight"), vec![ff, d], ty);
+    }
+    add("output_norm.weight".into(), vec![d], TensorType::F32);
+    add("output.weight".into(), vec![d, v], ty);
+    out
+}
+
+const RATES: Rates = Rates {
+    mem_read_bps: 20e9,
+    disk_read_bps: 1.5e9,
+};
+
+fn input<'a>(
+    t: &'a [TensorEntry],
+    cfg: &'a ModelConfig,
+    ram: u64,
+    overrides: &'a [Override],
+) -> PlanInput<'a> {
+    PlanInput {
+        tensors: t,
+        config: cfg,
+        n_ctx: 512,
+        budgets: Budgets {
+            ram_bytes: ram,
+            device_bytes: None,
+        },
+        rates: RATES,
+        overrides,
+        lookahead: None,
+    }
+}
+
+#[test]
+fn a_model_that_fits_is_full_resident() {
+    let cfg = config(16);
+    let t = inventory(&cfg, TensorType::Q8_0);
+    let total: u64 = t.iter().map(|x| x.n_bytes).sum();
+    let p = plan(&input(&t, &cfg, 16 << 30, &[])).unwrap();
+    assert_eq!(p.mode, Mode::FullResident);
+    assert!(t
+        .iter()
+        .all(|x| p.placement.tier(&x.name) == TierKind::Device));
+    assert_eq!(p.bytes_per_token.nvme, 0);
+    assert!(p.ram_needed_bytes > total && p.ram_needed_bytes <= 16 << 30);
+    // Predicted speed: every weight byte except the unused embedding rows, at memory bandwidth.
+    let per_token = (total - t[0].n_bytes + t[0].n_bytes / 32000) as f64;
+    assert!((p.predicted_tok_s - RATES.mem_read_bps / per_token).abs() / p.predicted_tok_s < 0.01);
+}
+
+#[test]
+fn a_tight_budget_streams_the_ffn_and_keeps_what_fits() {
+    let cfg = config(16);
+    let t = inventory(&cfg, TensorType::Q8_0);
+    let total: u64 = t.iter().map(|x| x.n_bytes).sum();
+    let budget = total * 2 / 3;
+    let p = plan(&input(&t, &cfg, budget, &[])).unwrap();
+    assert_eq!(p.mode, Mode::FfnStreaming);
+    assert!(
+        p.ram_needed_bytes <= budget,
+        "{} > {budget}",
+        p.ram_needed_bytes
+    );
+    assert_eq!(p.placement.tier("token_embd.weight"), TierKind::Ram);
+    for x in &t {
+        let tier = p.placement.tier(&x.name);
+        if x.name.contains("attn") || x.name.contains("norm") || x.name == "output.weight" {
+            assert_eq!(tier, TierKind::Device, "{}", x.name);
+        }
+    }
+    let streamed: Vec<usize> = (0..16)
+        .filter(|l| p.placement.tier(&format!("blk.{l}.ffn_up.weight")) == TierKind::Nvme)
+        .collect();
+    assert!(
+        !streamed.is_empty() && streamed.len() < 16,
+        "some FFN layers stream, some stay: {streamed:?}"
+    );
+    // One read per streamed layer (gate, up, down lie together), each read once per token.
+    assert_eq!(p.placement.groups.len(), streamed.len());
+    let ffn_layer = t
+        .iter()
+        .filter(|x| x.name.starts_with("blk.0.ffn_") && !x.name.contains("norm"))
+        .map(|x| x.n_bytes)
+        .sum::<u64>();
+    assert!(p.bytes_per_token.nvme >= ffn_layer * streamed.len() as u64);
+    assert!(p.pool_slots >= 2 && p.placement.lookahead >= 1);
+    // I/O-bound: the prediction is the disk bound.
+    let bound = RATES.disk_read_bps / p.bytes_per_token.nvme as f64;
+    assert!(
+        (p.predicted_tok_s - bound).abs() / bound < 0.01,
+        "{} vs {bound}",
+        p.predicted_tok_s
+    );
+    // A larger budget keeps more layers resident.
+    let p2 = plan(&input(&t, &cfg, budget + 4 * ffn_layer, &[])).unwrap();
+    assert!(p2.bytes_per_token.nvme < p.bytes_per_token.nvme);
+}
+
+#[test]
+fn a_budget_too_small_is_refused_with_the_smallest_that_works() {
+    let cfg = config(8);
+    let t = inventory(&cfg, TensorType::Q4_K);
+    let err = plan(&input(&t, &cfg, 64 * MIB, &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("too small") && err.contains("needs at least"),
+        "{err}"
+    );
+    // The number it names works.
+    let needed = err
+        .split("needs at least ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    let unit = err
+        .split("needs at least ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(|c: char| !c.is_alphabetic());
+    let bytes = hypura::plan::parse_bytes(&format!("{needed}{unit}")).unwrap();
+    let p = plan(&input(&t, &cfg, bytes + MIB, &[])).unwrap();
+    assert_eq!(p.mode, Mode::FfnStreaming);
+}
+
+#[test]
+fn overrides_come_first_and_are_reported() {
+    let cfg = config(4);
+    let t = inventory(&cfg, TensorType::Q8_0);
+    let o = [
+        Override::parse(r"blk\.[01]\.ffn_.*=nvme").unwrap(),
+        Override::parse("output.weight=ram").unwrap(),
+    ];
+    let p = plan(&input(&t, &cfg, 64 << 30, &o)).unwrap();
+    assert_eq!(p.placement.tier("blk.0.ffn_gate.weight"), TierKind::Nvme);
+    assert_eq!(p.placement.tier("blk.1.ffn_norm.weight"), TierKind::Nvme);
+    assert_eq!(p.placement.tier("blk.2.ffn_gate.weight"), TierKind::Device);
+    assert_eq!(p.placement.tier("output.weight"), TierKind::Ram);
+    assert!(
+        p.decisions[0].contains("blk") && p.decisions[0].contains("nvme"),
+        "{:?}",
+        p.decisions
+    );
+    assert!(Override::parse("x=floppy").is_err());
+    assert!(Override::parse("(=ram").is_err());
+}
+
+#[test]
+fn sizes_parse() {
+    use hypura::plan::parse_bytes;
+    assert_eq!(parse_bytes("3GiB").unwrap(), 3 << 30);
+    assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+    assert_eq!(parse_bytes("2G").unwrap(), 2 << 30);
+    assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
+    assert!(parse_bytes("lots").is_err() && parse_bytes("3 parsecs").is_err());
+}

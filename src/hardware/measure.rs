@@ -49,7 +49,7 @@ pub fn measure_disk(file: &Path, progress: bool) -> Result<(bool, Vec<DiskSample
                     let f = &f;
                     s.spawn(move || -> Result<u64> {
                         let mut buf = AlignedBuf::new(req + DIRECT_IO_ALIGN, DIRECT_IO_ALIGN)?;
-                        let base = (r as u64 * stretch + (i as u64 * 97 << 20))
+                        let base = (r as u64 * stretch + ((i as u64 * 97) << 20))
                             % size.saturating_sub(req as u64).max(1);
                         let base = base / DIRECT_IO_ALIGN as u64 * DIRECT_IO_ALIGN as u64;
                         let mut off = base;

@@ -68,10 +68,14 @@ pub fn default_n_ctx(cfg: &ModelConfig) -> usize {
     cfg.n_ctx_train.clamp(1, 4096)
 }
 
-/// The RAM budget hypura takes by default: what is available, less headroom for the OS and the
-/// rest of the machine (10 %, at least 512 MiB).
+/// The RAM budget hypura takes by default: what is available, less headroom — for the OS and the
+/// rest of the machine (10 %, at least 512 MiB), or inside a memory cgroup, whose limit covers only
+/// this process and its page cache, for the binary, libraries and allocator slack (8 % + 16 MiB).
 pub fn default_ram_budget(mem: &MemoryInfo) -> u64 {
-    let headroom = (mem.total_bytes / 10).max(512 << 20);
+    let headroom = match mem.cgroup_limit_bytes {
+        Some(limit) if limit <= mem.total_bytes => limit / 12 + (16 << 20),
+        _ => (mem.total_bytes / 10).max(512 << 20),
+    };
     mem.available_bytes.saturating_sub(headroom)
 }
 

@@ -220,3 +220,38 @@ fn sizes_parse() {
     assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
     assert!(parse_bytes("lots").is_err() && parse_bytes("3 parsecs").is_err());
 }
+
+#[test]
+fn when_the_ffn_alone_is_not_enough_whole_layers_stream() {
+    let cfg = config(16);
+    let t = inventory(&cfg, TensorType::Q8_0);
+    // Find the FFN-only minimum, then ask for less.
+    let err = plan(&input(&t, &cfg, 1, &[])).unwrap_err().to_string();
+    assert!(err.contains("needs at least"), "{err}");
+    let total: u64 = t.iter().map(|x| x.n_bytes).sum();
+    let mut budget = total / 2;
+    let mut saw_layers = false;
+    while budget > 64 * MIB {
+        match plan(&input(&t, &cfg, budget, &[])) {
+            Ok(p) => {
+                assert!(p.ram_needed_bytes <= budget);
+                if p.placement.tier("blk.3.attn_q.weight") == TierKind::Nvme {
+                    saw_layers = true;
+                    assert!(
+                        p.decisions.iter().any(|d| d.contains("attention")),
+                        "{:?}",
+                        p.decisions
+                    );
+                    assert_eq!(
+                        p.placement.tier("blk.3.attn_norm.weight"),
+                        TierKind::Device,
+                        "norms stay"
+                    );
+                }
+            }
+            Err(e) => assert!(e.to_string().contains("needs at least")),
+        }
+        budget -= 16 * MIB;
+    }
+    assert!(saw_layers, "some budget should need whole-layer streaming");
+}

@@ -218,6 +218,32 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         minimal = evaluate_with(input, streaming.clone(), kv_bytes, overhead_bytes, Some(1));
     }
     if minimal.ram_needed_bytes > input.budgets.ram_bytes {
+        // Stream the attention weights too: each layer becomes one read.
+        let mut deeper = streaming.clone();
+        for t in &free {
+            if layer_of(&t.name).is_some() && !t.name.contains("norm") && t.ty.is_quantized() {
+                deeper.insert(t.name.clone(), TierKind::Nvme);
+            }
+        }
+        let d = evaluate_with(
+            input,
+            deeper.clone(),
+            kv_bytes,
+            overhead_bytes,
+            input.lookahead.or(Some(1)),
+        );
+        if d.ram_needed_bytes <= input.budgets.ram_bytes {
+            decisions.push(format!(
+                "streaming the FFN alone needs {}: stream attention weights too (whole layers)",
+                gib(minimal.ram_needed_bytes)
+            ));
+            streaming = deeper;
+            minimal = d;
+        } else if d.ram_needed_bytes < minimal.ram_needed_bytes {
+            minimal = d; // the smallest budget to report
+        }
+    }
+    if minimal.ram_needed_bytes > input.budgets.ram_bytes {
         return Err(Error::InvalidRequest(format!(
             "a RAM budget of {} is too small for this model even when streaming its feed-forward weights: \
              it needs at least {} ({} resident weights, {} stream pool, {} KV cache for {} tokens, {} scratch). \
@@ -250,7 +276,8 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         let chosen: Vec<usize> = (0..keep).map(|i| streamed_layers[i * n / keep]).collect();
         let mut t = streaming.clone();
         for f in &free {
-            if is_ffn(&f.name) && layer_of(&f.name).is_some_and(|l| chosen.contains(&l)) {
+            let streamed = streaming.get(&f.name) == Some(&TierKind::Nvme);
+            if streamed && layer_of(&f.name).is_some_and(|l| chosen.contains(&l)) {
                 t.insert(f.name.clone(), TierKind::Device);
             }
         }

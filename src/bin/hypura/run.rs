@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// Tokens per batch while reading the prompt.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch_size: usize,
+    /// After generating, print what streaming cost: bytes read per token, I/O stall per token,
+    /// pool use, and the I/O bound at the measured disk bandwidth.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
@@ -72,6 +76,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         stop_ids,
         batch_size: a.batch_size.max(1),
     };
+    let before = m.streamer.as_ref().map(|s| s.stats());
     let mut decoder = StreamDecoder::new(&m.tokenizer);
     let mut out = std::io::stdout().lock();
     let stats = generate(&mut m.model, &prompt, &opts, &mut sampler, &mut |id| {
@@ -94,5 +99,42 @@ pub fn run(a: RunArgs) -> Result<()> {
         stats.generate_tok_s(),
         stats.stop
     );
+    if a.stats {
+        // Forward passes: the prompt's batches, then one per generated token but the last.
+        let passes =
+            stats.n_prompt.div_ceil(a.batch_size.max(1)) + stats.n_generated.saturating_sub(1);
+        print_stream_stats(&m, before.as_ref(), passes);
+    }
     Ok(())
+}
+
+fn print_stream_stats(
+    m: &hypura::loader::LoadedModel,
+    before: Option<&hypura::storage::StreamStats>,
+    passes: usize,
+) {
+    let Some(s) = &m.streamer else {
+        eprintln!("hypura stats: nothing streamed (every tensor is resident)");
+        return;
+    };
+    let now = s.stats();
+    let base = before.cloned().unwrap_or_default();
+    let bytes = now.bytes_read - base.bytes_read;
+    let stall = (now.stall - base.stall).as_secs_f64();
+    let io = (now.io_busy - base.io_busy).as_secs_f64();
+    let n = passes.max(1) as f64;
+    let disk_bps = if io > 0.0 { bytes as f64 / io } else { 0.0 };
+    eprintln!(
+        "hypura stats: {:.1} MiB read per forward pass ({} reads), I/O stall {:.1} ms per pass, disk {:.2} GB/s while reading; \
+         pool {} buffers × {:.1} MiB, lookahead {}; I/O bound {:.2} tok/s (plan predicted {:.2})",
+        bytes as f64 / n / (1u64 << 20) as f64,
+        now.reads - base.reads,
+        stall * 1e3 / n,
+        disk_bps / 1e9,
+        m.plan.pool_slots,
+        m.plan.pool_slot_bytes as f64 / (1u64 << 20) as f64,
+        s.lookahead(),
+        if bytes > 0 { disk_bps / (bytes as f64 / n) } else { f64::INFINITY },
+        m.plan.predicted_tok_s,
+    );
 }

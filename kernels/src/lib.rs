@@ -12,11 +12,8 @@
 use candle_core::quantized::k_quants::{self, GgmlType};
 use candle_core::quantized::GgmlDType;
 
-mod many;
 #[cfg(target_arch = "x86_64")]
 mod q8_0_x86;
-
-pub use many::{matvec_many, MatvecPart};
 
 /// Why a kernel call was refused.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,47 +175,6 @@ mod tests {
                     "({n},{k}): {a} vs {b}"
                 );
             }
-        }
-    }
-
-    #[test]
-    fn matvec_many_equals_separate_products() {
-        let k = 256;
-        let (w1, _) = q8_0_rows(5, k);
-        let (w2, _) = q8_0_rows(3, k);
-        let f32_rows: Vec<f32> = (0..2 * k).map(|i| (i as f32 * 0.01).cos()).collect();
-        let w3: Vec<u8> = f32_rows.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let lhs: Vec<f32> = (0..k).map(|i| (i as f32 * 0.3).sin()).collect();
-        let (mut a, mut b, mut c) = (vec![0f32; 5], vec![0f32; 3], vec![0f32; 2]);
-        let mut parts = [
-            MatvecPart {
-                ty: GgmlDType::Q8_0,
-                w: &w1,
-                n: 5,
-                dst: &mut a,
-            },
-            MatvecPart {
-                ty: GgmlDType::Q8_0,
-                w: &w2,
-                n: 3,
-                dst: &mut b,
-            },
-            MatvecPart {
-                ty: GgmlDType::F32,
-                w: &w3,
-                n: 2,
-                dst: &mut c,
-            },
-        ];
-        matvec_many(k, &lhs, &mut parts).unwrap();
-        for (w, n, got) in [(&w1, 5, &a), (&w2, 3, &b)] {
-            let mut want = vec![0f32; n];
-            matmul_t(GgmlDType::Q8_0, w, (1, k, n), &lhs, &mut want).unwrap();
-            assert_eq!(got, &want);
-        }
-        for r in 0..2 {
-            let exact: f32 = (0..k).map(|i| f32_rows[r * k + i] * lhs[i]).sum();
-            assert!((c[r] - exact).abs() < 1e-3, "{} vs {exact}", c[r]);
         }
     }
 

@@ -46,31 +46,6 @@ fn quantize(lhs: &[f32]) -> Acts {
     a
 }
 
-/// The fast row product for `ty`, when it applies (Q8_0, this CPU, matching sizes).
-pub fn row_dot<'a>(
-    ty: candle_core::quantized::GgmlDType,
-    w: &'a [u8],
-    n: usize,
-    k: usize,
-    lhs: &[f32],
-) -> Option<Box<dyn Fn(usize) -> f32 + Sync + 'a>> {
-    if ty != candle_core::quantized::GgmlDType::Q8_0
-        || !k.is_multiple_of(64)
-        || w.len() != n * k / 32 * 34
-        || lhs.len() != k
-        || std::env::var_os("HYPURA_GENERIC_KERNELS").is_some()
-        || !available()
-    {
-        return None;
-    }
-    let a = quantize(lhs);
-    let row_bytes = k / 32 * 34;
-    // SAFETY: available() was checked; rows are in bounds by the size check above.
-    Some(Box::new(move |r| unsafe {
-        dot_row(&w[r * row_bytes..(r + 1) * row_bytes], &a)
-    }))
-}
-
 /// `dst[r] = row r of w · lhs`, `w` = `n` rows of `k` Q8_0 values. Caller checked [`available`],
 /// `w.len() == n * k / 32 * 34`, `lhs.len() == k`, `dst.len() == n`, `k % 64 == 0`.
 pub fn matvec(w: &[u8], n: usize, k: usize, lhs: &[f32], dst: &mut [f32]) {

@@ -49,17 +49,6 @@ impl Linear {
         self.add_bias(self.weight.matmul_t(x)?)
     }
 
-    /// Several projections of the same input (q/k/v, gate/up), computed together.
-    pub fn forward_many<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
-        let ys = Weight::matmul_t_many(&layers.map(|l| &l.weight), x)?;
-        let mut out = Vec::with_capacity(N);
-        for (l, y) in layers.iter().zip(ys) {
-            out.push(l.add_bias(y)?);
-        }
-        out.try_into()
-            .map_err(|_| crate::Error::InvalidRequest("projection count".into()))
-    }
-
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -154,7 +143,7 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let [q, k, v] = Linear::forward_many([&self.q, &self.k, &self.v], x)?; // [t, h*hd], [t, h_kv*hd] ×2
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?); // [t, h*hd], [t, h_kv*hd] ×2
         let q = rope.apply(&heads(q, h)?, pos)?; // [1, h, t, hd]
         let k = rope.apply(&heads(k, h_kv)?, pos)?; // [1, h_kv, t, hd]
         let v = heads(v, h_kv)?; // [1, h_kv, t, hd]
@@ -204,7 +193,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let [g, u] = Linear::forward_many([&self.gate, &self.up], x)?; // [t, n_ff] each
+        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?); // [t, n_ff] each
         self.down.forward(&(g.silu()? * u)?)
     }
 }

@@ -187,53 +187,6 @@ impl Weight {
         Ok(Tensor::from_vec(dst, dims, x.device())?)
     }
 
-    /// `[x · W₁ᵀ, x · W₂ᵀ, ...]` for weights that share the input `x` (q/k/v, gate/up). For one
-    /// input row on the CPU the products run in one parallel region; otherwise one by one.
-    pub fn matmul_t_many(weights: &[&Weight], x: &Tensor) -> Result<Vec<Tensor>> {
-        let k = x.dim(candle_core::D::Minus1)?;
-        let single_row = x.elem_count() == k && x.device().is_cpu();
-        let all_bytes = weights.iter().all(|w| {
-            w.inner.ty.is_quantized() && !matches!(w.inner.tier, Tier::Device { q: None, .. })
-        });
-        if !single_row || !all_bytes || std::env::var_os("HYPURA_NO_FUSE").is_some() {
-            return weights.iter().map(|w| w.matmul_t(x)).collect();
-        }
-        let lhs = x.flatten_all()?.to_vec1::<f32>()?;
-        let datas = weights
-            .iter()
-            .map(|w| {
-                w.bytes()?
-                    .ok_or_else(|| Error::InvalidRequest("no bytes".into()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut outs: Vec<Vec<f32>> = weights
-            .iter()
-            .map(|w| vec![0f32; w.inner.shape.dims()[0]])
-            .collect();
-        let mut parts: Vec<hypura_kernels::MatvecPart> = weights
-            .iter()
-            .zip(&datas)
-            .zip(outs.iter_mut())
-            .map(|((w, data), out)| hypura_kernels::MatvecPart {
-                ty: w.inner.ty.to_candle(),
-                w: data,
-                n: out.len(),
-                dst: out,
-            })
-            .collect();
-        hypura_kernels::matvec_many(k, &lhs, &mut parts).map_err(|e| weights[0].kernel_error(e))?;
-        drop(parts);
-        outs.into_iter()
-            .map(|o| {
-                let mut dims = x.dims().to_vec();
-                if let Some(last) = dims.last_mut() {
-                    *last = o.len();
-                }
-                Ok(Tensor::from_vec(o, dims, x.device())?)
-            })
-            .collect()
-    }
-
     /// Rows `ids` of a `[n_rows, n_cols]` weight as F32 `[ids.len(), n_cols]` (embedding lookup).
     /// Off-device tiers read only the rows asked for.
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {

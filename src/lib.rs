@@ -8,10 +8,12 @@
 //! ```text
 //! GGUF header ──► gguf::ModelFiles (index: name, type, shape, file, offset) ──► gguf::ModelConfig
 //!                      │
+//! hardware::Profile ───┼──► plan::plan (pure) ──► Plan { tier per tensor, stream groups, pool,
+//! budgets, --place ────┘                                  lookahead, predicted bytes & tok/s }
 //!                      ▼
-//!               storage::WeightStore ── serves each tensor as a storage::Weight
-//!                      │                  (the one seam where tiers plug in)
-//!                      ▼
+//!               storage::WeightStore ── serves each tensor as a storage::Weight:
+//!                      │                  device buffer | mapped file view | streamed slab
+//!                      ▼                  (storage::Streamer: direct-I/O pool + prefetch)
 //!               models::Transformer (Llama / Qwen2 / Mixtral forward, KV cache)
 //!                      │
 //!   tokenizer::Tokenizer (from GGUF metadata) ── generate (sampling, loop, perplexity) ── CLI
@@ -19,12 +21,14 @@
 //! Boundaries that hold: **models know no tiers** (they read weights only through
 //! [`storage::Weight`] and name no file, device buffer or mmap); **storage knows no models**
 //! (it serves byte ranges of files); the GGUF reader reads headers, never tensor data, and turns
-//! every malformed input into an [`Error`] that names the file.
+//! every malformed input into an [`Error`] that names the file; **the planner does no I/O**.
 //!
 //! | module | what |
 //! | --- | --- |
 //! | [`gguf`] | header parser, typed metadata, split files, writer |
-//! | [`storage`] | memory maps and the [`storage::Weight`] type |
+//! | [`hardware`] | the machine profile: RAM (cgroup-aware), memory and disk bandwidth |
+//! | [`plan`] | the planner (pure) and the placement storage carries out |
+//! | [`storage`] | memory maps, direct I/O, the stream pool, the [`storage::Weight`] type |
 //! | [`models`] | the decoder, attention, RoPE, MoE |
 //! | [`tokenizer`] | SentencePiece and byte-level BPE vocabularies from GGUF metadata |
 //! | [`generate`] | sampling, the generation loop, perplexity |

@@ -41,6 +41,7 @@ fn small(arch: Arch, ty: TensorType) -> SynthSpec {
         ctx_len: 1024,
         tie_embeddings: arch == Arch::Qwen2,
         ty,
+        k_medium: false,
         seed: 42,
     }
 }

@@ -5,6 +5,7 @@ mod common;
 mod inspect_cmds;
 mod plan_cmds;
 mod run;
+mod synth_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +45,8 @@ enum Command {
     Profile(plan_cmds::ProfileArgs),
     /// Show where every tensor of a model would live here, and the predicted speed.
     Plan(plan_cmds::PlanArgs),
+    /// Write a GGUF with a real model's tensors and random weights (for benchmarks and sizing).
+    Synth(synth_cmd::SynthArgs),
 }
 
 fn main() {
@@ -56,6 +59,7 @@ fn main() {
         Command::Bench(a) => bench::bench(a),
         Command::Profile(a) => plan_cmds::profile(a),
         Command::Plan(a) => plan_cmds::plan(a),
+        Command::Synth(a) => synth_cmd::synth(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -25,6 +25,10 @@ use std::sync::OnceLock;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+mod presets;
+
+pub use presets::{file_type as parse_file_type, padded_vocab, preset, presets, Preset};
+
 use crate::error::{Error, Result};
 use crate::gguf::{Arch, GgufWriter, Metadata, TensorData, TensorType, Value};
 
@@ -51,6 +55,9 @@ pub struct SynthSpec {
     /// Type of the large matrices (embedding, attention, feed-forward, output). Norms, biases and
     /// the MoE router are always F32.
     pub ty: TensorType,
+    /// llama.cpp's `_M` mixes: `output`, and `attn_v` / `ffn_down` in the layers llama-quantize
+    /// gives more bits, are Q6_K (e.g. Q4_K_M = Q4_K + Q6_K).
+    pub k_medium: bool,
     pub seed: u64,
 }
 
@@ -72,6 +79,7 @@ impl Default for SynthSpec {
             ctx_len: 2048,
             tie_embeddings: false,
             ty: TensorType::Q8_0,
+            k_medium: false,
             seed: 0,
         }
     }
@@ -261,6 +269,22 @@ pub fn plan(spec: &SynthSpec, n_vocab: usize) -> Result<Vec<SynthTensor>> {
             t.push(mat(n("ffn_down.weight"), vec![ff, d]));
         }
     }
+    if spec.k_medium {
+        // llama-quantize's `use_more_bits`: the first and last eighth of the layers and every
+        // third layer in between get Q6_K for attn_v and ffn_down.
+        let n = spec.n_layer;
+        let more_bits =
+            |i: usize| i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2);
+        for x in t.iter_mut() {
+            let layer = crate::plan::layer_of(&x.name);
+            let promote = x.name == "output.weight"
+                || ((x.name.ends_with("attn_v.weight") || x.name.contains("ffn_down"))
+                    && layer.is_some_and(more_bits));
+            if promote && x.ty.is_quantized() {
+                x.ty = storage_type(TensorType::Q6_K, x.dims[0]);
+            }
+        }
+    }
     Ok(t)
 }
 
@@ -306,7 +330,13 @@ pub fn write_model_with_progress(
     let mut w = GgufWriter::new();
     w.set("general.architecture", Value::String(arch.into()));
     w.set("general.name", Value::String(spec.name.clone()));
-    w.set("general.file_type", Value::U32(file_type(spec.ty)));
+    let ftype = match (spec.k_medium, spec.ty) {
+        (true, TensorType::Q4_K) => 15, // Q4_K_M
+        (true, TensorType::Q5_K) => 17, // Q5_K_M
+        (true, TensorType::Q3_K) => 12, // Q3_K_M
+        (_, ty) => file_type(ty),
+    };
+    w.set("general.file_type", Value::U32(ftype));
     if spec.ty.is_quantized() {
         w.set("general.quantization_version", Value::U32(2));
     }

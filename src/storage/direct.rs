@@ -84,6 +84,11 @@ impl DirectFile {
         &self.path
     }
 
+    /// Drops the page cache of a range of the file (advisory).
+    pub fn drop_cache(&self, offset: u64, len: u64) {
+        drop_cache(&self.file, offset, len);
+    }
+
     /// Bytes of `buf` a read of `len` bytes at `offset` needs (alignment slack included).
     pub fn buffer_len_for(offset: u64, len: usize) -> usize {
         let a = DIRECT_IO_ALIGN as u64;

@@ -32,10 +32,8 @@ use weight::Tier;
 pub struct WeightStore {
     files: ModelFiles,
     maps: Vec<Arc<Mmap>>,
-    /// Uncached readers for copying device tensors (so the page cache does not keep a second
-    /// copy of what is already owned on the device).
+    /// Used to drop the page cache of tensors copied to the device.
     readers: Vec<DirectFile>,
-    scratch: std::sync::Mutex<Option<AlignedBuf>>,
     device: Device,
     placement: Placement,
     streamer: Option<Arc<Streamer>>,
@@ -91,7 +89,6 @@ impl WeightStore {
             files,
             maps,
             readers,
-            scratch: std::sync::Mutex::new(None),
             device: device.clone(),
             placement,
             streamer,
@@ -207,18 +204,13 @@ impl WeightStore {
         let shape = Shape::from(shape);
         match self.placement.tier(&e.name) {
             TierKind::Device => {
-                let offset = e.offset + part.start as u64;
-                let need = DirectFile::buffer_len_for(offset, part.len());
-                let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-                if scratch.as_ref().is_none_or(|b| b.len() < need) {
-                    *scratch = None; // free the old buffer before allocating the larger one
-                    *scratch = Some(AlignedBuf::new(need, DIRECT_IO_ALIGN)?);
-                }
-                let buf = scratch
-                    .as_mut()
-                    .ok_or_else(|| Error::InvalidRequest("load buffer".into()))?;
-                let range = self.readers[e.file].read_at(offset, part.len(), buf)?;
-                let q = qtensor(&buf.as_slice()[range], e.ty, shape, &self.device)?;
+                // Copy from the mapped file, then let go of those pages: the weight is owned on
+                // the device now, and a second copy in the page cache would only crowd the budget.
+                let start = e.offset as usize + part.start;
+                let bytes = &self.maps[e.file][start..start + part.len()];
+                let q = qtensor(bytes, e.ty, shape, &self.device)?;
+                release_pages(&self.maps[e.file], start..start + part.len());
+                self.readers[e.file].drop_cache(start as u64, part.len() as u64);
                 if let Some(f) = &self.on_read {
                     f(part.len() as u64);
                 }
@@ -259,6 +251,27 @@ impl WeightStore {
                     },
                 ))
             }
+        }
+    }
+}
+
+/// Tells the kernel this process no longer needs the mapped pages of `range` (they are re-read
+/// from the file if touched again).
+fn release_pages(map: &Mmap, range: Range<usize>) {
+    let page = 4096;
+    let start = range.start.div_ceil(page) * page;
+    let end = range.end / page * page;
+    if end > start {
+        // SAFETY: the range lies inside the mapping (whole pages within `range`); the mapping is
+        // read-only and private, so MADV_DONTNEED only drops our view of file pages, which are
+        // faulted back in from the file on the next access. No Rust reference into these pages
+        // is used after this call by this function's callers except through the map itself.
+        unsafe {
+            libc::madvise(
+                map.as_ptr().add(start) as *mut libc::c_void,
+                end - start,
+                libc::MADV_DONTNEED,
+            );
         }
     }
 }

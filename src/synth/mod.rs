@@ -273,8 +273,7 @@ pub fn plan(spec: &SynthSpec, n_vocab: usize) -> Result<Vec<SynthTensor>> {
         // llama-quantize's `use_more_bits`: the first and last eighth of the layers and every
         // third layer in between get Q6_K for attn_v and ffn_down.
         let n = spec.n_layer;
-        let more_bits =
-            |i: usize| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
+        let more_bits = |i: usize| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
         for x in t.iter_mut() {
             let layer = crate::plan::layer_of(&x.name);
             let promote = x.name == "output.weight"

@@ -81,23 +81,21 @@ fn every_placement_matches_full_resident_bit_for_bit() {
     ] {
         let gguf = dir.join(rel);
         let files = ModelFiles::open(&gguf).unwrap();
-        // Prompt batches on candle's repacked path, or in place over the bytes (tight budgets).
+        // The reference: full-resident, repacked copies kept. Every placement, with repacked
+        // copies kept or made per batch (tight budgets), must give exactly its numbers.
+        let (want_prompt, want_decode, none) = logits_with(&gguf, Placement::default());
+        assert_eq!(none, None, "full-resident streams nothing");
         for in_place in [false, true] {
-            let resident = Placement {
-                batch_in_place: in_place,
-                ..Placement::default()
-            };
-            let (want_prompt, want_decode, none) = logits_with(&gguf, resident);
-            assert_eq!(none, None, "full-resident streams nothing");
             for (name, mut placement) in [
+                ("all-device", Placement::default()),
                 ("all-ram", Placement::all(&files, TierKind::Ram, 2)),
                 ("all-nvme", Placement::all(&files, TierKind::Nvme, 2)),
                 ("mixed", mixed(&files)),
             ] {
-                placement.batch_in_place = in_place;
+                placement.transient_repack = in_place;
                 let name = format!(
                     "{name}{}",
-                    if in_place { " (batches in place)" } else { "" }
+                    if in_place { " (transient repack)" } else { "" }
                 );
                 let streams = !placement.groups.is_empty();
                 let (prompt, decode, read) = logits_with(&gguf, placement);

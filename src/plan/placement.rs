@@ -50,9 +50,10 @@ pub struct Placement {
     pub lookahead: usize,
     /// Most groups one layer is split into (a fused product may hold them all at once).
     pub max_groups_per_layer: usize,
-    /// Multi-row products run in place over the weights' bytes rather than on repacked copies
-    /// (slower prompts, no second copy of the weights).
-    pub batch_in_place: bool,
+    /// Repacked copies for multi-row products are made per product and dropped, instead of
+    /// kept beside every device weight (no second copy of the weights; slower prompts; the
+    /// same numbers).
+    pub transient_repack: bool,
 }
 
 impl Placement {
@@ -84,7 +85,7 @@ impl Placement {
             members,
             lookahead: lookahead.max(1),
             max_groups_per_layer,
-            batch_in_place: false,
+            transient_repack: false,
         }
     }
 

@@ -185,13 +185,13 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
     }
     if candidate.ram_needed_bytes <= input.budgets.ram_bytes {
         decisions.push(format!(
-            "the weights fit ({} of a {} RAM budget) but repacked copies for prompt batches would not: \
-             full-resident, prompt batches in place (slower prompts)",
+            "the weights fit ({} of a {} RAM budget) but kept repacked copies for prompt batches would not: \
+             full-resident, repacking per batch (slower prompts)",
             gib(candidate.ram_needed_bytes),
             gib(input.budgets.ram_bytes)
         ));
         let mut p = finish(candidate, Mode::FullResident, decisions);
-        p.placement.batch_in_place = true;
+        p.placement.transient_repack = true;
         return Ok(p);
     }
 
@@ -296,7 +296,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         mib(best.pool_slot_bytes)
     ));
     let mut p = finish(best, Mode::FfnStreaming, decisions);
-    p.placement.batch_in_place = true;
+    p.placement.transient_repack = true;
     Ok(p)
 }
 

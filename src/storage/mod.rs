@@ -191,7 +191,7 @@ impl WeightStore {
     ) -> Result<Weight> {
         Ok(self
             .weight_on_tier(name, e, part, shape)?
-            .with_batch_in_place(self.placement.batch_in_place))
+            .with_transient_repack(self.placement.transient_repack))
     }
 
     fn weight_on_tier(

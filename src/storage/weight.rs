@@ -24,9 +24,9 @@ struct Inner {
     ty: TensorType,
     shape: Shape,
     tier: Tier,
-    /// Multi-row products of quantized weights run hypura's kernels in place instead of
-    /// candle's repacked path (which keeps a repacked copy of every weight: ~2× memory).
-    batch_in_place: bool,
+    /// Multi-row products repack a temporary copy instead of keeping candle's repacked copy
+    /// beside the weight (which costs ~1× the weight's bytes).
+    transient_repack: bool,
 }
 
 /// Where a weight's bytes are.
@@ -73,7 +73,7 @@ impl Weight {
                 ty,
                 shape,
                 tier,
-                batch_in_place: false,
+                transient_repack: false,
             }),
         }
     }
@@ -97,9 +97,9 @@ impl Weight {
     }
 
     /// The same weight, with multi-row products in place (no repacked copy) when `in_place`.
-    pub(crate) fn with_batch_in_place(mut self, in_place: bool) -> Self {
+    pub(crate) fn with_transient_repack(mut self, transient: bool) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.batch_in_place = in_place;
+            inner.transient_repack = transient;
         }
         self
     }
@@ -149,14 +149,16 @@ impl Weight {
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         let k = x.dim(candle_core::D::Minus1)?;
         let m = x.elem_count() / k.max(1);
-        // Quantized weights: hypura's kernels over the bytes where they lie — always for one
-        // input row, and for batches too when the plan has no room for repacked copies. Other
-        // batches (and float weights): candle's path (it repacks Q4_K/Q8_0 for batches), from a
-        // temporary copy for off-device tiers, so every tier computes exactly the same numbers.
-        let in_place = self.inner.ty.is_quantized() && (m == 1 || self.inner.batch_in_place);
-        if !in_place {
-            if let Tier::Device { mm, .. } = &self.inner.tier {
-                return Ok(mm.forward(&x.contiguous()?)?);
+        // One input row of a quantized weight: hypura's kernels over the bytes where they lie.
+        // Batches (and float weights): candle's path, which repacks Q4_K/Q8_0 into tiles — kept
+        // beside device weights when the plan has room, else made from a temporary copy and
+        // dropped, as for the other tiers. Every tier and plan computes exactly the same numbers.
+        let kernels = self.inner.ty.is_quantized() && m == 1;
+        if !kernels {
+            if let Tier::Device { mm, q } = &self.inner.tier {
+                if !self.inner.transient_repack || q.is_none() {
+                    return Ok(mm.forward(&x.contiguous()?)?);
+                }
             }
             let bytes = self
                 .bytes()?

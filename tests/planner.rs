@@ -114,7 +114,7 @@ fn a_tight_budget_streams_the_ffn_and_keeps_what_fits() {
     let cfg = config(16);
     let t = inventory(&cfg, TensorType::Q8_0);
     let total: u64 = t.iter().map(|x| x.n_bytes).sum();
-    let budget = total * 2 / 3;
+    let budget = total * 3 / 4;
     let p = plan(&input(&t, &cfg, budget, &[])).unwrap();
     assert_eq!(p.mode, Mode::FfnStreaming);
     assert!(

@@ -132,7 +132,17 @@ fn fixed_costs(cfg: &ModelConfig, n_ctx: usize) -> (u64, u64) {
 /// Plans where every tensor goes.
 pub fn plan(input: &PlanInput) -> Result<Plan> {
     let cfg = input.config;
-    let (kv_bytes, overhead_bytes) = fixed_costs(cfg, input.n_ctx);
+    let (kv_bytes, mut overhead_bytes) = fixed_costs(cfg, input.n_ctx);
+    // Batch products on temporary copies (tight plans): a quantized weight in 8 MiB chunks plus
+    // its repacked chunk; a float matrix whole.
+    overhead_bytes += (16 << 20)
+        + input
+            .tensors
+            .iter()
+            .filter(|t| !t.ty.is_quantized() && t.dims.len() > 1)
+            .map(|t| t.n_bytes)
+            .max()
+            .unwrap_or(0);
     let mut decisions = Vec::new();
     let mut tiers: HashMap<String, TierKind> = HashMap::new();
     for t in input.tensors {

@@ -21,7 +21,7 @@ use memmap2::Mmap;
 pub use aligned::AlignedBuf;
 pub use direct::{DirectFile, ReadMode, DIRECT_IO_ALIGN};
 pub use stream::{Slab, StreamGroup, StreamStats, Streamer};
-pub use weight::Weight;
+pub use weight::{set_transient_chunk_bytes, Weight};
 
 use crate::error::{Error, Result};
 use crate::gguf::{ModelFiles, TensorEntry, TensorType};

@@ -12,6 +12,15 @@ use super::stream::{Slab, Streamer};
 use crate::error::{Error, Result};
 use crate::gguf::TensorType;
 
+/// Most bytes of a weight copied at once for a batch product on a temporary copy (8 MiB).
+static TRANSIENT_CHUNK_BYTES: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(8 << 20);
+
+/// Changes the transient chunk size (tests use tiny chunks to exercise the chunking).
+pub fn set_transient_chunk_bytes(n: usize) {
+    TRANSIENT_CHUNK_BYTES.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
 /// One weight tensor. Models call [`matmul_t`](Self::matmul_t), [`rows`](Self::rows) or
 /// [`dense`](Self::dense); where the bytes come from is decided by the placement plan.
 #[derive(Clone)]
@@ -160,16 +169,7 @@ impl Weight {
                     return Ok(mm.forward(&x.contiguous()?)?);
                 }
             }
-            let bytes = self
-                .bytes()?
-                .ok_or_else(|| Error::InvalidRequest("no bytes".into()))?;
-            let q = super::qtensor(
-                &bytes,
-                self.inner.ty,
-                self.inner.shape.clone(),
-                &Device::Cpu,
-            )?;
-            return Ok(QMatMul::from_qtensor(q)?.forward(&x.contiguous()?)?);
+            return self.matmul_t_transient(x);
         }
         let bytes = self.bytes()?.ok_or_else(|| {
             Error::InvalidRequest(format!(
@@ -187,6 +187,40 @@ impl Weight {
             *last = n;
         }
         Ok(Tensor::from_vec(dst, dims, x.device())?)
+    }
+
+    /// A batch product through candle's path from temporary copies of at most
+    /// 8 MiB of rows at a time (a multiple of candle's 16-row tiles, so each
+    /// output is computed exactly as from the whole matrix), so memory stays bounded.
+    fn matmul_t_transient(&self, x: &Tensor) -> Result<Tensor> {
+        let bytes = self
+            .bytes()?
+            .ok_or_else(|| Error::InvalidRequest("no bytes".into()))?;
+        let dims = self.inner.shape.dims();
+        let (n, k) = (dims[0], dims[1..].iter().product::<usize>());
+        let row_bytes = bytes.len() / n.max(1);
+        let chunk = TRANSIENT_CHUNK_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+        // Float weights go through a dense matmul whose blocking depends on the matrix size, so
+        // only whole matrices give the same numbers; quantized ones are computed row by row.
+        let rows = if self.inner.ty.is_quantized() {
+            ((chunk / row_bytes.max(1)) / 16 * 16).max(16)
+        } else {
+            n
+        };
+        let x = x.contiguous()?;
+        let mut outs = Vec::with_capacity(n.div_ceil(rows));
+        let mut r = 0;
+        while r < n {
+            let take = rows.min(n - r);
+            let part = &bytes[r * row_bytes..(r + take) * row_bytes];
+            let q = super::qtensor(part, self.inner.ty, Shape::from((take, k)), &Device::Cpu)?;
+            outs.push(QMatMul::from_qtensor(q)?.forward(&x)?);
+            r += take;
+        }
+        if outs.len() == 1 {
+            return Ok(outs.remove(0));
+        }
+        Ok(Tensor::cat(&outs, candle_core::D::Minus1)?)
     }
 
     /// Rows `ids` of a `[n_rows, n_cols]` weight as F32 `[ids.len(), n_cols]` (embedding lookup).

@@ -9,6 +9,6 @@ mod common;
 const DEFAULT_MODEL: &str =
     "bartowski/Llama-3.2-1B-Instruct-GGUF:Llama-3.2-1B-Instruct-Q4_K_M.gguf";
 
-fn main() -> anyhow::Result<()> {
-    common::main("Llama", DEFAULT_MODEL)
+fn main() {
+    common::run("Llama", DEFAULT_MODEL)
 }

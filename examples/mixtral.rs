@@ -10,6 +10,6 @@ mod common;
 const DEFAULT_MODEL: &str =
     "TheBloke/Mixtral-8x7B-Instruct-v0.1-GGUF:mixtral-8x7b-instruct-v0.1.Q4_K_M.gguf";
 
-fn main() -> anyhow::Result<()> {
-    common::main("Mixtral", DEFAULT_MODEL)
+fn main() {
+    common::run("Mixtral", DEFAULT_MODEL)
 }

@@ -8,6 +8,6 @@ mod common;
 /// Qwen2.5 0.5B Instruct, Q4_K_M (~0.4 GB), from the Qwen team's own GGUF repository.
 const DEFAULT_MODEL: &str = "Qwen/Qwen2.5-0.5B-Instruct-GGUF:qwen2.5-0.5b-instruct-q4_k_m.gguf";
 
-fn main() -> anyhow::Result<()> {
-    common::main("Qwen2", DEFAULT_MODEL)
+fn main() {
+    common::run("Qwen2", DEFAULT_MODEL)
 }

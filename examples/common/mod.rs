@@ -33,6 +33,14 @@ pub struct Args {
     pub seed: u64,
 }
 
+/// [`main`], with errors printed plainly and exit code 1.
+pub fn run(family: &str, default_model: &str) {
+    if let Err(e) = main(family, default_model) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
 /// Parses arguments, loads the model (`default_model` when `--model` is absent), generates.
 pub fn main(family: &str, default_model: &str) -> Result<()> {
     let cmd = Args::command()

@@ -39,6 +39,16 @@ impl DirectFile {
     /// Opens `path` for direct reads, or buffered ones where direct I/O is refused.
     pub fn open(path: &Path) -> Result<Self> {
         let (file, mode) = open_uncached(path)?;
+        Self::with(file, mode, path)
+    }
+
+    /// Opens with buffered reads (+ `POSIX_FADV_DONTNEED`), e.g. for tests of the fallback.
+    pub fn open_buffered(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io("open", path, 0, e))?;
+        Self::with(file, ReadMode::BufferedDropCache, path)
+    }
+
+    fn with(file: File, mode: ReadMode, path: &Path) -> Result<Self> {
         let size = file
             .metadata()
             .map_err(|e| Error::io("stat", path, 0, e))?
@@ -48,22 +58,6 @@ impl DirectFile {
             path: path.to_path_buf(),
             size,
             mode,
-            fell_back: AtomicBool::new(false),
-        })
-    }
-
-    /// Opens with buffered reads (+ `POSIX_FADV_DONTNEED`), e.g. for tests of the fallback.
-    pub fn open_buffered(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io("open", path, 0, e))?;
-        let size = file
-            .metadata()
-            .map_err(|e| Error::io("stat", path, 0, e))?
-            .len();
-        Ok(DirectFile {
-            file,
-            path: path.to_path_buf(),
-            size,
-            mode: ReadMode::BufferedDropCache,
             fell_back: AtomicBool::new(false),
         })
     }

@@ -2,7 +2,7 @@
 //! (from the machine's profile and the budgets), read the weights (with a progress bar), build
 //! the model. The one entry point the CLI, the examples and library users share.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,8 +12,9 @@ use crate::error::Result;
 use crate::gguf::{ModelConfig, ModelFiles};
 use crate::hardware::{self, MemoryInfo, Profile};
 use crate::models::Transformer;
-use crate::plan::{self, Budgets, Override, Plan, PlanInput, Rates};
-use crate::storage::{Streamer, WeightStore};
+use crate::plan::{self, Budgets, ExpertOptions, Override, Plan, PlanInput, Rates};
+use crate::storage::experts::CoActivation;
+use crate::storage::{ExpertCache, Streamer, WeightStore};
 use crate::tokenizer::Tokenizer;
 
 /// Where tensors may go: budgets and overrides. Defaults: what the machine can safely give.
@@ -27,6 +28,10 @@ pub struct TierOptions {
     pub overrides: Vec<Override>,
     /// Fixed prefetch depth instead of the derived one.
     pub lookahead: Option<usize>,
+    /// Expert-cache choices (MoE models that stream experts).
+    pub experts: ExpertOptions,
+    /// Neither load nor save the co-activation statistics learned per model (MoE).
+    pub no_learn: bool,
 }
 
 /// How to load a model.
@@ -60,7 +65,35 @@ pub struct LoadedModel {
     pub plan: Plan,
     /// The streaming engine, when the plan streams tensors from disk.
     pub streamer: Option<Arc<Streamer>>,
+    /// The expert cache, when the plan streams MoE experts.
+    pub experts: Option<Arc<ExpertCache>>,
+    /// Where the expert co-activation statistics are saved (`None`: learning is not kept).
+    pub learn_path: Option<PathBuf>,
     pub load_seconds: f64,
+}
+
+impl LoadedModel {
+    /// Saves what the expert cache learned about co-activation, so the next run starts warm.
+    /// Does nothing without an expert cache or with `no_learn`.
+    pub fn save_learned(&self) -> Result<()> {
+        match (&self.experts, &self.learn_path) {
+            (Some(cache), Some(path)) => cache.learned().save(path),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Where co-activation statistics for the model at `path` are kept: the user cache dir, keyed by
+/// the file's name and size.
+pub fn learn_path(path: &Path) -> PathBuf {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    hardware::cache_dir()
+        .join("experts")
+        .join(format!("{stem}-{size:x}.json"))
 }
 
 /// Default context size: the training context, capped at 4096 tokens (llama.cpp's default).
@@ -115,6 +148,7 @@ pub fn plan_model(
         rates: r,
         overrides: &tiers.overrides,
         lookahead: tiers.lookahead,
+        experts: tiers.experts,
     };
     let p = plan::plan(&input(rates(&cached)))?;
     if p.placement.groups.is_empty() || cached.is_some() {
@@ -172,6 +206,13 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         bar.finish_and_clear();
     }
     let streamer = store.streamer().cloned();
+    let experts = store.expert_cache().cloned();
+    let learn_path = (experts.is_some() && !opts.tiers.no_learn).then(|| learn_path(path));
+    if let (Some(cache), Some(p)) = (&experts, &learn_path) {
+        if let Some(learned) = CoActivation::load(p, config.n_expert)? {
+            cache.set_learned(learned);
+        }
+    }
     Ok(LoadedModel {
         files,
         config,
@@ -179,6 +220,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         model,
         plan,
         streamer,
+        experts,
+        learn_path,
         load_seconds: start.elapsed().as_secs_f64(),
     })
 }

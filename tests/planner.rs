@@ -1,7 +1,9 @@
 //! The planner as a pure function over hand-written inventories and machines.
 
 use hypura::gguf::{Arch, ModelConfig, RopeStyle, TensorEntry, TensorType};
-use hypura::plan::{plan, Budgets, Mode, Override, PlanInput, Rates, TierKind};
+use hypura::plan::{
+    expert_bytes, plan, Budgets, ExpertOptions, Mode, Override, PlanInput, Rates, TierKind,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -89,6 +91,7 @@ fn input<'a>(
         rates: RATES,
         overrides,
         lookahead: None,
+        experts: ExpertOptions::default(),
     }
 }
 
@@ -254,4 +257,135 @@ fn when_the_ffn_alone_is_not_enough_whole_layers_stream() {
         budget -= 16 * MIB;
     }
     assert!(saw_layers, "some budget should need whole-layer streaming");
+}
+
+/// A Mixtral-shaped table: the dense FFN of each layer replaced by a router and merged experts.
+fn moe_inventory(cfg: &ModelConfig, ty: TensorType) -> Vec<TensorEntry> {
+    let (d, ff, n) = (cfg.n_embd as u64, cfg.n_ff as u64, cfg.n_expert as u64);
+    let mut out = Vec::new();
+    let mut off = 4096u64;
+    for t in inventory(cfg, ty) {
+        if t.name.contains(".ffn_gate.")
+            || t.name.contains(".ffn_up.")
+            || t.name.contains(".ffn_down.")
+        {
+            continue;
+        }
+        let layer_norm = t.name.ends_with("ffn_norm.weight");
+        let name = t.name.clone();
+        let mut push = |name: String, dims: Vec<u64>, ty: TensorType| {
+            let n_el: u64 = dims.iter().product();
+            let n_bytes = n_el / ty.block_elems() as u64 * ty.block_bytes() as u64;
+            out.push(TensorEntry {
+                name,
+                ty,
+                dims,
+                file: 0,
+                offset: off,
+                n_bytes,
+            });
+            off += n_bytes.div_ceil(32) * 32;
+        };
+        push(name.clone(), t.dims.clone(), t.ty);
+        if layer_norm {
+            let i = hypura::plan::layer_of(&name).unwrap();
+            push(
+                format!("blk.{i}.ffn_gate_inp.weight"),
+                vec![d, n],
+                TensorType::F32,
+            );
+            push(format!("blk.{i}.ffn_gate_exps.weight"), vec![d, ff, n], ty);
+            push(format!("blk.{i}.ffn_up_exps.weight"), vec![d, ff, n], ty);
+            push(format!("blk.{i}.ffn_down_exps.weight"), vec![ff, d, n], ty);
+        }
+    }
+    out
+}
+
+fn moe_config() -> ModelConfig {
+    ModelConfig {
+        n_expert: 8,
+        n_expert_used: 2,
+        ..config(8)
+    }
+}
+
+#[test]
+fn a_moe_that_does_not_fit_streams_its_experts_through_a_cache() {
+    let cfg = moe_config();
+    let t = moe_inventory(&cfg, TensorType::Q4_K);
+    let total: u64 = t.iter().map(|x| x.n_bytes).sum();
+    let unit = expert_bytes(&t, cfg.n_expert);
+    assert_eq!(
+        unit,
+        3 * 2048 * 5632 / 256 * 144,
+        "one Q4_K expert: gate + up + down"
+    );
+    let budget = total / 3;
+    let p = plan(&input(&t, &cfg, budget, &[])).unwrap();
+    assert_eq!(p.mode, Mode::ExpertStreaming);
+    for x in &t {
+        let want = if x.name.contains("_exps.") {
+            TierKind::Nvme
+        } else if x.name.starts_with("token_embd") {
+            TierKind::Ram
+        } else {
+            TierKind::Device
+        };
+        assert_eq!(p.placement.tier(&x.name), want, "{}", x.name);
+    }
+    // Experts never go through stream groups: the cache reads them.
+    assert!(p.placement.groups.is_empty());
+    let c = p.placement.expert_cache;
+    assert!(c.slots >= cfg.n_expert_used && c.slots < 8 * 8, "{c:?}");
+    assert!(p.ram_needed_bytes <= budget);
+    // One more slot would not have fit.
+    assert!(p.ram_needed_bytes + p.expert_slot_bytes > budget);
+    // Uniform routing: a used expert is cached with probability slots / 64.
+    let miss = 1.0 - c.slots as f64 / 64.0;
+    let want = 8.0 * 2.0 * unit as f64 * miss;
+    assert!((p.bytes_per_token.nvme as f64 - want).abs() <= 1.0 + want * 1e-9);
+    assert!(p.predicted_tok_s > 0.0);
+}
+
+#[test]
+fn a_moe_budget_below_two_experts_is_refused_with_the_minimum() {
+    let cfg = moe_config();
+    let t = moe_inventory(&cfg, TensorType::Q4_K);
+    let base = plan(&input(&t, &cfg, 64 << 30, &[])).unwrap();
+    assert_eq!(base.mode, Mode::FullResident);
+    let err = plan(&input(&t, &cfg, 200 * MIB, &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("too small for this MoE model"), "{err}");
+    assert!(err.contains("cache of 2 experts"), "{err}");
+    // The minimum it names works.
+    let min = err.split("needs at least ").nth(1).unwrap();
+    let min =
+        hypura::plan::parse_bytes(min.split(' ').take(2).collect::<String>().as_str()).unwrap();
+    let p = plan(&input(&t, &cfg, min + MIB, &[])).unwrap();
+    assert_eq!(p.mode, Mode::ExpertStreaming);
+    assert_eq!(p.placement.expert_cache.slots, 2);
+}
+
+#[test]
+fn expert_cache_options_are_honoured() {
+    let cfg = moe_config();
+    let t = moe_inventory(&cfg, TensorType::Q4_K);
+    let total: u64 = t.iter().map(|x| x.n_bytes).sum();
+    let mut i = input(&t, &cfg, total / 2, &[]);
+    i.experts = ExpertOptions {
+        slots: Some(3),
+        policy: Some(hypura::storage::EvictionPolicy::Lru),
+        no_prefetch: true,
+    };
+    let p = plan(&i).unwrap();
+    let c = p.placement.expert_cache;
+    assert_eq!(
+        (c.slots, c.policy, c.prefetch),
+        (3, hypura::storage::EvictionPolicy::Lru, false)
+    );
+    i.experts.slots = Some(10_000);
+    let err = plan(&i).unwrap_err().to_string();
+    assert!(err.contains("--expert-cache"), "{err}");
 }

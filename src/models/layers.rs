@@ -192,6 +192,15 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// An MoE expert's weights as a feed-forward block (no biases).
+    pub fn from_weights(w: &crate::storage::ExpertWeights) -> Result<Self> {
+        Ok(Mlp {
+            gate: Linear::new(w.gate.clone(), None)?,
+            up: Linear::new(w.up.clone(), None)?,
+            down: Linear::new(w.down.clone(), None)?,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?); // [t, n_ff] each
         self.down.forward(&(g.silu()? * u)?)

@@ -4,10 +4,11 @@ use candle_core::Tensor;
 
 use super::layers::{Linear, Mlp};
 use crate::error::Result;
+use crate::storage::ExpertSet;
 
 pub struct Moe {
-    pub router: Linear, // [n_expert, n_embd]
-    pub experts: Vec<Mlp>,
+    pub router: Linear,     // [n_expert, n_embd]
+    pub experts: ExpertSet, // n_expert SwiGLU experts
     pub n_expert_used: usize,
 }
 
@@ -41,27 +42,34 @@ impl Moe {
     }
 
     /// `x` `[t, n_embd]` → `[t, n_embd]`: each token's chosen experts, mixed by their weights.
+    /// The router runs first, so only the experts it picked are fetched.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let routing = self.route(x)?;
-        let mut out = x.zeros_like()?;
-        for (e, expert) in self.experts.iter().enumerate() {
+        // Each used expert's weighted output on its tokens, in whatever order the experts
+        // arrive; summed below in expert order, so the result never depends on that order.
+        let mut parts: Vec<(usize, Tensor, Tensor)> = Vec::new();
+        self.experts.with_routed(&routing.experts, |e, w| {
             // Tokens routed to expert e, and the weight each gives it.
             let mut tokens = Vec::new();
-            let mut w = Vec::new();
+            let mut mix = Vec::new();
             for (t, (ids, ws)) in routing.experts.iter().zip(&routing.weights).enumerate() {
                 if let Some(slot) = ids.iter().position(|&id| id == e) {
                     tokens.push(t as u32);
-                    w.push(ws[slot]);
+                    mix.push(ws[slot]);
                 }
-            }
-            if tokens.is_empty() {
-                continue;
             }
             let n = tokens.len();
             let idx = Tensor::from_vec(tokens, n, x.device())?;
             let xs = x.index_select(&idx, 0)?; // [n, n_embd]
-            let w = Tensor::from_vec(w, (n, 1), x.device())?;
-            let ys = expert.forward(&xs)?.broadcast_mul(&w)?; // [n, n_embd]
+            let mix = Tensor::from_vec(mix, (n, 1), x.device())?;
+            let mlp = Mlp::from_weights(w)?;
+            let ys = mlp.forward(&xs)?.broadcast_mul(&mix)?; // [n, n_embd]
+            parts.push((e, idx, ys));
+            Ok(())
+        })?;
+        parts.sort_by_key(|p| p.0);
+        let mut out = x.zeros_like()?;
+        for (_, idx, ys) in parts {
             out = out.index_add(&idx, &ys, 0)?;
         }
         Ok(out)

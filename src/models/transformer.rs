@@ -83,24 +83,18 @@ impl Transformer {
                 cache: KvCache::new(2, n_ctx),
             };
             let ffn = if cfg.is_moe() {
-                let n = cfg.n_expert;
-                let gate = store.get_experts(&name("ffn_gate_exps.weight"), n, ff, d)?;
-                let up = store.get_experts(&name("ffn_up_exps.weight"), n, ff, d)?;
-                let down = store.get_experts(&name("ffn_down_exps.weight"), n, d, ff)?;
-                let experts = gate
-                    .into_iter()
-                    .zip(up)
-                    .zip(down)
-                    .map(|((g, u), dn)| {
-                        Ok(Mlp {
-                            gate: Linear::new(g, None)?,
-                            up: Linear::new(u, None)?,
-                            down: Linear::new(dn, None)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let experts = store.get_expert_set(
+                    i,
+                    [
+                        &name("ffn_gate_exps.weight"),
+                        &name("ffn_up_exps.weight"),
+                        &name("ffn_down_exps.weight"),
+                    ],
+                    cfg.n_expert,
+                    [[ff, d], [ff, d], [d, ff]],
+                )?;
                 FeedForward::Moe(Moe {
-                    router: linear("ffn_gate_inp", n, d)?,
+                    router: linear("ffn_gate_inp", cfg.n_expert, d)?,
                     experts,
                     n_expert_used: cfg.n_expert_used,
                 })

@@ -1,10 +1,12 @@
 //! Placement planning: which tier holds each tensor, how streamed tensors are read, and what
 //! that should cost. [`planner::plan`] is a pure function; [`Placement`] is what storage carries out.
 
+mod experts;
 mod placement;
 mod planner;
 
-pub use placement::{layer_of, Placement, TierKind};
+pub use experts::{expert_bytes, ExpertOptions};
+pub use placement::{is_expert_tensor, layer_of, Placement, TierKind};
 pub use planner::{
     gib, mib, parse_bytes, plan, Budgets, BytesPerToken, Mode, Override, Plan, PlanInput, Rates,
 };

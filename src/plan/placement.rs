@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use crate::gguf::{ModelFiles, TensorEntry};
-use crate::storage::StreamGroup;
+use crate::storage::{ExpertCacheConfig, StreamGroup};
 
 /// A tier a tensor can live on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -54,6 +54,9 @@ pub struct Placement {
     /// kept beside every device weight (no second copy of the weights; slower prompts; the
     /// same numbers).
     pub transient_repack: bool,
+    /// How expert tensors on NVMe are served (MoE): through an expert cache of this size,
+    /// never through stream groups.
+    pub expert_cache: ExpertCacheConfig,
 }
 
 impl Placement {
@@ -75,9 +78,23 @@ impl Placement {
     /// The given tiers over a tensor table; groups are formed for the NVMe tensors.
     pub fn from_tensors(
         tensors: &[TensorEntry],
-        tiers: HashMap<String, TierKind>,
+        mut tiers: HashMap<String, TierKind>,
         lookahead: usize,
     ) -> Self {
+        // A layer's experts are read as units (gate, up and down together): if one of its expert
+        // tensors is on NVMe, all are.
+        let streamed_expert_layers: Vec<usize> = tensors
+            .iter()
+            .filter(|t| is_expert_tensor(&t.name) && tiers.get(&t.name) == Some(&TierKind::Nvme))
+            .filter_map(|t| layer_of(&t.name))
+            .collect();
+        for t in tensors {
+            if is_expert_tensor(&t.name)
+                && layer_of(&t.name).is_some_and(|l| streamed_expert_layers.contains(&l))
+            {
+                tiers.insert(t.name.clone(), TierKind::Nvme);
+            }
+        }
         let (groups, members, max_groups_per_layer) = stream_groups(tensors, &tiers);
         Placement {
             tiers,
@@ -86,7 +103,15 @@ impl Placement {
             lookahead: lookahead.max(1),
             max_groups_per_layer,
             transient_repack: false,
+            expert_cache: ExpertCacheConfig::default(),
         }
+    }
+
+    /// Whether some expert tensors are streamed through the expert cache.
+    pub fn streams_experts(&self) -> bool {
+        self.tiers
+            .iter()
+            .any(|(n, t)| *t == TierKind::Nvme && is_expert_tensor(n))
     }
 
     pub fn tier(&self, name: &str) -> TierKind {
@@ -110,6 +135,11 @@ type Groups = (
     usize,
 );
 
+/// A merged MoE expert tensor (`blk.N.ffn_{gate,up,down}_exps.weight`).
+pub fn is_expert_tensor(name: &str) -> bool {
+    name.contains("_exps.")
+}
+
 /// `blk.N.` → N.
 pub fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
@@ -122,7 +152,7 @@ fn stream_groups(tensors: &[TensorEntry], tiers: &HashMap<String, TierKind>) -> 
     let mut by_layer: std::collections::BTreeMap<(usize, usize), Vec<&TensorEntry>> =
         Default::default();
     for t in tensors {
-        if tiers.get(&t.name) == Some(&TierKind::Nvme) {
+        if tiers.get(&t.name) == Some(&TierKind::Nvme) && !is_expert_tensor(&t.name) {
             // Token embeddings are used first; other non-layer tensors (output) last.
             let key = match layer_of(&t.name) {
                 Some(l) => (1, l),

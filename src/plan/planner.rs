@@ -11,14 +11,17 @@
 //! **Rules, in order** (each decision is logged in [`Plan::decisions`]):
 //! 1. user overrides (`--place REGEX=tier`), first match wins;
 //! 2. if everything fits the RAM budget: full-resident;
-//! 3. otherwise dense FFN-streaming: embeddings mapped, attention/norms/output resident, FFN
+//! 3. otherwise, for MoE models, expert-streaming (see [`super::experts`]): every non-expert
+//!    tensor resident, experts read on demand into an expert cache sized from the rest;
+//! 4. otherwise dense FFN-streaming: embeddings mapped, attention/norms/output resident, FFN
 //!    weights streamed; then as many FFN layers as the spare budget allows come back resident,
 //!    spread evenly so their compute hides the reads of the streamed ones;
-//! 4. if even that does not fit: refuse, naming the smallest budget that would work.
+//! 5. if even that does not fit: refuse, naming the smallest budget that would work.
 
 use std::collections::HashMap;
 
-use super::placement::{layer_of, Placement, TierKind};
+use super::experts::{plan_expert_streaming, ExpertOptions};
+use super::placement::{is_expert_tensor, layer_of, Placement, TierKind};
 use crate::error::{Error, Result};
 use crate::gguf::{ModelConfig, TensorEntry, TensorType};
 
@@ -68,6 +71,7 @@ impl Override {
 pub enum Mode {
     FullResident,
     FfnStreaming,
+    ExpertStreaming,
 }
 
 /// Bytes one generated token reads from each tier.
@@ -93,6 +97,9 @@ pub struct Plan {
     pub pool_slot_bytes: u64,
     /// RAM the plan needs (resident weights + touched embedding rows + pool + KV + overhead).
     pub ram_needed_bytes: u64,
+    /// Expert-streaming: bytes of one expert-cache slot (the cache holds
+    /// `placement.expert_cache.slots` of them).
+    pub expert_slot_bytes: u64,
     pub bytes_per_token: BytesPerToken,
     pub predicted_tok_s: f64,
 }
@@ -107,6 +114,8 @@ pub struct PlanInput<'a> {
     pub overrides: &'a [Override],
     /// Fixed prefetch depth; `None` = derived from the rates.
     pub lookahead: Option<usize>,
+    /// Expert-cache choices (MoE).
+    pub experts: ExpertOptions,
 }
 
 fn is_ffn(name: &str) -> bool {
@@ -205,7 +214,16 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         return Ok(p);
     }
 
-    // Rule 3: FFN-streaming.
+    if cfg.is_moe() {
+        decisions.push(format!(
+            "full-resident needs {} > {} budget → stream experts",
+            gib(candidate.ram_needed_bytes),
+            gib(input.budgets.ram_bytes)
+        ));
+        return plan_expert_streaming(input, &tiers, kv_bytes, overhead_bytes, decisions);
+    }
+
+    // Rule 4: FFN-streaming.
     let mut streaming = tiers.clone();
     for t in &free {
         let tier = if is_embedding(&t.name) {
@@ -327,7 +345,7 @@ fn evaluate(
     evaluate_with(input, tiers, kv_bytes, overhead_bytes, input.lookahead)
 }
 
-fn evaluate_with(
+pub(super) fn evaluate_with(
     input: &PlanInput,
     tiers: HashMap<String, TierKind>,
     kv_bytes: u64,
@@ -348,6 +366,9 @@ fn evaluate_with(
         };
         let per_token = if is_embedding(&t.name) {
             t.n_bytes / cfg.n_vocab.max(1) as u64
+        } else if is_expert_tensor(&t.name) {
+            // A token uses n_expert_used of the n_expert experts.
+            t.n_bytes / cfg.n_expert.max(1) as u64 * cfg.n_expert_used.max(1) as u64
         } else {
             t.n_bytes
         };
@@ -360,6 +381,8 @@ fn evaluate_with(
                 resident += touched;
                 bpt.ram += per_token;
             }
+            // Streamed dense tensors are counted from their groups below; streamed experts by
+            // the expert-streaming plan.
             TierKind::Nvme => {}
         }
     }
@@ -409,12 +432,13 @@ fn evaluate_with(
         pool_slots,
         pool_slot_bytes: slot,
         ram_needed_bytes,
+        expert_slot_bytes: 0,
         bytes_per_token: bpt,
         predicted_tok_s: 1.0 / t_mem.max(t_io).max(1e-9),
     }
 }
 
-fn finish(mut p: Plan, mode: Mode, decisions: Vec<String>) -> Plan {
+pub(super) fn finish(mut p: Plan, mode: Mode, decisions: Vec<String>) -> Plan {
     p.mode = mode;
     p.decisions = decisions;
     p

@@ -7,6 +7,7 @@
 
 mod aligned;
 mod direct;
+pub mod experts;
 mod stream;
 mod weight;
 
@@ -20,12 +21,16 @@ use memmap2::Mmap;
 
 pub use aligned::AlignedBuf;
 pub use direct::{DirectFile, ReadMode, DIRECT_IO_ALIGN};
+pub use experts::{
+    EvictionPolicy, ExpertCache, ExpertCacheConfig, ExpertSet, ExpertStats, ExpertWeights,
+};
 pub use stream::{Slab, StreamGroup, StreamStats, Streamer};
 pub use weight::{set_transient_chunk_bytes, Weight};
 
 use crate::error::{Error, Result};
 use crate::gguf::{ModelFiles, TensorEntry, TensorType};
 use crate::plan::{Placement, TierKind};
+use experts::SliceSpec;
 use weight::Tier;
 
 /// The model's files, mapped, serving tensors by name on their planned tiers.
@@ -37,6 +42,7 @@ pub struct WeightStore {
     device: Device,
     placement: Placement,
     streamer: Option<Arc<Streamer>>,
+    experts: Option<Arc<ExpertCache>>,
     on_read: Option<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
@@ -85,6 +91,7 @@ impl WeightStore {
             .iter()
             .map(|p| DirectFile::open(p))
             .collect::<Result<Vec<_>>>()?;
+        let experts = expert_cache(&files, &placement)?;
         Ok(WeightStore {
             files,
             maps,
@@ -92,6 +99,7 @@ impl WeightStore {
             device: device.clone(),
             placement,
             streamer,
+            experts,
             on_read: None,
         })
     }
@@ -116,6 +124,11 @@ impl WeightStore {
     /// The streaming engine, when some tensors are on NVMe.
     pub fn streamer(&self) -> Option<&Arc<Streamer>> {
         self.streamer.as_ref()
+    }
+
+    /// The expert cache, when some MoE experts are streamed.
+    pub fn expert_cache(&self) -> Option<&Arc<ExpertCache>> {
+        self.experts.as_ref()
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -179,6 +192,56 @@ impl WeightStore {
                 )
             })
             .collect()
+    }
+
+    /// Layer `layer`'s experts from its merged tensors `names` (gate `[n_expert, ff, d]`, up
+    /// `[n_expert, ff, d]`, down `[n_expert, d, ff]`): resident weights, or, when the plan puts
+    /// them on NVMe, served through the expert cache.
+    pub fn get_expert_set(
+        &self,
+        layer: usize,
+        names: [&str; 3],
+        n_expert: usize,
+        shapes: [[usize; 2]; 3],
+    ) -> Result<ExpertSet> {
+        let entries = [0, 1, 2].map(|i| self.entry(names[i]));
+        let mut specs = Vec::with_capacity(3);
+        let mut metas = Vec::with_capacity(3);
+        for (i, e) in entries.into_iter().enumerate() {
+            let e = e?;
+            let [rows, cols] = shapes[i];
+            if e.shape() != [n_expert, rows, cols] {
+                return Err(self.shape_error(e, &[n_expert, rows, cols]));
+            }
+            specs.push(SliceSpec {
+                file: e.file,
+                offset: e.offset,
+                stride: e.n_bytes / n_expert as u64,
+            });
+            metas.push(experts::SliceMeta {
+                name: e.name.clone(),
+                ty: e.ty,
+                shape: Shape::from((rows, cols)),
+            });
+        }
+        let streamed = names
+            .iter()
+            .any(|n| self.placement.tier(n) == TierKind::Nvme);
+        if let (true, Some(cache)) = (streamed, &self.experts) {
+            cache.register_layer(layer, [specs[0], specs[1], specs[2]]);
+            let meta = [metas[0].clone(), metas[1].clone(), metas[2].clone()];
+            return Ok(ExpertSet::cached(layer, n_expert, cache.clone(), meta));
+        }
+        let g = self.get_experts(names[0], n_expert, shapes[0][0], shapes[0][1])?;
+        let u = self.get_experts(names[1], n_expert, shapes[1][0], shapes[1][1])?;
+        let d = self.get_experts(names[2], n_expert, shapes[2][0], shapes[2][1])?;
+        let experts = g
+            .into_iter()
+            .zip(u)
+            .zip(d)
+            .map(|((gate, up), down)| ExpertWeights { gate, up, down })
+            .collect();
+        Ok(ExpertSet::resident(layer, experts))
     }
 
     /// Bytes `part` (relative to the tensor's start) of tensor `e`, served from its tier.
@@ -253,6 +316,45 @@ impl WeightStore {
             }
         }
     }
+}
+
+/// The expert cache for the expert tensors `placement` puts on NVMe, if any: slots sized for the
+/// largest gate, up and down slices.
+fn expert_cache(files: &ModelFiles, placement: &Placement) -> Result<Option<Arc<ExpertCache>>> {
+    let streamed: Vec<&TensorEntry> = files
+        .tensors
+        .iter()
+        .filter(|t| crate::plan::is_expert_tensor(&t.name))
+        .filter(|t| placement.tier(&t.name) == TierKind::Nvme)
+        .collect();
+    if streamed.is_empty() {
+        return Ok(None);
+    }
+    let cfg = files.config()?;
+    let mut slice_bytes = [0usize; 3];
+    for t in &streamed {
+        let i = if t.name.contains("ffn_gate_exps") {
+            0
+        } else if t.name.contains("ffn_up_exps") {
+            1
+        } else {
+            2
+        };
+        let n_expert = t.shape().first().copied().unwrap_or(1).max(1) as u64;
+        slice_bytes[i] = slice_bytes[i].max((t.n_bytes / n_expert) as usize);
+    }
+    let readers = files
+        .paths
+        .iter()
+        .map(|p| DirectFile::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(ExpertCache::new(
+        readers,
+        placement.expert_cache,
+        slice_bytes,
+        cfg.n_expert,
+        cfg.n_expert_used,
+    )?))
 }
 
 /// Tells the kernel this process no longer needs the mapped pages of `range` (they are re-read

@@ -8,6 +8,7 @@ use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Shape, Tensor};
 use memmap2::Mmap;
 
+use super::experts::ExpertData;
 use super::stream::{Slab, Streamer};
 use crate::error::{Error, Result};
 use crate::gguf::TensorType;
@@ -48,6 +49,8 @@ pub(crate) enum Tier {
     },
     /// A zero-copy view of the memory-mapped file (CPU): the page cache holds the bytes.
     Mapped { map: Arc<Mmap>, range: Range<usize> },
+    /// One slice of an expert held in the expert cache (pinned while this weight lives).
+    Cached { data: Arc<ExpertData>, which: usize },
     /// Read from disk into a pool buffer when needed: bytes `range` of stream group `group`.
     Streamed {
         streamer: Arc<Streamer>,
@@ -131,7 +134,7 @@ impl Weight {
         match self.inner.tier {
             Tier::Device { .. } => "device",
             Tier::Mapped { .. } => "ram",
-            Tier::Streamed { .. } => "nvme",
+            Tier::Streamed { .. } | Tier::Cached { .. } => "nvme",
         }
     }
 
@@ -141,6 +144,7 @@ impl Weight {
             Tier::Device { q: Some(q), .. } => Some(Bytes::Cow(q.data()?)),
             Tier::Device { .. } => None,
             Tier::Mapped { map, range } => Some(Bytes::Borrowed(&map[range.clone()])),
+            Tier::Cached { data, which } => Some(Bytes::Borrowed(data.slice(*which))),
             Tier::Streamed {
                 streamer,
                 group,

@@ -82,7 +82,19 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         Ok(Some(mean_std(&rates)))
     };
     let pp = run(a.n_prompt, time_pp)?;
+    let experts_before = m.experts.as_ref().map(|c| c.stats());
     let tg = run(a.n_gen, time_tg)?;
+    // The expert cache over the tg runs (warm-up included): tokens decoded one at a time.
+    let experts = m.experts.as_ref().zip(experts_before).map(|(c, b)| {
+        let s = c.stats().since(&b);
+        let tokens = if a.n_gen > 0 {
+            a.n_gen.min(16) + a.n_gen * a.reps.max(1)
+        } else {
+            0
+        };
+        (s, tokens)
+    });
+    m.save_learned()?;
     let size = m.files.tensor_bytes();
     let n_params: u64 = m
         .files
@@ -107,6 +119,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.reps,
             "pp_tok_s": pp.map(|x| x.0), "pp_tok_s_std": pp.map(|x| x.1),
             "tg_tok_s": tg.map(|x| x.0), "tg_tok_s_std": tg.map(|x| x.1),
+            "expert_cache": experts.as_ref().map(|(s, t)| serde_json::json!({
+                "stats": s, "tokens": t, "hit_rate": s.hit_rate(),
+                "prefetch_precision": s.prefetch_precision(), "prefetch_recall": s.prefetch_recall(),
+                "bytes_per_token": s.bytes_read as f64 / (*t).max(1) as f64,
+                "stall_s_per_token": s.stall.as_secs_f64() / (*t).max(1) as f64,
+            })),
         });
         println!("{j}");
         return Ok(());
@@ -121,6 +139,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 n_params as f64 / 1e6
             );
         }
+    }
+    if let Some((s, t)) = &experts {
+        println!();
+        println!("tg {}", crate::expert_stats::describe(s, *t));
     }
     Ok(())
 }

@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hypura::hub::{self, HubOptions, ModelRef};
 use hypura::loader::{self, LoadOptions, LoadedModel, TierOptions};
-use hypura::plan::{gib, Mode, Override, Plan, TierKind};
+use hypura::plan::{gib, mib, ExpertOptions, Mode, Override, Plan, TierKind};
+use hypura::storage::EvictionPolicy;
 
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
@@ -45,6 +46,28 @@ pub struct TierArgs {
     /// Stream groups read ahead (default: derived from disk and memory bandwidth).
     #[arg(long, value_name = "N", help_heading = "Placement")]
     pub lookahead: Option<usize>,
+    /// MoE models that stream experts: how many experts the expert cache holds (default: as
+    /// many as the RAM budget allows).
+    #[arg(
+        long = "expert-cache",
+        value_name = "N",
+        help_heading = "Mixture of experts"
+    )]
+    pub expert_cache: Option<usize>,
+    /// Expert-cache eviction policy: lfu (least frequently used; the default) or lru.
+    #[arg(
+        long = "expert-policy",
+        value_name = "POLICY",
+        help_heading = "Mixture of experts"
+    )]
+    pub expert_policy: Option<String>,
+    /// Do not prefetch the experts the co-activation statistics predict for the next layer.
+    #[arg(long = "no-prefetch", help_heading = "Mixture of experts")]
+    pub no_prefetch: bool,
+    /// Neither load nor save the per-model co-activation statistics (kept under the user cache
+    /// dir, so a second run starts with a warm predictor).
+    #[arg(long = "no-learn", help_heading = "Mixture of experts")]
+    pub no_learn: bool,
 }
 
 impl TierArgs {
@@ -59,6 +82,19 @@ impl TierArgs {
                 .map(|p| Override::parse(p))
                 .collect::<hypura::Result<_>>()?,
             lookahead: self.lookahead,
+            experts: ExpertOptions {
+                slots: self.expert_cache,
+                policy: self
+                    .expert_policy
+                    .as_deref()
+                    .map(|p| {
+                        EvictionPolicy::parse(p)
+                            .with_context(|| format!("--expert-policy '{p}': expected lfu or lru"))
+                    })
+                    .transpose()?,
+                no_prefetch: self.no_prefetch,
+            },
+            no_learn: self.no_learn,
         })
     }
 }
@@ -88,6 +124,21 @@ pub fn plan_summary(p: &Plan) -> String {
             gib(p.pool_slot_bytes),
             p.predicted_tok_s
         ),
+        Mode::ExpertStreaming => {
+            let c = &p.placement.expert_cache;
+            format!(
+                "mode expert-streaming: {} of a {} RAM budget; expert cache {} × {} ({}, prefetch {}); \
+                 predicted {} read per token at uniform routing, {:.2} tok/s",
+                gib(p.ram_needed_bytes),
+                gib(p.budgets.ram_bytes),
+                c.slots,
+                mib(p.expert_slot_bytes),
+                c.policy.name(),
+                if c.prefetch { "on" } else { "off" },
+                gib(p.bytes_per_token.nvme),
+                p.predicted_tok_s
+            )
+        }
     }
 }
 

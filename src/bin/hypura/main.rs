@@ -2,6 +2,7 @@
 
 mod bench;
 mod common;
+mod expert_stats;
 mod inspect_cmds;
 mod plan_cmds;
 mod run;

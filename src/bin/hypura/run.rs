@@ -9,6 +9,7 @@ use hypura::generate::{generate, GenerateOptions, Sampler, SamplingParams};
 use hypura::tokenizer::StreamDecoder;
 
 use crate::common::ModelArgs;
+use crate::expert_stats::{compare_policies, describe};
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -77,6 +78,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         batch_size: a.batch_size.max(1),
     };
     let before = m.streamer.as_ref().map(|s| s.stats());
+    if let Some(c) = &m.experts {
+        c.record_trace(a.stats);
+    }
     let mut decoder = StreamDecoder::new(&m.tokenizer);
     let mut out = std::io::stdout().lock();
     let stats = generate(&mut m.model, &prompt, &opts, &mut sampler, &mut |id| {
@@ -99,12 +103,22 @@ pub fn run(a: RunArgs) -> Result<()> {
         stats.generate_tok_s(),
         stats.stop
     );
-    if a.stats {
-        // Forward passes: the prompt's batches, then one per generated token but the last.
-        let passes =
-            stats.n_prompt.div_ceil(a.batch_size.max(1)) + stats.n_generated.saturating_sub(1);
+    // Forward passes: the prompt's batches, then one per generated token but the last.
+    let passes = stats.n_prompt.div_ceil(a.batch_size.max(1)) + stats.n_generated.saturating_sub(1);
+    if let Some(c) = &m.experts {
+        let tokens = stats.n_prompt + stats.n_generated.saturating_sub(1);
+        eprintln!("hypura: {}", describe(&c.stats(), tokens));
+        if a.stats {
+            eprintln!(
+                "hypura stats: {}",
+                compare_policies(&c.trace(), c.config().slots)
+            );
+        }
+    }
+    if a.stats && m.experts.is_none() {
         print_stream_stats(&m, before.as_ref(), passes);
     }
+    m.save_learned()?;
     Ok(())
 }
 

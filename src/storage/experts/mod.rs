@@ -1,0 +1,133 @@
+//! Mixture-of-experts weights: a layer's experts as one [`ExpertSet`], resident or streamed on
+//! demand through the [`ExpertCache`].
+//!
+//! The model asks for the experts its router picked ([`ExpertSet::with_routed`]) and gets each
+//! one's gate/up/down weights as ordinary [`Weight`]s; it never learns whether they were resident,
+//! cached, or just read from disk.
+
+mod cache;
+mod coact;
+mod policy;
+
+use std::sync::Arc;
+
+use candle_core::Shape;
+
+pub(crate) use cache::SliceSpec;
+pub use cache::{ExpertCache, ExpertCacheConfig, ExpertData, ExpertStats};
+pub use coact::CoActivation;
+pub use policy::{simulate, EvictionPolicy, ExpertKey, SimResult, TraceEntry};
+
+use super::weight::{Tier, Weight};
+use crate::error::Result;
+use crate::gguf::TensorType;
+
+/// One expert's feed-forward weights.
+#[derive(Clone, Debug)]
+pub struct ExpertWeights {
+    pub gate: Weight, // [n_ff, n_embd]
+    pub up: Weight,   // [n_ff, n_embd]
+    pub down: Weight, // [n_embd, n_ff]
+}
+
+/// Name, type and per-expert shape of one of a layer's three expert tensors.
+#[derive(Clone, Debug)]
+pub(crate) struct SliceMeta {
+    pub name: String,
+    pub ty: TensorType,
+    pub shape: Shape,
+}
+
+enum Source {
+    Resident(Vec<ExpertWeights>),
+    Cached {
+        cache: Arc<ExpertCache>,
+        meta: [SliceMeta; 3],
+    },
+}
+
+/// The experts of one MoE layer.
+pub struct ExpertSet {
+    layer: usize,
+    n_expert: usize,
+    source: Source,
+}
+
+impl ExpertSet {
+    pub(crate) fn resident(layer: usize, experts: Vec<ExpertWeights>) -> Self {
+        ExpertSet {
+            layer,
+            n_expert: experts.len(),
+            source: Source::Resident(experts),
+        }
+    }
+
+    pub(crate) fn cached(
+        layer: usize,
+        n_expert: usize,
+        cache: Arc<ExpertCache>,
+        meta: [SliceMeta; 3],
+    ) -> Self {
+        ExpertSet {
+            layer,
+            n_expert,
+            source: Source::Cached { cache, meta },
+        }
+    }
+
+    pub fn n_expert(&self) -> usize {
+        self.n_expert
+    }
+
+    /// Calls `visit(e, weights)` once for each expert that some token was routed to
+    /// (`per_token[t]` = token `t`'s experts). Resident experts come in id order; streamed ones
+    /// in the order they become available (cached first), so callers that sum expert outputs
+    /// must fix their own order.
+    pub fn with_routed(
+        &self,
+        per_token: &[Vec<usize>],
+        mut visit: impl FnMut(usize, &ExpertWeights) -> Result<()>,
+    ) -> Result<()> {
+        match &self.source {
+            Source::Resident(experts) => {
+                let mut used: Vec<usize> = per_token.iter().flatten().copied().collect();
+                used.sort_unstable();
+                used.dedup();
+                for e in used {
+                    let w = experts.get(e).ok_or_else(|| {
+                        crate::Error::InvalidRequest(format!(
+                            "expert {e} of {} routed at layer {}",
+                            experts.len(),
+                            self.layer
+                        ))
+                    })?;
+                    visit(e, w)?;
+                }
+                Ok(())
+            }
+            Source::Cached { cache, meta } => cache.serve(self.layer, per_token, &mut |e, data| {
+                let w = |i: usize| {
+                    let m = &meta[i];
+                    Weight::new(
+                        &format!("{}[{e}]", m.name),
+                        m.ty,
+                        m.shape.clone(),
+                        Tier::Cached {
+                            data: data.clone(),
+                            which: i,
+                        },
+                    )
+                    .with_transient_repack(true)
+                };
+                visit(
+                    e,
+                    &ExpertWeights {
+                        gate: w(0),
+                        up: w(1),
+                        down: w(2),
+                    },
+                )
+            }),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Expert-streaming gives exactly the logits of full-resident, whatever the cache size (one
+//! expert to all), the eviction policy, and with speculative prefetch on or off; and the cache
+//! reads only what the router picked.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Device;
+use common::*;
+use hypura::gguf::ModelFiles;
+use hypura::models::{LanguageModel, Logits, Transformer};
+use hypura::plan::{is_expert_tensor, Placement, TierKind};
+use hypura::storage::{EvictionPolicy, ExpertCacheConfig, ExpertStats, WeightStore};
+
+type Logit = Vec<Vec<f32>>;
+
+/// Prompt logits, decode logits for a few greedy tokens (run twice), and the cache's stats.
+fn run(gguf: &Path, placement: Placement) -> (Logit, Logit, Option<ExpertStats>) {
+    let files = ModelFiles::open(gguf).unwrap();
+    let cfg = files.config().unwrap();
+    let store = WeightStore::with_placement(files, &Device::Cpu, placement).unwrap();
+    let mut model = Transformer::load(&store, &cfg, 64).unwrap();
+    let r = reference(gguf);
+    let prompt = ids(&r["fixed_prompt"]["ids"]);
+    let greedy = ids(&r["fixed_prompt"]["greedy_ids"]);
+    let mut pass = || {
+        model.reset();
+        let p: Logit = model
+            .forward(&prompt, Logits::All)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let d: Logit = greedy[..8]
+            .iter()
+            .map(|&id| {
+                let l = model.forward(&[id], Logits::Last).unwrap();
+                l.to_vec2::<f32>().unwrap().remove(0)
+            })
+            .collect();
+        (p, d)
+    };
+    let first = pass();
+    let second = pass();
+    assert_eq!(first, second, "a second pass over a warm cache differs");
+    let stats = store.expert_cache().map(|c| c.stats());
+    (first.0, first.1, stats)
+}
+
+/// Experts on NVMe (through the cache), everything else on the device.
+fn experts_streamed(files: &ModelFiles, config: ExpertCacheConfig) -> Placement {
+    let tiers: HashMap<String, TierKind> = files
+        .tensors
+        .iter()
+        .filter(|t| is_expert_tensor(&t.name))
+        .map(|t| (t.name.clone(), TierKind::Nvme))
+        .collect();
+    let mut p = Placement::new(files, tiers, 1);
+    p.expert_cache = config;
+    p
+}
+
+#[test]
+fn expert_streaming_matches_full_resident_bit_for_bit() {
+    hypura::storage::set_transient_chunk_bytes(32 << 10);
+    for rel in [
+        "small-moe/small-moe-Q4_K_M.gguf",
+        "small-moe/small-moe-Q8_0.gguf",
+        "small-moe/small-moe-F32.gguf",
+    ] {
+        let gguf = fixtures_dir().join(rel);
+        let files = ModelFiles::open(&gguf).unwrap();
+        let cfg = files.config().unwrap();
+        let (want_p, want_d, none) = run(&gguf, Placement::default());
+        assert!(none.is_none(), "full-resident has no expert cache");
+        let total = cfg.n_layer * cfg.n_expert;
+        for slots in 1..=total {
+            for prefetch in [false, true] {
+                for policy in [EvictionPolicy::Lru, EvictionPolicy::Lfu] {
+                    let config = ExpertCacheConfig {
+                        slots,
+                        policy,
+                        prefetch,
+                        io_threads: 1 + slots % 2,
+                    };
+                    let (p, d, stats) = run(&gguf, experts_streamed(&files, config));
+                    let what = format!("{rel}: {config:?}");
+                    assert!(p == want_p, "{what}: prompt logits differ");
+                    assert!(d == want_d, "{what}: decode logits differ");
+                    let s = stats.expect("an expert cache");
+                    assert_eq!(s.requests, s.hits + s.in_flight + s.misses, "{what}");
+                    assert!(s.misses > 0 && s.bytes_read > 0, "{what}: nothing read");
+                    if !prefetch {
+                        assert_eq!(s.prefetch_issued, 0, "{what}");
+                    }
+                    if slots == total && !prefetch {
+                        // Everything fits: each expert is read once, then always hit.
+                        assert!(s.misses <= total as u64, "{what}: {s:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn only_routed_experts_are_read_without_prefetch() {
+    let gguf = fixtures_dir().join("small-moe/small-moe-Q8_0.gguf");
+    let files = ModelFiles::open(&gguf).unwrap();
+    let cfg = files.config().unwrap();
+    let config = ExpertCacheConfig {
+        slots: 1,
+        prefetch: false,
+        ..Default::default()
+    };
+    let store = WeightStore::with_placement(
+        files.clone(),
+        &Device::Cpu,
+        experts_streamed(&files, config),
+    )
+    .unwrap();
+    let mut model = Transformer::load(&store, &cfg, 64).unwrap();
+    let cache = store.expert_cache().unwrap().clone();
+    cache.record_trace(true);
+    for id in [3u32, 7, 11, 19] {
+        model.forward(&[id], Logits::Last).unwrap();
+    }
+    let trace = cache.trace();
+    let s = cache.stats();
+    assert_eq!(
+        trace.len(),
+        4 * cfg.n_layer,
+        "one entry per layer per token"
+    );
+    assert!(trace.iter().all(|t| t.experts.len() == cfg.n_expert_used));
+    // Bytes of one expert (gate + up + down) of layer 0.
+    let expert_bytes: u64 = files
+        .tensors
+        .iter()
+        .filter(|t| is_expert_tensor(&t.name) && t.name.starts_with("blk.0."))
+        .map(|t| t.n_bytes / cfg.n_expert as u64)
+        .sum();
+    assert_eq!(s.requests, (4 * cfg.n_layer * cfg.n_expert_used) as u64);
+    assert_eq!(s.bytes_read, s.misses * expert_bytes, "{s:?}");
+    assert_eq!(s.prefetch_issued, 0);
+}
+
+#[test]
+fn prefetch_learns_a_repeated_sequence() {
+    // The same token sequence twice: the second time, the co-activation statistics know which
+    // experts follow, so with room for them prefetch turns misses into hits.
+    let gguf = fixtures_dir().join("small-moe/small-moe-Q4_K_M.gguf");
+    let files = ModelFiles::open(&gguf).unwrap();
+    let cfg = files.config().unwrap();
+    let stats_for = |prefetch: bool| {
+        let config = ExpertCacheConfig {
+            slots: 3,
+            prefetch,
+            policy: EvictionPolicy::Lru,
+            io_threads: 1,
+        };
+        let store = WeightStore::with_placement(
+            files.clone(),
+            &Device::Cpu,
+            experts_streamed(&files, config),
+        )
+        .unwrap();
+        let mut model = Transformer::load(&store, &cfg, 128).unwrap();
+        let seq: Vec<u32> = (0..24).map(|i| (i * 37 % 500) as u32 + 3).collect();
+        for &id in &seq {
+            model.forward(&[id], Logits::Last).unwrap();
+        }
+        let before = store.expert_cache().unwrap().stats();
+        for &id in &seq {
+            model.forward(&[id], Logits::Last).unwrap();
+        }
+        store.expert_cache().unwrap().stats().since(&before)
+    };
+    let without = stats_for(false);
+    let with = stats_for(true);
+    assert!(
+        with.prefetch_issued > 0 && with.prefetch_used > 0,
+        "{with:?}"
+    );
+    assert!(
+        with.misses < without.misses,
+        "prefetch should cut demand misses: {} with vs {} without",
+        with.misses,
+        without.misses
+    );
+}

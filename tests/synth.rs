@@ -43,6 +43,7 @@ fn small(arch: Arch, ty: TensorType) -> SynthSpec {
         ty,
         k_medium: false,
         seed: 42,
+        routing: Default::default(),
     }
 }
 
@@ -511,5 +512,81 @@ fn write_speed() {
         );
         std::fs::remove_file(&out).unwrap();
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Share of expert uses that went to each layer's two most used experts, averaged over layers,
+/// over `n` decoded tokens.
+fn top2_share(path: &Path, n: usize) -> f64 {
+    use hypura::plan::{is_expert_tensor, Placement, TierKind};
+    use hypura::storage::{ExpertCacheConfig, WeightStore};
+    let files = ModelFiles::open(path).unwrap();
+    let cfg = files.config().unwrap();
+    let tiers = files
+        .tensors
+        .iter()
+        .filter(|t| is_expert_tensor(&t.name))
+        .map(|t| (t.name.clone(), TierKind::Nvme))
+        .collect();
+    let mut placement = Placement::new(&files, tiers, 1);
+    placement.expert_cache = ExpertCacheConfig {
+        slots: cfg.n_layer * cfg.n_expert,
+        ..Default::default()
+    };
+    let store = WeightStore::with_placement(files, &Device::Cpu, placement).unwrap();
+    let mut model = hypura::models::Transformer::load(&store, &cfg, n + 1).unwrap();
+    let cache = store.expert_cache().unwrap().clone();
+    cache.record_trace(true);
+    for i in 0..n {
+        model
+            .forward(&[(i * 37 % 500 + 3) as u32], Logits::Last)
+            .unwrap();
+    }
+    let mut counts = vec![vec![0u32; cfg.n_expert]; cfg.n_layer];
+    for t in cache.trace() {
+        for e in t.experts {
+            counts[t.layer][e] += 1;
+        }
+    }
+    let shares: Vec<f64> = counts
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            c.sort_unstable_by(|a, b| b.cmp(a));
+            (c[0] + c[1]) as f64 / c.iter().sum::<u32>() as f64
+        })
+        .collect();
+    shares.iter().sum::<f64>() / shares.len() as f64
+}
+
+#[test]
+fn synthetic_routing_skews_expert_popularity() {
+    let dir = temp("routing");
+    let vocab = fixture_vocab("small-moe");
+    let base = SynthSpec {
+        n_layer: 4,
+        n_expert: 8,
+        n_expert_used: 2,
+        ..moe(TensorType::Q8_0)
+    };
+    let uniform = write_and_check(&base, &vocab, &dir);
+    let skewed_spec = SynthSpec {
+        name: "skewed".into(),
+        routing: hypura::synth::RoutingSpec {
+            skew: 2.0,
+            layer_corr: 0.8,
+        },
+        ..base.clone()
+    };
+    let skewed = dir.join("skewed.gguf");
+    write_model(&skewed_spec, &vocab, &skewed).unwrap();
+    check_runs(&skewed);
+    // Top-2 of 8 experts: a quarter of the uses if routing were uniform.
+    let (u, s) = (top2_share(&uniform, 48), top2_share(&skewed, 48));
+    assert!(u < 0.45, "plain random routers: top-2 share {u}");
+    assert!(
+        s > 0.6 && s > u + 0.2,
+        "skewed routers: top-2 share {s} (uniform {u})"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

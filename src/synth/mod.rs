@@ -23,11 +23,13 @@ use std::path::Path;
 
 mod blocks;
 mod presets;
+mod routing;
 
 pub use blocks::random_tensor_bytes;
 use blocks::{mix, write_random};
 
 pub use presets::{file_type as parse_file_type, padded_vocab, preset, presets, Preset};
+pub use routing::RoutingSpec;
 
 use crate::error::{Error, Result};
 use crate::gguf::{Arch, GgufWriter, Metadata, TensorData, TensorType, Value};
@@ -59,6 +61,8 @@ pub struct SynthSpec {
     /// gives more bits, are Q6_K (e.g. Q4_K_M = Q4_K + Q6_K).
     pub k_medium: bool,
     pub seed: u64,
+    /// MoE: synthetic routing statistics (default: plain random routers, nearly uniform).
+    pub routing: RoutingSpec,
 }
 
 impl Default for SynthSpec {
@@ -81,6 +85,7 @@ impl Default for SynthSpec {
             ty: TensorType::Q8_0,
             k_medium: false,
             seed: 0,
+            routing: RoutingSpec::default(),
         }
     }
 }
@@ -102,6 +107,7 @@ impl SynthSpec {
 
     /// Checks that the dimensions describe a model hypura (and llama.cpp) can run.
     pub fn validate(&self) -> Result<()> {
+        self.routing.validate()?;
         let bad = |m: String| Err(Error::InvalidRequest(format!("synth: {m}")));
         if !SYNTH_TYPES.contains(&self.ty) {
             let names: Vec<_> = SYNTH_TYPES.iter().map(|t| t.name()).collect();
@@ -364,18 +370,42 @@ pub fn write_model_with_progress(
         }
     }
     let total: u64 = tensors.iter().map(SynthTensor::n_bytes).sum();
+    // Synthetic routing: routers with a structure, and embeddings that carry their bias.
+    let shaped = spec.n_expert > 0 && !spec.routing.is_uniform();
+    let router_std = 2.0 / (spec.n_embd as f32).sqrt();
+    let mut routers = if shaped {
+        routing::routers(
+            &spec.routing,
+            spec.n_layer,
+            spec.n_expert,
+            spec.n_embd,
+            router_std,
+            spec.seed,
+        )
+    } else {
+        Vec::new()
+    };
     for (i, t) in tensors.into_iter().enumerate() {
         let seed = mix(spec.seed ^ mix(i as u64 + 1));
         let (ty, n, mean, std) = (t.ty, t.n_elements(), t.mean, t.std);
-        let producer = move |out: &mut dyn Write| -> std::io::Result<()> {
-            write_random(out, ty, n, mean, std, seed)
-        };
-        w.add_tensor(
-            &t.name,
-            t.ty,
-            &t.dims,
-            TensorData::Producer(Box::new(producer)),
-        );
+        let layer = crate::plan::layer_of(&t.name);
+        let producer: Box<dyn FnOnce(&mut dyn Write) -> std::io::Result<()> + Send> =
+            if shaped && t.name.ends_with("ffn_gate_inp.weight") {
+                let w = layer
+                    .and_then(|l| routers.get_mut(l))
+                    .map(std::mem::take)
+                    .unwrap_or_default();
+                Box::new(move |out: &mut dyn Write| {
+                    let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    out.write_all(&bytes)
+                })
+            } else if shaped && t.name == "token_embd.weight" {
+                let d = spec.n_embd;
+                Box::new(move |out: &mut dyn Write| routing_embedding(out, ty, n, d, std, seed))
+            } else {
+                Box::new(move |out: &mut dyn Write| write_random(out, ty, n, mean, std, seed))
+            };
+        w.add_tensor(&t.name, t.ty, &t.dims, TensorData::Producer(producer));
     }
     let file_name = out
         .file_name()
@@ -426,4 +456,44 @@ impl<W: Write> Write for ProgressWriter<'_, W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// A token embedding whose rows are random (`std`) but for a constant "massive" first component
+/// (see [`routing`]), quantized to `ty` row block by row block.
+fn routing_embedding(
+    out: &mut dyn Write,
+    ty: TensorType,
+    n: u64,
+    d: usize,
+    std: f32,
+    seed: u64,
+) -> std::io::Result<()> {
+    use candle_core::quantized::QTensor;
+    let rows = (n / d as u64) as usize;
+    let massive = routing::massive_value(d);
+    let per_chunk = ((1 << 20) / d).max(1);
+    let mut r0 = 0;
+    while r0 < rows {
+        let take = per_chunk.min(rows - r0);
+        let raw = random_tensor_bytes(
+            TensorType::F32,
+            (take * d) as u64,
+            0.0,
+            std,
+            mix(seed ^ r0 as u64),
+        );
+        let mut vals: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        for row in vals.chunks_exact_mut(d) {
+            row[0] = massive;
+        }
+        let t = candle_core::Tensor::from_vec(vals, (take, d), &candle_core::Device::Cpu)
+            .map_err(std::io::Error::other)?;
+        let q = QTensor::quantize(&t, ty.to_candle()).map_err(std::io::Error::other)?;
+        out.write_all(&q.data().map_err(std::io::Error::other)?)?;
+        r0 += take;
+    }
+    Ok(())
 }

@@ -19,6 +19,7 @@ llama.cpp loads these files.
 Examples:
   hypura synth --preset llama-3-8b --type Q4_K_M -o llama-3-8b-synth-Q4_K_M.gguf
   hypura synth --preset mixtral-8x7b --type Q5_K_M -o mixtral-synth.gguf
+  hypura synth --preset mixtral-8x7b --layers 8 --router-skew 1.2 --router-corr 0.8 -o moe-skewed.gguf
   hypura synth --layers 8 --dim 2048 --ff 5632 --heads 32 --kv-heads 4 --type Q8_0 -o small.gguf
   hypura synth --list")]
 pub struct SynthArgs {
@@ -62,6 +63,25 @@ pub struct SynthArgs {
     pub experts_used: Option<usize>,
     #[arg(long, help_heading = "Custom shape (overrides the preset's)")]
     pub vocab: Option<usize>,
+    /// MoE only. Random routers route almost uniformly; this makes expert popularity in each
+    /// layer follow a Zipf law with this exponent (1 ≈ the top expert picked twice as often as
+    /// the second), as trained models' routing is skewed. Synthetic, not learned: see the README.
+    #[arg(
+        long = "router-skew",
+        value_name = "S",
+        default_value_t = 0.0,
+        help_heading = "Synthetic routing (MoE)"
+    )]
+    pub router_skew: f32,
+    /// MoE only. Correlation in [0, 1) between consecutive layers' routers (up to a permutation
+    /// of expert ids), so the experts of one layer predict those of the next.
+    #[arg(
+        long = "router-corr",
+        value_name = "R",
+        default_value_t = 0.0,
+        help_heading = "Synthetic routing (MoE)"
+    )]
+    pub router_corr: f32,
 }
 
 pub fn synth(a: SynthArgs) -> Result<()> {
@@ -121,6 +141,13 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     spec.ty = ty;
     spec.k_medium = medium;
     spec.seed = a.seed;
+    spec.routing = hypura::synth::RoutingSpec {
+        skew: a.router_skew,
+        layer_corr: a.router_corr,
+    };
+    if spec.n_expert == 0 && !spec.routing.is_uniform() {
+        bail!("--router-skew and --router-corr shape MoE routing: give --experts too (or an MoE preset)");
+    }
     let bundled = hypura::hub::bundled_model_path()?;
     let vocab = padded_vocab(&ModelFiles::open(&bundled)?.metadata, n_vocab)?;
     let bar = indicatif::ProgressBar::new(0);

@@ -13,7 +13,9 @@
 //!                      ▼
 //!               storage::WeightStore ── serves each tensor as a storage::Weight:
 //!                      │                  device buffer | mapped file view | streamed slab
-//!                      ▼                  (storage::Streamer: direct-I/O pool + prefetch)
+//!                      │                  (storage::Streamer: direct-I/O pool + prefetch)
+//!                      │                ── and each MoE layer's experts as a storage::ExpertSet
+//!                      ▼                  (resident, or storage::ExpertCache: on demand + prefetch)
 //!               models::Transformer (Llama / Qwen2 / Mixtral forward, KV cache)
 //!                      │
 //!   tokenizer::Tokenizer (from GGUF metadata) ── generate (sampling, loop, perplexity) ── CLI

@@ -18,7 +18,7 @@ pub use config::{Arch, ModelConfig, RopeStyle};
 pub use reader::{parse_header, read_header, Header, TensorInfo, DEFAULT_ALIGNMENT, GGUF_MAGIC};
 pub use types::TensorType;
 pub use value::{Metadata, Value};
-pub use writer::{GgufWriter, TensorData};
+pub use writer::{GgufWriter, Producer, TensorData};
 
 use crate::error::{Error, Result};
 

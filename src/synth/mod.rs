@@ -389,22 +389,21 @@ pub fn write_model_with_progress(
         let seed = mix(spec.seed ^ mix(i as u64 + 1));
         let (ty, n, mean, std) = (t.ty, t.n_elements(), t.mean, t.std);
         let layer = crate::plan::layer_of(&t.name);
-        let producer: Box<dyn FnOnce(&mut dyn Write) -> std::io::Result<()> + Send> =
-            if shaped && t.name.ends_with("ffn_gate_inp.weight") {
-                let w = layer
-                    .and_then(|l| routers.get_mut(l))
-                    .map(std::mem::take)
-                    .unwrap_or_default();
-                Box::new(move |out: &mut dyn Write| {
-                    let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    out.write_all(&bytes)
-                })
-            } else if shaped && t.name == "token_embd.weight" {
-                let d = spec.n_embd;
-                Box::new(move |out: &mut dyn Write| routing_embedding(out, ty, n, d, std, seed))
-            } else {
-                Box::new(move |out: &mut dyn Write| write_random(out, ty, n, mean, std, seed))
-            };
+        let producer: crate::gguf::Producer = if shaped && t.name.ends_with("ffn_gate_inp.weight") {
+            let w = layer
+                .and_then(|l| routers.get_mut(l))
+                .map(std::mem::take)
+                .unwrap_or_default();
+            Box::new(move |out: &mut dyn Write| {
+                let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+                out.write_all(&bytes)
+            })
+        } else if shaped && t.name == "token_embd.weight" {
+            let d = spec.n_embd;
+            Box::new(move |out: &mut dyn Write| routing_embedding(out, ty, n, d, std, seed))
+        } else {
+            Box::new(move |out: &mut dyn Write| write_random(out, ty, n, mean, std, seed))
+        };
         w.add_tensor(&t.name, t.ty, &t.dims, TensorData::Producer(producer));
     }
     let file_name = out

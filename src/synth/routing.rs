@@ -36,7 +36,7 @@ impl RoutingSpec {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if !(self.skew >= 0.0 && self.skew <= 16.0) || !(0.0..1.0).contains(&self.layer_corr) {
+        if !((0.0..=16.0).contains(&self.skew) && (0.0..1.0).contains(&self.layer_corr)) {
             return Err(Error::InvalidRequest(format!(
                 "synthetic routing: skew {} must be in [0, 16] and layer correlation {} in [0, 1)",
                 self.skew, self.layer_corr
@@ -86,7 +86,7 @@ pub(super) fn routers(
     seed: u64,
 ) -> Vec<Vec<f32>> {
     let d = n_embd;
-    let mut g = Gen(seed ^ 0x5eed_0f_a11_7e55);
+    let mut g = Gen(seed ^ 0x0005_eed0_fa11_7e55);
     // The routers' random logits have std ≈ std · sqrt(d) (RMS-normalised input); Gumbel
     // noise of that std has scale β = std·√6/π, and a bias of -s·β·ln(r+1) then gives Zipf(s).
     let noise_std = std as f64 * (d as f64).sqrt();
@@ -108,16 +108,16 @@ pub(super) fn routers(
             let prev = &out[l - 1];
             let keep = (1.0 - rho * rho).sqrt() as f32;
             let mut mixed = vec![0f32; n_expert * d];
-            for e in 0..n_expert {
-                let (dst, src) = (perm[e] * d, e * d);
+            for (e, &p) in perm.iter().enumerate() {
+                let (dst, src) = (p * d, e * d);
                 for j in 0..d {
                     mixed[dst + j] = rho as f32 * prev[src + j] + keep * w[dst + j];
                 }
             }
             w = mixed;
             let mut next_rank = vec![0; n_expert];
-            for e in 0..n_expert {
-                next_rank[perm[e]] = rank[e];
+            for (&p, &r) in perm.iter().zip(&rank) {
+                next_rank[p] = r;
             }
             rank = next_rank;
         } else if l > 0 {

@@ -8,15 +8,17 @@
 mod cache;
 mod coact;
 mod policy;
+mod stats;
 
 use std::sync::Arc;
 
 use candle_core::Shape;
 
 pub(crate) use cache::SliceSpec;
-pub use cache::{ExpertCache, ExpertCacheConfig, ExpertData, ExpertStats};
+pub use cache::{ExpertCache, ExpertCacheConfig, ExpertData};
 pub use coact::CoActivation;
 pub use policy::{simulate, EvictionPolicy, ExpertKey, SimResult, TraceEntry};
+pub use stats::ExpertStats;
 
 use super::weight::{Tier, Weight};
 use crate::error::Result;

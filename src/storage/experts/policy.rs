@@ -105,7 +105,7 @@ pub fn simulate(trace: &[TraceEntry], slots: usize, policy: EvictionPolicy) -> S
                     cached
                         .iter()
                         .filter(|(k, _)| {
-                            !protect || !(k.0 == entry.layer && entry.experts.contains(&k.1))
+                            !(protect && k.0 == entry.layer && entry.experts.contains(&k.1))
                         })
                         .min_by_key(|(k, &last)| {
                             (

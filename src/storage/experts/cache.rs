@@ -22,7 +22,7 @@ use crate::storage::aligned::AlignedBuf;
 use crate::storage::direct::{DirectFile, DIRECT_IO_ALIGN};
 
 /// Prefetch reads experts predicted at least this likely to be used by the next layer.
-const PREFETCH_MIN_PROBABILITY: f64 = 0.3;
+const PREFETCH_MIN_PROBABILITY: f64 = 0.5;
 
 /// Where one of an expert tensor's slices lie: expert `e` is bytes
 /// `offset + e * stride .. offset + (e + 1) * stride` of file `file`.

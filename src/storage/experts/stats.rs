@@ -29,8 +29,10 @@ impl ExpertStats {
     pub fn hit_rate(&self) -> f64 {
         ratio(self.hits, self.requests)
     }
+    /// Of the experts prefetched, the share the router then asked for. (Over a window of a
+    /// run, a prefetch issued before the window may be used in it; the share is capped at 1.)
     pub fn prefetch_precision(&self) -> f64 {
-        ratio(self.prefetch_used, self.prefetch_issued)
+        ratio(self.prefetch_used, self.prefetch_issued).min(1.0)
     }
     /// Of the experts that were not cached when needed or predicted, the share prefetch covered.
     pub fn prefetch_recall(&self) -> f64 {

@@ -163,6 +163,9 @@ pub fn plan(a: PlanArgs) -> Result<()> {
             "ram_needed_bytes": p.ram_needed_bytes, "kv_bytes": p.kv_bytes, "overhead_bytes": p.overhead_bytes,
             "pool_slots": p.pool_slots, "pool_slot_bytes": p.pool_slot_bytes, "lookahead": p.placement.lookahead,
             "bytes_per_token": p.bytes_per_token, "predicted_tok_s": p.predicted_tok_s,
+            "expert_cache": (p.mode == hypura::plan::Mode::ExpertStreaming).then(|| serde_json::json!({
+                "config": p.placement.expert_cache, "slot_bytes": p.expert_slot_bytes,
+            })),
             "decisions": p.decisions, "stream_groups": p.placement.groups, "tensors": tensors,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);

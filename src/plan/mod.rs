@@ -1,6 +1,7 @@
 //! Placement planning: which tier holds each tensor, how streamed tensors are read, and what
 //! that should cost. [`planner::plan`] is a pure function; [`Placement`] is what storage carries out.
 
+mod gpu;
 mod placement;
 mod planner;
 

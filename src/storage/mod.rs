@@ -7,6 +7,8 @@
 
 mod aligned;
 mod direct;
+#[cfg(feature = "cuda")]
+mod pinned;
 mod stream;
 mod weight;
 
@@ -20,6 +22,8 @@ use memmap2::Mmap;
 
 pub use aligned::AlignedBuf;
 pub use direct::{DirectFile, ReadMode, DIRECT_IO_ALIGN};
+#[cfg(feature = "cuda")]
+pub use pinned::{cuda_error, PinnedBuf};
 pub use stream::{Slab, StreamGroup, StreamStats, Streamer};
 pub use weight::{set_transient_chunk_bytes, Weight};
 
@@ -62,12 +66,6 @@ impl WeightStore {
             // is the same contract every mmap-based loader (llama.cpp included) has with its user.
             let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io("mmap", path, 0, e))?;
             maps.push(Arc::new(map));
-        }
-        let off_device = placement.tiers.values().any(|t| *t != TierKind::Device);
-        if off_device && !device.is_cpu() {
-            return Err(Error::InvalidRequest(
-                "RAM and NVMe tiers are implemented for the CPU backend only so far".into(),
-            ));
         }
         let streamer = if placement.groups.is_empty() {
             None
@@ -222,7 +220,7 @@ impl WeightStore {
                     map: self.maps[e.file].clone(),
                     range: start..start + part.len(),
                 };
-                Ok(Weight::new(name, e.ty, shape, tier))
+                Ok(Weight::new(name, e.ty, shape, tier, &self.device))
             }
             TierKind::Nvme => {
                 let (group, range) =
@@ -249,6 +247,7 @@ impl WeightStore {
                         group,
                         range,
                     },
+                    &self.device,
                 ))
             }
         }

@@ -64,7 +64,7 @@ fn describe(measure: bool) -> Result<DeviceInfo> {
     })?);
     drop(dst);
     // Device memory: a copy reads and writes every byte once.
-    let n = if free as usize > 4 * D2D_BYTES {
+    let n = if free > 4 * D2D_BYTES {
         D2D_BYTES
     } else {
         H2D_BYTES

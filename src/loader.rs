@@ -117,27 +117,47 @@ pub fn default_ram_budget(mem: &MemoryInfo) -> u64 {
 const UNMEASURED: Rates = Rates {
     mem_read_bps: 20e9,
     disk_read_bps: 1e9,
+    device_read_bps: 20e9,
+    upload_bps: 20e9,
 };
 
-/// Plans `files` for this machine. Reads the cached profile; measures the disk only when the plan
-/// streams and no profile is cached yet.
+/// The device budget hypura takes by default on a GPU: its free memory, less headroom for the
+/// CUDA runtime, cuBLAS workspaces and allocator slack (5 % of the total, at least 1 GiB).
+/// `None` for the CPU (no device budget: the device tier is RAM).
+pub fn default_device_budget(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Some((free, total)) = hardware::gpu::memory(device) {
+        return Some(free.saturating_sub((total / 20).max(1 << 30)));
+    }
+    let _ = device;
+    None
+}
+
+/// Plans `files` for this machine, running on `device`. Reads the cached profile; measures the
+/// disk only when the plan streams and no profile is cached yet. A GPU (or `--device-budget`)
+/// gives the plan a device budget.
 pub fn plan_model(
     files: &ModelFiles,
     cfg: &ModelConfig,
     n_ctx: usize,
     tiers: &TierOptions,
+    device: &Device,
     progress: bool,
 ) -> Result<(Plan, Option<Profile>)> {
     let mem = hardware::read_memory();
     let budgets = Budgets {
         ram_bytes: tiers.ram_budget.unwrap_or_else(|| default_ram_budget(&mem)),
-        device_bytes: tiers.device_budget,
+        device_bytes: tiers
+            .device_budget
+            .or_else(|| default_device_budget(device)),
     };
     let cached = hardware::cached_profile(files.path());
     let rates = |p: &Option<Profile>| {
         p.as_ref().map_or(UNMEASURED, |p| Rates {
             mem_read_bps: p.mem_read_bps,
             disk_read_bps: p.disk_read_bps,
+            device_read_bps: p.device.device_read_bps.unwrap_or(p.mem_read_bps),
+            upload_bps: p.device.upload_bps.unwrap_or(p.mem_read_bps),
         })
     };
     let input = |r: Rates| PlanInput {
@@ -172,7 +192,14 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             "context size must be at least 1 token".into(),
         ));
     }
-    let (plan, _) = plan_model(&files, &config, n_ctx, &opts.tiers, opts.progress)?;
+    let (plan, _) = plan_model(
+        &files,
+        &config,
+        n_ctx,
+        &opts.tiers,
+        &opts.device,
+        opts.progress,
+    )?;
     let mut store =
         WeightStore::with_placement(files.clone(), &opts.device, plan.placement.clone())?;
     let device_bytes: u64 = plan

@@ -72,6 +72,8 @@ fn inventory(cfg: &ModelConfig, ty: TensorType) -> Vec<TensorEntry> {
 const RATES: Rates = Rates {
     mem_read_bps: 20e9,
     disk_read_bps: 1.5e9,
+    device_read_bps: 3e12,
+    upload_bps: 50e9,
 };
 
 fn input<'a>(
@@ -388,4 +390,154 @@ fn expert_cache_options_are_honoured() {
     i.experts.slots = Some(10_000);
     let err = plan(&i).unwrap_err().to_string();
     assert!(err.contains("--expert-cache"), "{err}");
+}
+
+fn gpu_input<'a>(
+    t: &'a [TensorEntry],
+    cfg: &'a ModelConfig,
+    ram: u64,
+    device: u64,
+) -> PlanInput<'a> {
+    let mut i = input(t, cfg, ram, &[]);
+    i.budgets.device_bytes = Some(device);
+    i
+}
+
+#[test]
+fn a_model_that_fits_the_gpu_is_full_resident_on_it() {
+    let cfg = config(16);
+    let t = inventory(&cfg, TensorType::Q8_0);
+    let total: u64 = t.iter().map(|x| x.n_bytes).sum();
+    // Half the model's size in RAM: on a GPU plan the weights live in device memory.
+    let p = plan(&gpu_input(&t, &cfg, total / 2, 16 << 30)).unwrap();
+    assert_eq!(p.mode, Mode::FullResident);
+    assert!(t
+        .iter()
+        .all(|x| p.placement.tier(&x.name) == TierKind::Device));
+    assert!(p.device_needed_bytes > total && p.device_needed_bytes <= 16 << 30);
+    assert!(p.ram_needed_bytes <= total / 2);
+    // Every weight byte but the unused embedding rows, at device bandwidth.
+    let per_token = (total - t[0].n_bytes + t[0].n_bytes / 32000) as f64;
+    let want = RATES.device_read_bps / per_token;
+    assert!(
+        (p.predicted_tok_s - want).abs() / want < 0.01,
+        "{} vs {want}",
+        p.predicted_tok_s
+    );
+}
+
+#[test]
+fn a_small_gpu_holds_the_first_layers_and_the_rest_go_to_ram_then_disk() {
+    let cfg = config(16);
+    let t = inventory(&cfg, TensorType::Q8_0);
+    let total: u64 = t.iter().map(|x| x.n_bytes).sum();
+    let (device, ram) = (total / 2, total * 3 / 4);
+    let p = plan(&gpu_input(&t, &cfg, ram, device)).unwrap();
+    assert_eq!(p.mode, Mode::LayerOffload);
+    assert!(
+        p.device_needed_bytes <= device,
+        "{} > {device}",
+        p.device_needed_bytes
+    );
+    assert!(p.ram_needed_bytes <= ram, "{} > {ram}", p.ram_needed_bytes);
+    assert_eq!(p.placement.tier("token_embd.weight"), TierKind::Ram);
+    assert_eq!(p.placement.tier("output.weight"), TierKind::Device);
+    // Whole layers, in order: device, then RAM, then disk.
+    let tiers: Vec<TierKind> = (0..16)
+        .map(|l| {
+            let tier = p.placement.tier(&format!("blk.{l}.attn_q.weight"));
+            assert_eq!(
+                tier,
+                p.placement.tier(&format!("blk.{l}.ffn_down.weight")),
+                "layer {l}"
+            );
+            tier
+        })
+        .collect();
+    let rank = |k: &TierKind| match k {
+        TierKind::Device => 0,
+        TierKind::Ram => 1,
+        TierKind::Nvme => 2,
+    };
+    assert!(
+        tiers.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])),
+        "{tiers:?}"
+    );
+    for k in [TierKind::Device, TierKind::Ram, TierKind::Nvme] {
+        assert!(tiers.contains(&k), "no layer on {k:?}: {tiers:?}");
+    }
+    assert!(p.bytes_per_token.nvme > 0 && p.bytes_per_token.ram > 0);
+}
+
+#[test]
+fn a_device_budget_below_the_kv_cache_is_refused_with_the_minimum() {
+    let cfg = config(16);
+    let t = inventory(&cfg, TensorType::Q8_0);
+    let err = plan(&gpu_input(&t, &cfg, 16 << 30, 8 * MIB))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("device budget of 8.0 MiB is too small"),
+        "{err}"
+    );
+    assert!(err.contains("need at least"), "{err}");
+}
+
+/// The seed's scenario: Llama-3-70B-shaped Q4_K weights (~40 GiB) with a 22 GiB GPU and 8 GiB of RAM.
+#[test]
+fn a_70b_on_a_22_gib_gpu_with_8_gib_of_ram_splits_by_layer() {
+    let cfg = ModelConfig {
+        n_vocab: 128256,
+        n_embd: 8192,
+        n_layer: 80,
+        n_ff: 28672,
+        n_head: 64,
+        n_head_kv: 8,
+        head_dim: 128,
+        rope_dim: 128,
+        ..config(80)
+    };
+    let t = inventory(&cfg, TensorType::Q4_K);
+    let total: u64 = t.iter().map(|x| x.n_bytes).sum();
+    let (device, ram) = (22u64 << 30, 8u64 << 30);
+    let p = plan(&gpu_input(&t, &cfg, ram, device)).unwrap();
+    assert_eq!(p.mode, Mode::LayerOffload);
+    assert!(p.device_needed_bytes <= device && p.ram_needed_bytes <= ram);
+    let count = |k: TierKind| {
+        (0..80)
+            .filter(|l| p.placement.tier(&format!("blk.{l}.ffn_up.weight")) == k)
+            .count()
+    };
+    let (d, r, n) = (
+        count(TierKind::Device),
+        count(TierKind::Ram),
+        count(TierKind::Nvme),
+    );
+    eprintln!(
+        "70B ({:.1} GiB): {d} layers on the GPU, {r} in RAM, {n} streamed; device {:.1} GiB, RAM {:.1} GiB; {}",
+        total as f64 / (1u64 << 30) as f64,
+        p.device_needed_bytes as f64 / (1u64 << 30) as f64,
+        p.ram_needed_bytes as f64 / (1u64 << 30) as f64,
+        p.decisions.join("; ")
+    );
+    assert_eq!(d + r + n, 80);
+    // Greedy and full: one more layer would overflow the GPU, and one more the RAM.
+    let layer: u64 = t
+        .iter()
+        .filter(|x| x.name.starts_with("blk.0.") && x.dims.len() > 1)
+        .map(|x| x.n_bytes)
+        .sum();
+    assert!(d > 0 && r > 0 && n > 0, "{d} / {r} / {n}");
+    assert!(
+        p.device_needed_bytes + layer > device,
+        "room for another GPU layer"
+    );
+    assert!(
+        p.ram_needed_bytes + layer > ram,
+        "room for another RAM layer"
+    );
+    assert_eq!(
+        p.bytes_per_token.nvme,
+        p.placement.groups.iter().map(|g| g.len as u64).sum::<u64>()
+    );
 }

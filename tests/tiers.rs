@@ -1,4 +1,5 @@
-//! Every placement gives the same logits as full-resident: bit-identical on the CPU, for prompt
+//! Every placement gives the same logits as full-resident: bit-identical on every backend (on a
+//! GPU, off-device tiers are copied to the device per use and run the same kernels), for prompt
 //! batches and for token-by-token decoding, with tensors on the device, in the mapped file
 //! (RAM tier) or streamed from disk (NVMe tier), and mixed.
 
@@ -15,10 +16,14 @@ use hypura::plan::{Placement, TierKind};
 use hypura::storage::WeightStore;
 
 /// Prompt logits and decode logits for a few greedy tokens.
-fn logits_with(gguf: &Path, placement: Placement) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Option<u64>) {
+fn logits_with(
+    gguf: &Path,
+    device: &Device,
+    placement: Placement,
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, Option<u64>) {
     let files = ModelFiles::open(gguf).unwrap();
     let cfg = files.config().unwrap();
-    let store = WeightStore::with_placement(files, &Device::Cpu, placement).unwrap();
+    let store = WeightStore::with_placement(files, device, placement).unwrap();
     let mut model = Transformer::load(&store, &cfg, 64).unwrap();
     let r = reference(gguf);
     let prompt = ids(&r["fixed_prompt"]["ids"]);
@@ -69,8 +74,7 @@ fn mixed(files: &ModelFiles) -> Placement {
     Placement::new(files, tiers, 1)
 }
 
-#[test]
-fn every_placement_matches_full_resident_bit_for_bit() {
+fn every_placement(device: &Device) {
     // Tiny transient chunks, so batch products on temporary copies run in several pieces.
     hypura::storage::set_transient_chunk_bytes(32 << 10);
     let dir = fixtures_dir();
@@ -85,7 +89,7 @@ fn every_placement_matches_full_resident_bit_for_bit() {
         let files = ModelFiles::open(&gguf).unwrap();
         // The reference: full-resident, repacked copies kept. Every placement, with repacked
         // copies kept or made per batch (tight budgets), must give exactly its numbers.
-        let (want_prompt, want_decode, none) = logits_with(&gguf, Placement::default());
+        let (want_prompt, want_decode, none) = logits_with(&gguf, device, Placement::default());
         assert_eq!(none, None, "full-resident streams nothing");
         for in_place in [false, true] {
             for (name, mut placement) in [
@@ -100,7 +104,7 @@ fn every_placement_matches_full_resident_bit_for_bit() {
                     if in_place { " (transient repack)" } else { "" }
                 );
                 let streams = !placement.groups.is_empty();
-                let (prompt, decode, read) = logits_with(&gguf, placement);
+                let (prompt, decode, read) = logits_with(&gguf, device, placement);
                 assert!(
                     prompt == want_prompt,
                     "{rel} {name}: prompt logits differ from full-resident"
@@ -116,6 +120,11 @@ fn every_placement_matches_full_resident_bit_for_bit() {
         }
     }
 }
+
+on_every_backend!(
+    every_placement_matches_full_resident_bit_for_bit,
+    every_placement
+);
 
 #[test]
 fn streamed_model_reads_each_layer_once_per_token() {

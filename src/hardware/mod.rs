@@ -2,6 +2,8 @@
 //! memory, RAM (cgroup-aware), the direct-I/O read bandwidth of the filesystem holding the model,
 //! and memory read bandwidth. The profiler measures; the planner only reads the numbers.
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
 mod measure;
 mod memory;
 
@@ -15,7 +17,7 @@ pub use memory::{cgroup_limit, read_memory, CgroupLimit, MemoryInfo};
 use crate::error::{Error, Result};
 
 /// Bump when the profile's fields or measurements change, so old caches are not reused.
-const PROFILE_VERSION: u32 = 1;
+const PROFILE_VERSION: u32 = 2;
 
 /// The compute device and what it may hold.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -23,8 +25,15 @@ pub struct DeviceInfo {
     /// `"cpu"`, `"cuda"` or `"metal"`.
     pub kind: String,
     pub name: String,
-    /// Device memory hypura may use; `None` on a CPU build (the device tier is RAM).
+    /// Total device memory; `None` on a CPU build (the device tier is RAM).
     pub memory_bytes: Option<u64>,
+    /// Free device memory (re-read each time the profile is read).
+    pub free_bytes: Option<u64>,
+    /// Host→device copy bandwidth, and whether it was measured from page-locked memory.
+    pub upload_bps: Option<f64>,
+    pub upload_pinned: bool,
+    /// Device memory bandwidth: a large device-to-device copy, bytes read + bytes written.
+    pub device_read_bps: Option<f64>,
 }
 
 /// Everything the planner needs to know about the machine.
@@ -63,23 +72,50 @@ fn device_id(path: &Path) -> Result<u64> {
         .dev())
 }
 
-fn current_device() -> DeviceInfo {
-    DeviceInfo {
+/// The compute device: CUDA device 0 on a CUDA build that finds one (bandwidths measured when
+/// `measure`), else the CPU.
+fn current_device(measure: bool) -> Result<DeviceInfo> {
+    #[cfg(feature = "cuda")]
+    if let Some(info) = gpu::info(measure) {
+        return info;
+    }
+    let _ = measure;
+    Ok(DeviceInfo {
         kind: "cpu".into(),
         name: "CPU (device tier = RAM)".into(),
         memory_bytes: None,
-    }
+        free_bytes: None,
+        upload_bps: None,
+        upload_pinned: false,
+        device_read_bps: None,
+    })
+}
+
+/// Profiles are cached per filesystem and per build kind (a CUDA build measures its GPU).
+fn cache_file(dev: u64) -> PathBuf {
+    let build = if cfg!(feature = "cuda") {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    cache_dir().join(format!(
+        "profile-v{PROFILE_VERSION}-{build}-dev{dev:x}.json"
+    ))
 }
 
 /// The cached profile for the filesystem holding `path`, if one was measured (memory re-read).
 pub fn cached_profile(path: &Path) -> Option<Profile> {
     let dev = device_id(path).ok()?;
-    let cache = cache_dir().join(format!("profile-v{PROFILE_VERSION}-dev{dev:x}.json"));
-    let mut p: Profile = serde_json::from_str(&std::fs::read_to_string(cache).ok()?).ok()?;
-    (p.version == PROFILE_VERSION).then(|| {
-        p.memory = read_memory();
-        p
-    })
+    let mut p: Profile =
+        serde_json::from_str(&std::fs::read_to_string(cache_file(dev)).ok()?).ok()?;
+    if p.version != PROFILE_VERSION {
+        return None;
+    }
+    p.memory = read_memory();
+    if p.device.kind != "cpu" {
+        p.device.free_bytes = current_device(false).ok()?.free_bytes;
+    }
+    Some(p)
 }
 
 /// The profile for the filesystem holding `sample_file` (a large file on it, e.g. the model):
@@ -87,7 +123,7 @@ pub fn cached_profile(path: &Path) -> Option<Profile> {
 /// bars while measuring.
 pub fn profile(sample_file: &Path, refresh: bool, progress: bool) -> Result<Profile> {
     let dev = device_id(sample_file)?;
-    let cache = cache_dir().join(format!("profile-v{PROFILE_VERSION}-dev{dev:x}.json"));
+    let cache = cache_file(dev);
     if !refresh {
         if let Some(p) = cached_profile(sample_file) {
             return Ok(p);
@@ -100,7 +136,7 @@ pub fn profile(sample_file: &Path, refresh: bool, progress: bool) -> Result<Prof
     let p = Profile {
         version: PROFILE_VERSION,
         cpu_threads,
-        device: current_device(),
+        device: current_device(true)?,
         memory: read_memory(),
         mem_read_bps_1t: mem1,
         mem_read_bps: mem_all,

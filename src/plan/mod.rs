@@ -2,6 +2,7 @@
 //! that should cost. [`planner::plan`] is a pure function; [`Placement`] is what storage carries out.
 
 mod experts;
+mod gpu;
 mod placement;
 mod planner;
 

@@ -38,6 +38,10 @@ pub struct Budgets {
 pub struct Rates {
     pub mem_read_bps: f64,
     pub disk_read_bps: f64,
+    /// GPU memory read bandwidth (GPU plans; on a CPU build the device tier is RAM).
+    pub device_read_bps: f64,
+    /// Host→device copy bandwidth (GPU plans: RAM- and NVMe-tier weights cross it per use).
+    pub upload_bps: f64,
 }
 
 /// `--place REGEX=tier`.
@@ -72,6 +76,8 @@ pub enum Mode {
     FullResident,
     FfnStreaming,
     ExpertStreaming,
+    /// GPU plans: whole layers on the device while they fit, the rest in RAM or streamed.
+    LayerOffload,
 }
 
 /// Bytes one generated token reads from each tier.
@@ -100,6 +106,8 @@ pub struct Plan {
     /// Expert-streaming: bytes of one expert-cache slot (the cache holds
     /// `placement.expert_cache.slots` of them).
     pub expert_slot_bytes: u64,
+    /// Device memory the plan needs (GPU plans: weights, KV cache, scratch); 0 on a CPU plan.
+    pub device_needed_bytes: u64,
     pub bytes_per_token: BytesPerToken,
     pub predicted_tok_s: f64,
 }
@@ -122,7 +130,7 @@ fn is_ffn(name: &str) -> bool {
     name.contains(".ffn_") && !name.contains("norm") && !name.contains("ffn_gate_inp")
 }
 
-fn is_embedding(name: &str) -> bool {
+pub(super) fn is_embedding(name: &str) -> bool {
     name.starts_with("token_embd")
 }
 
@@ -138,10 +146,22 @@ fn fixed_costs(cfg: &ModelConfig, n_ctx: usize) -> (u64, u64) {
     (kv, scratch)
 }
 
-/// Plans where every tensor goes.
+/// Plans where every tensor goes: the GPU policy ([`super::gpu`]) when there is a device budget,
+/// else the CPU policy below (the device tier is RAM).
 pub fn plan(input: &PlanInput) -> Result<Plan> {
     let cfg = input.config;
     let (kv_bytes, mut overhead_bytes) = fixed_costs(cfg, input.n_ctx);
+    if let Some(device_budget) = input.budgets.device_bytes {
+        let (tiers, decisions) = overridden(input);
+        return super::gpu::plan_gpu(
+            input,
+            device_budget,
+            tiers,
+            kv_bytes,
+            overhead_bytes,
+            decisions,
+        );
+    }
     // Batch products on temporary copies (tight plans): a quantized weight in 8 MiB chunks plus
     // its repacked chunk; a float matrix whole.
     overhead_bytes += (16 << 20)
@@ -152,25 +172,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
             .map(|t| t.n_bytes)
             .max()
             .unwrap_or(0);
-    let mut decisions = Vec::new();
-    let mut tiers: HashMap<String, TierKind> = HashMap::new();
-    for t in input.tensors {
-        if let Some(o) = input.overrides.iter().find(|o| o.regex.is_match(&t.name)) {
-            tiers.insert(t.name.clone(), o.tier);
-        }
-    }
-    for o in input.overrides {
-        let n = input
-            .tensors
-            .iter()
-            .filter(|t| o.regex.is_match(&t.name))
-            .count();
-        decisions.push(format!(
-            "override '{}': {n} tensors on {}",
-            o.text,
-            o.tier.name()
-        ));
-    }
+    let (tiers, mut decisions) = overridden(input);
     let free: Vec<&TensorEntry> = input
         .tensors
         .iter()
@@ -328,6 +330,30 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
     Ok(p)
 }
 
+/// Rule 1: the tiers the user's overrides fix, and a decision line for each override.
+fn overridden(input: &PlanInput) -> (HashMap<String, TierKind>, Vec<String>) {
+    let mut decisions = Vec::new();
+    let mut tiers: HashMap<String, TierKind> = HashMap::new();
+    for t in input.tensors {
+        if let Some(o) = input.overrides.iter().find(|o| o.regex.is_match(&t.name)) {
+            tiers.insert(t.name.clone(), o.tier);
+        }
+    }
+    for o in input.overrides {
+        let n = input
+            .tensors
+            .iter()
+            .filter(|t| o.regex.is_match(&t.name))
+            .count();
+        decisions.push(format!(
+            "override '{}': {n} tensors on {}",
+            o.text,
+            o.tier.name()
+        ));
+    }
+    (tiers, decisions)
+}
+
 fn streamed_layer_count(p: &Placement) -> usize {
     let mut ls: Vec<usize> = p.members.keys().filter_map(|n| layer_of(n)).collect();
     ls.sort_unstable();
@@ -433,6 +459,7 @@ pub(super) fn evaluate_with(
         pool_slot_bytes: slot,
         ram_needed_bytes,
         expert_slot_bytes: 0,
+        device_needed_bytes: 0,
         bytes_per_token: bpt,
         predicted_tok_s: 1.0 / t_mem.max(t_io).max(1e-9),
     }

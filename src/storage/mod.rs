@@ -8,6 +8,8 @@
 mod aligned;
 mod direct;
 pub mod experts;
+#[cfg(feature = "cuda")]
+mod pinned;
 mod stream;
 mod weight;
 
@@ -24,6 +26,8 @@ pub use direct::{DirectFile, ReadMode, DIRECT_IO_ALIGN};
 pub use experts::{
     EvictionPolicy, ExpertCache, ExpertCacheConfig, ExpertSet, ExpertStats, ExpertWeights,
 };
+#[cfg(feature = "cuda")]
+pub use pinned::{cuda_error, PinnedBuf};
 pub use stream::{Slab, StreamGroup, StreamStats, Streamer};
 pub use weight::{set_transient_chunk_bytes, Weight};
 
@@ -68,12 +72,6 @@ impl WeightStore {
             // is the same contract every mmap-based loader (llama.cpp included) has with its user.
             let map = unsafe { Mmap::map(&f) }.map_err(|e| Error::io("mmap", path, 0, e))?;
             maps.push(Arc::new(map));
-        }
-        let off_device = placement.tiers.values().any(|t| *t != TierKind::Device);
-        if off_device && !device.is_cpu() {
-            return Err(Error::InvalidRequest(
-                "RAM and NVMe tiers are implemented for the CPU backend only so far".into(),
-            ));
         }
         let streamer = if placement.groups.is_empty() {
             None
@@ -230,7 +228,13 @@ impl WeightStore {
         if let (true, Some(cache)) = (streamed, &self.experts) {
             cache.register_layer(layer, [specs[0], specs[1], specs[2]]);
             let meta = [metas[0].clone(), metas[1].clone(), metas[2].clone()];
-            return Ok(ExpertSet::cached(layer, n_expert, cache.clone(), meta));
+            return Ok(ExpertSet::cached(
+                layer,
+                n_expert,
+                cache.clone(),
+                meta,
+                &self.device,
+            ));
         }
         let g = self.get_experts(names[0], n_expert, shapes[0][0], shapes[0][1])?;
         let u = self.get_experts(names[1], n_expert, shapes[1][0], shapes[1][1])?;
@@ -285,7 +289,7 @@ impl WeightStore {
                     map: self.maps[e.file].clone(),
                     range: start..start + part.len(),
                 };
-                Ok(Weight::new(name, e.ty, shape, tier))
+                Ok(Weight::new(name, e.ty, shape, tier, &self.device))
             }
             TierKind::Nvme => {
                 let (group, range) =
@@ -312,6 +316,7 @@ impl WeightStore {
                         group,
                         range,
                     },
+                    &self.device,
                 ))
             }
         }

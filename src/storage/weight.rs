@@ -34,6 +34,9 @@ struct Inner {
     ty: TensorType,
     shape: Shape,
     tier: Tier,
+    /// The compute device: where products and [`Weight::dense`] results live. Off-device tiers
+    /// on a GPU are copied to it per use.
+    device: Device,
     /// Multi-row products repack a temporary copy instead of keeping candle's repacked copy
     /// beside the weight (which costs ~1× the weight's bytes).
     transient_repack: bool,
@@ -78,13 +81,20 @@ impl Deref for Bytes<'_> {
 }
 
 impl Weight {
-    pub(crate) fn new(name: &str, ty: TensorType, shape: Shape, tier: Tier) -> Self {
+    pub(crate) fn new(
+        name: &str,
+        ty: TensorType,
+        shape: Shape,
+        tier: Tier,
+        device: &Device,
+    ) -> Self {
         Weight {
             inner: Arc::new(Inner {
                 name: name.to_string(),
                 ty,
                 shape,
                 tier,
+                device: device.clone(),
                 transient_repack: false,
             }),
         }
@@ -94,7 +104,9 @@ impl Weight {
     pub(crate) fn device(name: &str, ty: TensorType, q: QTensor) -> Result<Self> {
         let shape = q.shape().clone();
         // Float weights become plain tensors (no second copy); quantized ones stay in blocks.
-        let keep = ty.is_quantized() && q.device().is_cpu();
+        // On a GPU the block bytes stay in device memory only: hypura's CPU kernels never see them.
+        let device = q.device();
+        let keep = ty.is_quantized() && device.is_cpu();
         let q = Arc::new(q);
         let mm = QMatMul::from_arc(q.clone())?;
         Ok(Self::new(
@@ -105,6 +117,7 @@ impl Weight {
                 mm,
                 q: keep.then_some(q),
             },
+            &device,
         ))
     }
 
@@ -166,7 +179,8 @@ impl Weight {
         // Batches (and float weights): candle's path, which repacks Q4_K/Q8_0 into tiles — kept
         // beside device weights when the plan has room, else made from a temporary copy and
         // dropped, as for the other tiers. Every tier and plan computes exactly the same numbers.
-        let kernels = self.inner.ty.is_quantized() && m == 1;
+        // hypura's kernels are CPU code: a GPU runs every product through candle.
+        let kernels = self.inner.ty.is_quantized() && m == 1 && x.device().is_cpu();
         if !kernels {
             if let Tier::Device { mm, q } = &self.inner.tier {
                 if !self.inner.transient_repack || q.is_none() {
@@ -193,9 +207,10 @@ impl Weight {
         Ok(Tensor::from_vec(dst, dims, x.device())?)
     }
 
-    /// A batch product through candle's path from temporary copies of at most
-    /// 8 MiB of rows at a time (a multiple of candle's 16-row tiles, so each
-    /// output is computed exactly as from the whole matrix), so memory stays bounded.
+    /// A product through candle's path from temporary copies. On the CPU (batches only) at most
+    /// 8 MiB of rows at a time (a multiple of candle's 16-row tiles, so each output is computed
+    /// exactly as from the whole matrix), so memory stays bounded. On a GPU the whole tensor is
+    /// copied host→device for this one use (correct, not fast: the weight crosses the bus per use).
     fn matmul_t_transient(&self, x: &Tensor) -> Result<Tensor> {
         let bytes = self
             .bytes()?
@@ -204,9 +219,10 @@ impl Weight {
         let (n, k) = (dims[0], dims[1..].iter().product::<usize>());
         let row_bytes = bytes.len() / n.max(1);
         let chunk = TRANSIENT_CHUNK_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+        let device = x.device();
         // Float weights go through a dense matmul whose blocking depends on the matrix size, so
         // only whole matrices give the same numbers; quantized ones are computed row by row.
-        let rows = if self.inner.ty.is_quantized() {
+        let rows = if self.inner.ty.is_quantized() && device.is_cpu() {
             ((chunk / row_bytes.max(1)) / 16 * 16).max(16)
         } else {
             n
@@ -217,7 +233,7 @@ impl Weight {
         while r < n {
             let take = rows.min(n - r);
             let part = &bytes[r * row_bytes..(r + take) * row_bytes];
-            let q = super::qtensor(part, self.inner.ty, Shape::from((take, k)), &Device::Cpu)?;
+            let q = super::qtensor(part, self.inner.ty, Shape::from((take, k)), device)?;
             outs.push(QMatMul::from_qtensor(q)?.forward(&x)?);
             r += take;
         }
@@ -285,7 +301,9 @@ impl Weight {
                     &Device::Cpu,
                     self.inner.ty.to_candle(),
                 )?;
-                Ok(QTensor::new(storage, self.inner.shape.clone())?.dequantize(&Device::Cpu)?)
+                let t =
+                    QTensor::new(storage, self.inner.shape.clone())?.dequantize(&Device::Cpu)?;
+                Ok(t.to_device(&self.inner.device)?)
             }
         }
     }

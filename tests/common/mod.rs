@@ -33,8 +33,13 @@ macro_rules! on_every_backend {
     };
 }
 
+/// `tests/fixtures` of this checkout, or `$HYPURA_FIXTURES` (test binaries run on another
+/// machine, e.g. the GPU box, where the build's path does not exist).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    match std::env::var_os("HYPURA_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
 }
 
 /// Every fixture GGUF that has a llama.cpp reference next to it, sorted.

@@ -102,9 +102,17 @@ impl TierArgs {
 /// One line saying what the plan does.
 pub fn plan_summary(p: &Plan) -> String {
     let tiers = |k: TierKind| p.placement.tiers.values().filter(|t| **t == k).count();
+    let device = match p.budgets.device_bytes {
+        Some(b) => format!(
+            "{} of a {} device budget, ",
+            gib(p.device_needed_bytes),
+            gib(b)
+        ),
+        None => String::new(),
+    };
     match p.mode {
         Mode::FullResident => format!(
-            "mode full-resident: {} of a {} RAM budget{}",
+            "mode full-resident: {device}{} of a {} RAM budget{}",
             gib(p.ram_needed_bytes),
             gib(p.budgets.ram_bytes),
             if tiers(TierKind::Ram) + tiers(TierKind::Nvme) > 0 {
@@ -139,6 +147,14 @@ pub fn plan_summary(p: &Plan) -> String {
                 p.predicted_tok_s
             )
         }
+        Mode::LayerOffload => format!(
+            "mode layer offload: {device}{} of a {} RAM budget; per token {} from RAM and {} streamed cross to the GPU; predicted {:.2} tok/s",
+            gib(p.ram_needed_bytes),
+            gib(p.budgets.ram_bytes),
+            gib(p.bytes_per_token.ram),
+            gib(p.bytes_per_token.nvme),
+            p.predicted_tok_s
+        ),
     }
 }
 

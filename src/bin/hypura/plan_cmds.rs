@@ -68,12 +68,34 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
     println!("| what | value |");
     println!("| --- | --- |");
     println!("| compute device | {} |", p.device.name);
-    println!(
-        "| device memory | {} |",
-        p.device
-            .memory_bytes
-            .map_or("none (CPU build: the device tier is RAM)".into(), gib)
-    );
+    match (p.device.memory_bytes, p.device.free_bytes) {
+        (Some(total), free) => {
+            println!(
+                "| device memory free / total | {} / {} |",
+                free.map_or("?".into(), gib),
+                gib(total)
+            );
+            if let Some(f) = free {
+                let headroom = (total / 20).max(1 << 30);
+                println!(
+                    "| default device budget | {} |",
+                    gib(f.saturating_sub(headroom))
+                );
+            }
+        }
+        (None, _) => println!("| device memory | none (CPU build: the device tier is RAM) |"),
+    }
+    if let Some(b) = p.device.upload_bps {
+        let how = if p.device.upload_pinned {
+            "pinned"
+        } else {
+            "pageable"
+        };
+        println!("| host→device copy ({how}) | {} |", g(b));
+    }
+    if let Some(b) = p.device.device_read_bps {
+        println!("| device memory (copy, read + write) | {} |", g(b));
+    }
     println!("| CPU threads | {} |", p.cpu_threads);
     println!("| RAM total | {} |", gib(p.memory.total_bytes));
     println!("| RAM available | {} |", gib(p.memory.available_bytes));
@@ -150,7 +172,9 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     let cfg = files.config()?;
     let n_ctx = a.model.ctx_size.unwrap_or_else(|| default_n_ctx(&cfg));
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (p, profile) = plan_model(&files, &cfg, n_ctx, &a.model.tiers.options()?, progress)?;
+    let device = hypura::backend::best_device()?;
+    let tiers = a.model.tiers.options()?;
+    let (p, profile) = plan_model(&files, &cfg, n_ctx, &tiers, &device, progress)?;
     if a.json {
         let tensors: Vec<_> = files
             .tensors
@@ -160,7 +184,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
         let j = serde_json::json!({
             "model": path, "mode": p.mode, "n_ctx": n_ctx, "budgets": p.budgets, "rates": p.rates,
             "rates_measured": profile.is_some(),
-            "ram_needed_bytes": p.ram_needed_bytes, "kv_bytes": p.kv_bytes, "overhead_bytes": p.overhead_bytes,
+            "ram_needed_bytes": p.ram_needed_bytes, "device_needed_bytes": p.device_needed_bytes, "kv_bytes": p.kv_bytes, "overhead_bytes": p.overhead_bytes,
             "pool_slots": p.pool_slots, "pool_slot_bytes": p.pool_slot_bytes, "lookahead": p.placement.lookahead,
             "bytes_per_token": p.bytes_per_token, "predicted_tok_s": p.predicted_tok_s,
             "expert_cache": (p.mode == hypura::plan::Mode::ExpertStreaming).then(|| serde_json::json!({

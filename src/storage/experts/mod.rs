@@ -12,7 +12,7 @@ mod stats;
 
 use std::sync::Arc;
 
-use candle_core::Shape;
+use candle_core::{Device, Shape};
 
 pub(crate) use cache::SliceSpec;
 pub use cache::{ExpertCache, ExpertCacheConfig, ExpertData};
@@ -45,6 +45,8 @@ enum Source {
     Cached {
         cache: Arc<ExpertCache>,
         meta: [SliceMeta; 3],
+        /// The compute device the weights are used on.
+        device: Device,
     },
 }
 
@@ -69,11 +71,16 @@ impl ExpertSet {
         n_expert: usize,
         cache: Arc<ExpertCache>,
         meta: [SliceMeta; 3],
+        device: &Device,
     ) -> Self {
         ExpertSet {
             layer,
             n_expert,
-            source: Source::Cached { cache, meta },
+            source: Source::Cached {
+                cache,
+                meta,
+                device: device.clone(),
+            },
         }
     }
 
@@ -107,7 +114,11 @@ impl ExpertSet {
                 }
                 Ok(())
             }
-            Source::Cached { cache, meta } => cache.serve(self.layer, per_token, &mut |e, data| {
+            Source::Cached {
+                cache,
+                meta,
+                device,
+            } => cache.serve(self.layer, per_token, &mut |e, data| {
                 let w = |i: usize| {
                     let m = &meta[i];
                     Weight::new(
@@ -118,6 +129,7 @@ impl ExpertSet {
                             data: data.clone(),
                             which: i,
                         },
+                        device,
                     )
                     .with_transient_repack(true)
                 };

@@ -1,0 +1,273 @@
+//! The GPU policy: used when the plan has a device budget (a GPU build with a GPU present, or
+//! `--device-budget`). Pure, like the rest of the planner.
+//!
+//! The device tier is GPU memory, and it holds the KV cache and the activations too. RAM-tier
+//! weights stay in the mapped file and are copied host→device for each use; NVMe-tier weights are
+//! streamed into the pool, then copied the same way. So a token costs
+//! `t = device_bytes / device_bw + (ram_bytes + nvme_bytes) / upload_bw`, or the disk time if
+//! that is longer (the stream reads ahead on its own thread).
+//!
+//! **Rules, in order:**
+//! 1. user overrides, first match wins;
+//! 2. if every weight, the KV cache and the scratch fit the device budget: full-resident;
+//! 3. otherwise layer offload: `output`/norms stay on the device, `token_embd` stays mapped (a
+//!    token reads one row), then whole layers go to the device in order while they fit; the rest
+//!    stay in RAM (the mapped file) while the RAM budget allows, and stream from disk after that;
+//! 4. if even the fixed part (KV cache, scratch, output) does not fit the device: refuse, naming
+//!    the smallest device budget that would work.
+
+use std::collections::HashMap;
+
+use super::placement::{layer_of, Placement, TierKind};
+use super::planner::{gib, is_embedding, BytesPerToken, Mode, Plan, PlanInput};
+use crate::error::{Error, Result};
+use crate::gguf::TensorEntry;
+
+/// Host memory a GPU run needs beyond its RAM-tier weights and stream pool (runtime, allocator).
+const HOST_OVERHEAD: u64 = 256 << 20;
+
+pub(super) fn plan_gpu(
+    input: &PlanInput,
+    device_budget: u64,
+    fixed: HashMap<String, TierKind>,
+    kv_bytes: u64,
+    scratch_bytes: u64,
+    mut decisions: Vec<String>,
+) -> Result<Plan> {
+    let free: Vec<&TensorEntry> = input
+        .tensors
+        .iter()
+        .filter(|t| !fixed.contains_key(&t.name))
+        .collect();
+    let dev_fixed = kv_bytes + scratch_bytes;
+
+    // Rule 2: everything on the device.
+    let mut all = fixed.clone();
+    for t in &free {
+        all.insert(t.name.clone(), TierKind::Device);
+    }
+    let p = evaluate(input, all, kv_bytes, scratch_bytes);
+    if p.device_needed_bytes <= device_budget && p.ram_needed_bytes <= input.budgets.ram_bytes {
+        decisions.push(format!(
+            "everything fits the GPU: {} needed ({} KV cache, {} scratch) of a {} device budget → full-resident",
+            gib(p.device_needed_bytes),
+            gib(kv_bytes),
+            gib(scratch_bytes),
+            gib(device_budget)
+        ));
+        return Ok(finish(p, Mode::FullResident, decisions));
+    }
+
+    // Rule 3: fixed part on the device (norms and biases of every layer too: they are tiny and
+    // read at load time), then whole layers in order.
+    let movable = |t: &TensorEntry| layer_of(&t.name).is_some() && t.dims.len() > 1;
+    let mut tiers = fixed.clone();
+    let mut dev_used = dev_fixed;
+    for t in &free {
+        if is_embedding(&t.name) {
+            tiers.insert(t.name.clone(), TierKind::Ram);
+        } else if !movable(t) {
+            tiers.insert(t.name.clone(), TierKind::Device);
+            dev_used += t.n_bytes;
+        }
+    }
+    dev_used += fixed_device_bytes(input.tensors, &fixed);
+    // Room for the temporary device copy of the largest weight left off the device.
+    dev_used += free
+        .iter()
+        .filter(|t| movable(t))
+        .map(|t| t.n_bytes)
+        .max()
+        .unwrap_or(0);
+    if dev_used > device_budget {
+        return Err(Error::InvalidRequest(format!(
+            "a device budget of {} is too small for this model: the KV cache ({} for {} tokens), scratch ({}) and \
+             output weights need at least {}. Raise --device-budget or lower -c",
+            gib(device_budget),
+            gib(kv_bytes),
+            input.n_ctx,
+            gib(scratch_bytes),
+            gib(dev_used)
+        )));
+    }
+    let mut layers: Vec<(usize, u64)> = Vec::new(); // (layer, bytes of its movable tensors)
+    for t in free.iter().filter(|t| movable(t)) {
+        let l = layer_of(&t.name).unwrap_or(0);
+        match layers.iter_mut().find(|(x, _)| *x == l) {
+            Some((_, b)) => *b += t.n_bytes,
+            None => layers.push((l, t.n_bytes)),
+        }
+    }
+    layers.sort_unstable();
+    let ram_base = HOST_OVERHEAD
+        + free
+            .iter()
+            .filter(|t| is_embedding(&t.name))
+            .map(|t| embedding_touched(input, t))
+            .sum::<u64>();
+    // Layers in order: device while it fits, then RAM, then disk; `pool` bytes of RAM kept for
+    // the stream pool.
+    let assign = |pool: u64| {
+        let (mut dev, mut ram) = (dev_used, ram_base + pool);
+        let mut out = Vec::with_capacity(layers.len());
+        for &(l, bytes) in &layers {
+            let tier = if dev + bytes <= device_budget {
+                dev += bytes;
+                TierKind::Device
+            } else if ram + bytes <= input.budgets.ram_bytes {
+                ram += bytes;
+                TierKind::Ram
+            } else {
+                TierKind::Nvme
+            };
+            out.push((l, tier));
+        }
+        out
+    };
+    let place = |chosen: &[(usize, TierKind)]| {
+        let mut tiers = tiers.clone();
+        for &(l, tier) in chosen {
+            for t in free
+                .iter()
+                .filter(|t| movable(t) && layer_of(&t.name) == Some(l))
+            {
+                tiers.insert(t.name.clone(), tier);
+            }
+        }
+        evaluate(input, tiers, kv_bytes, scratch_bytes)
+    };
+    // The pool's size is known once some layer streams: assign again with it reserved (twice at
+    // most: the largest group does not change).
+    let mut chosen = assign(0);
+    let mut p = place(&chosen);
+    for _ in 0..2 {
+        if p.ram_needed_bytes <= input.budgets.ram_bytes {
+            break;
+        }
+        chosen = assign(p.pool_slots as u64 * p.pool_slot_bytes);
+        p = place(&chosen);
+    }
+    let n_on = |k: TierKind| chosen.iter().filter(|c| c.1 == k).count();
+    let (n_dev, n_ram, n_nvme) = (
+        n_on(TierKind::Device),
+        n_on(TierKind::Ram),
+        n_on(TierKind::Nvme),
+    );
+    if p.ram_needed_bytes > input.budgets.ram_bytes {
+        return Err(Error::InvalidRequest(format!(
+            "a RAM budget of {} is too small next to a {} device budget: the plan needs {} of RAM \
+             (mapped weights, stream pool {} × {}, runtime). Raise --ram-budget or --device-budget",
+            gib(input.budgets.ram_bytes),
+            gib(device_budget),
+            gib(p.ram_needed_bytes),
+            p.pool_slots,
+            gib(p.pool_slot_bytes)
+        )));
+    }
+    decisions.push(format!(
+        "full-resident needs {} > {} device budget → layer offload: {n_dev} layers on the GPU, {n_ram} in RAM \
+         (copied to the GPU per use), {n_nvme} streamed from disk",
+        gib(dev_fixed + fixed_device_bytes(input.tensors, &fixed) + free.iter().map(|t| t.n_bytes).sum::<u64>()),
+        gib(device_budget)
+    ));
+    Ok(finish(p, Mode::LayerOffload, decisions))
+}
+
+/// Bytes of the override-placed tensors that the overrides put on the device.
+fn fixed_device_bytes(tensors: &[TensorEntry], fixed: &HashMap<String, TierKind>) -> u64 {
+    tensors
+        .iter()
+        .filter(|t| fixed.get(&t.name) == Some(&TierKind::Device))
+        .map(|t| t.n_bytes)
+        .sum()
+}
+
+/// Embedding rows a context's worth of tokens can touch.
+fn embedding_touched(input: &PlanInput, t: &TensorEntry) -> u64 {
+    let per_row = t.n_bytes / input.config.n_vocab.max(1) as u64;
+    t.n_bytes.min(per_row * input.n_ctx as u64)
+}
+
+/// Costs of one placement on a GPU.
+fn evaluate(
+    input: &PlanInput,
+    tiers: HashMap<String, TierKind>,
+    kv_bytes: u64,
+    scratch_bytes: u64,
+) -> Plan {
+    let mut bpt = BytesPerToken::default();
+    let (mut dev, mut ram) = (kv_bytes + scratch_bytes, HOST_OVERHEAD);
+    for t in input.tensors {
+        let per_token = if is_embedding(&t.name) {
+            t.n_bytes / input.config.n_vocab.max(1) as u64
+        } else {
+            t.n_bytes
+        };
+        match tiers.get(&t.name).copied().unwrap_or(TierKind::Device) {
+            TierKind::Device => {
+                dev += t.n_bytes;
+                bpt.device += per_token;
+            }
+            TierKind::Ram => {
+                ram += if is_embedding(&t.name) {
+                    embedding_touched(input, t)
+                } else {
+                    t.n_bytes
+                };
+                bpt.ram += per_token;
+            }
+            TierKind::Nvme => {}
+        }
+    }
+    // Two reads ahead: the upload of a group and the read of the next overlap.
+    let mut placement = Placement::from_tensors(input.tensors, tiers, input.lookahead.unwrap_or(2));
+    bpt.nvme = placement.groups.iter().map(|g| g.len as u64).sum();
+    let slot = placement
+        .groups
+        .iter()
+        .map(|g| g.len as u64 + 2 * 4096)
+        .max()
+        .unwrap_or(0);
+    let pool_slots = if placement.groups.is_empty() {
+        0
+    } else {
+        placement.lookahead + placement.max_groups_per_layer
+    };
+    // Per-use uploads make a temporary device copy of the largest off-device weight (embeddings
+    // upload only the rows used).
+    let transient = input
+        .tensors
+        .iter()
+        .filter(|t| placement.tier(&t.name) != TierKind::Device && !is_embedding(&t.name))
+        .map(|t| t.n_bytes)
+        .max()
+        .unwrap_or(0);
+    dev += transient;
+    placement.lookahead = placement.lookahead.max(1);
+    let r = &input.rates;
+    let t_gpu = bpt.device as f64 / r.device_read_bps.max(1.0)
+        + (bpt.ram + bpt.nvme) as f64 / r.upload_bps.max(1.0);
+    let t_io = bpt.nvme as f64 / r.disk_read_bps.max(1.0);
+    Plan {
+        mode: Mode::FullResident,
+        placement,
+        decisions: Vec::new(),
+        budgets: input.budgets,
+        rates: input.rates,
+        kv_bytes,
+        overhead_bytes: scratch_bytes,
+        pool_slots,
+        pool_slot_bytes: slot,
+        ram_needed_bytes: ram + pool_slots as u64 * slot,
+        device_needed_bytes: dev,
+        expert_slot_bytes: 0,
+        bytes_per_token: bpt,
+        predicted_tok_s: 1.0 / t_gpu.max(t_io).max(1e-9),
+    }
+}
+
+fn finish(mut p: Plan, mode: Mode, decisions: Vec<String>) -> Plan {
+    p.mode = mode;
+    p.decisions = decisions;
+    p
+}

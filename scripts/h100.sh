@@ -24,8 +24,13 @@ pack() {
   # shellcheck disable=SC1091
   source "${HYPURA_CUDA_ENV:-$here/../shared/cuda/env.sh}"
   export HYPURA_CUDA_STUBS=1
+  # The GPU machine's CPU is not this one: build for a portable x86-64 level instead of
+  # .cargo/config.toml's target-cpu=native (a native build died there with SIGILL), in a target
+  # dir of its own so the CPU build's artifacts are not rebuilt.
+  export RUSTFLAGS=${HYPURA_CUDA_RUSTFLAGS:--C target-cpu=x86-64-v3}
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$here/target/cuda}
   cargo build --release --features cuda --bin hypura
-  local tests="--test fidelity --test tiers --test perplexity"
+  local tests=${HYPURA_CUDA_TESTS:---test fidelity --test tiers --test perplexity}
   # shellcheck disable=SC2086
   cargo test --release --features cuda --no-run $tests
   mkdir -p "$dest"
@@ -41,9 +46,9 @@ for line in sys.stdin:
     while read -r name exe; do
       strip -o "$dest/$name" "$exe" && xz -T2 -6 -f "$dest/$name"
     done
-  strip -o "$dest/hypura" target/release/hypura && xz -T2 -6 -f "$dest/hypura"
+  strip -o "$dest/hypura" "$CARGO_TARGET_DIR/release/hypura" && xz -T2 -6 -f "$dest/hypura"
   cp scripts/h100.sh "$dest/h100.sh"
-  readelf -d target/release/hypura | grep NEEDED | sed 's/^/  /'
+  readelf -d "$CARGO_TARGET_DIR/release/hypura" | grep NEEDED | sed 's/^/  /'
   du -ch "$dest"/* | tail -n 1
 }
 

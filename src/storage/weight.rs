@@ -183,6 +183,11 @@ impl Weight {
         let kernels = self.inner.ty.is_quantized() && m == 1 && x.device().is_cpu();
         if !kernels {
             if let Tier::Device { mm, q } = &self.inner.tier {
+                if let (QMatMul::QTensor(qt), false, true) =
+                    (mm, x.device().is_cpu(), m > 1 && self.inner.ty.is_quantized())
+                {
+                    return gpu_batch(qt, x);
+                }
                 if !self.inner.transient_repack || q.is_none() {
                     return Ok(mm.forward(&x.contiguous()?)?);
                 }
@@ -217,6 +222,7 @@ impl Weight {
             .ok_or_else(|| Error::InvalidRequest("no bytes".into()))?;
         let dims = self.inner.shape.dims();
         let (n, k) = (dims[0], dims[1..].iter().product::<usize>());
+        let m = x.elem_count() / k.max(1);
         let row_bytes = bytes.len() / n.max(1);
         let chunk = TRANSIENT_CHUNK_BYTES.load(std::sync::atomic::Ordering::Relaxed);
         let device = x.device();
@@ -234,7 +240,11 @@ impl Weight {
             let take = rows.min(n - r);
             let part = &bytes[r * row_bytes..(r + take) * row_bytes];
             let q = super::qtensor(part, self.inner.ty, Shape::from((take, k)), device)?;
-            outs.push(QMatMul::from_qtensor(q)?.forward(&x)?);
+            if !device.is_cpu() && m > 1 && self.inner.ty.is_quantized() {
+                outs.push(gpu_batch(&q, &x)?);
+            } else {
+                outs.push(QMatMul::from_qtensor(q)?.forward(&x)?);
+            }
             r += take;
         }
         if outs.len() == 1 {
@@ -307,6 +317,17 @@ impl Weight {
             }
         }
     }
+}
+
+/// A batch product on a GPU: the weight dequantized to F32 on the device, then an F32 matmul.
+/// candle's quantized GPU kernels quantize the activations to Q8_1, which moves prompt logits
+/// further from llama.cpp's CPU results than our tolerances allow; exact F32 weights with F32
+/// activations stay within them (a prompt batch is compute-bound, so this costs little).
+/// Single rows (decode) keep candle's quantized mat-vec kernels.
+fn gpu_batch(q: &QTensor, x: &Tensor) -> Result<Tensor> {
+    let w = q.dequantize(x.device())?; // [n, k]
+    let x = x.contiguous()?;
+    Ok(x.broadcast_matmul(&w.t()?)?)
 }
 
 impl std::fmt::Debug for Weight {

@@ -37,6 +37,7 @@
 //! | [`hub`] | model references: paths, Hugging Face Hub, the bundled model |
 //! | [`loader`] | all of the above in one call |
 //! | [`synth`] | writes synthetic GGUF models with random weights |
+//! | [`optimize`] | rewrites MoE files so that experts read together lie together |
 //!
 //! ## Example
 //! Generate 8 tokens greedily with the bundled model (random weights, so the text is gibberish):
@@ -71,6 +72,7 @@ pub mod hub;
 pub mod loader;
 
 pub mod models;
+pub mod optimize;
 pub mod plan;
 pub mod storage;
 pub mod synth;

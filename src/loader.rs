@@ -144,6 +144,31 @@ pub fn plan_model(
     device: &Device,
     progress: bool,
 ) -> Result<(Plan, Option<Profile>)> {
+    plan_model_with(files, cfg, n_ctx, tiers, device, Some(progress))
+}
+
+/// Like [`plan_model`], but never measures: without a cached profile the plan is predicted with
+/// assumed rates (the placement is the same; only predicted speeds and the prefetch depth use
+/// the rates). Reads no tensor data.
+pub fn plan_model_unmeasured(
+    files: &ModelFiles,
+    cfg: &ModelConfig,
+    n_ctx: usize,
+    tiers: &TierOptions,
+    device: &Device,
+) -> Result<(Plan, Option<Profile>)> {
+    plan_model_with(files, cfg, n_ctx, tiers, device, None)
+}
+
+/// `measure`: `Some(progress)` to profile the machine when the plan streams and none is cached.
+fn plan_model_with(
+    files: &ModelFiles,
+    cfg: &ModelConfig,
+    n_ctx: usize,
+    tiers: &TierOptions,
+    device: &Device,
+    measure: Option<bool>,
+) -> Result<(Plan, Option<Profile>)> {
     let mem = hardware::read_memory();
     let budgets = Budgets {
         ram_bytes: tiers.ram_budget.unwrap_or_else(|| default_ram_budget(&mem)),
@@ -171,9 +196,10 @@ pub fn plan_model(
         experts: tiers.experts,
     };
     let p = plan::plan(&input(rates(&cached)))?;
-    if p.placement.groups.is_empty() || cached.is_some() {
+    let Some(progress) = measure.filter(|_| !p.placement.groups.is_empty() && cached.is_none())
+    else {
         return Ok((p, cached));
-    }
+    };
     let profile = hardware::profile(files.path(), false, progress)?;
     let p = plan::plan(&input(rates(&Some(profile.clone()))))?;
     Ok((p, Some(profile)))

@@ -107,3 +107,68 @@ fn aligned_buffers_keep_their_invariants() {
         assert!(b.as_slice().iter().all(|&x| x == 0));
     }
 }
+
+/// Scatter reads (`read_scatter_at`): one request fills several buffers with back-to-back parts,
+/// gaps of up to a block between them read through, the file's unaligned tail included.
+fn check_scatter(f: &DirectFile, data: &[u8]) {
+    let n = data.len() as u64;
+    let a = DIRECT_IO_ALIGN as u64;
+    let cases: Vec<Vec<(u64, usize)>> = vec![
+        // Three aligned 12 KiB parts back to back (experts of one tensor).
+        vec![(0, 12288), (12288, 12288), (24576, 12288)],
+        // An unaligned start, a part ending mid-block, then a gap up to the next block.
+        vec![(100, 8092), (8192, 5000), (16384, 3 * 4096)],
+        // The last part runs to the file's unaligned end.
+        vec![(n / a * a - 2 * a, 2 * 4096), (n / a * a, (n % a) as usize)],
+        // One part alone.
+        vec![(12288, 777)],
+    ];
+    for parts in cases {
+        let mut bufs: Vec<AlignedBuf> = parts
+            .iter()
+            .map(|&(_, len)| AlignedBuf::new(len + 2 * DIRECT_IO_ALIGN, DIRECT_IO_ALIGN).unwrap())
+            .collect();
+        let mut refs: Vec<&mut AlignedBuf> = bufs.iter_mut().collect();
+        let ranges = f.read_scatter_at(&parts, &mut refs).unwrap();
+        for ((&(off, len), r), b) in parts.iter().zip(&ranges).zip(&bufs) {
+            assert_eq!(
+                &b.as_slice()[r.clone()],
+                &data[off as usize..off as usize + len],
+                "{parts:?}: part at {off}"
+            );
+        }
+        for w in parts.windows(2) {
+            assert!(hypura::storage::scatter_follows(
+                w[0].0,
+                w[0].1,
+                w[0].1 + 2 * DIRECT_IO_ALIGN,
+                w[1].0
+            ));
+        }
+    }
+    // Parts that share a block cannot be split between buffers: refused, not misread.
+    let mut bufs: Vec<AlignedBuf> = (0..2)
+        .map(|_| AlignedBuf::new(3 * 4096, DIRECT_IO_ALIGN).unwrap())
+        .collect();
+    let mut refs: Vec<&mut AlignedBuf> = bufs.iter_mut().collect();
+    assert!(f
+        .read_scatter_at(&[(96, 5000), (5096, 5000)], &mut refs)
+        .is_err());
+    // Past the end: an error naming the file.
+    let err = f
+        .read_scatter_at(&[(0, 4096), (4096, data.len())], &mut refs)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&f.path().display().to_string()), "{err}");
+}
+
+#[test]
+fn scatter_reads_direct_and_buffered() {
+    let dir = disk_dir().join("scatter");
+    let (p, data) = pattern_file(&dir, "s.bin", 11 * 4096 + 1234);
+    let f = DirectFile::open(&p).unwrap();
+    assert_eq!(f.mode(), ReadMode::Direct);
+    check_scatter(&f, &data);
+    check_scatter(&DirectFile::open_buffered(&p).unwrap(), &data);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -42,36 +42,31 @@ pub fn measure_disk(file: &Path, progress: bool) -> Result<(bool, Vec<DiskSample
         // Each reader walks its own stretch of the file; stretches start at different places
         // for different samples so a cache in front of the disk helps as little as possible.
         let stretch = (size / qd as u64).max(req as u64);
-        let start = Instant::now();
-        let total: u64 = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..qd)
-                .map(|r| {
-                    let f = &f;
-                    s.spawn(move || -> Result<u64> {
-                        let mut buf = AlignedBuf::new(req + DIRECT_IO_ALIGN, DIRECT_IO_ALIGN)?;
-                        let base = (r as u64 * stretch + ((i as u64 * 97) << 20))
-                            % size.saturating_sub(req as u64).max(1);
-                        let base = base / DIRECT_IO_ALIGN as u64 * DIRECT_IO_ALIGN as u64;
-                        let mut off = base;
-                        let mut done = 0u64;
-                        while done < SAMPLE_BYTES / qd as u64 && start.elapsed() < SAMPLE_TIME {
-                            if off + req as u64 > size {
-                                off = 0;
-                            }
-                            f.read_at(off, req, &mut buf)?;
-                            off += req as u64;
-                            done += req as u64;
-                        }
-                        Ok(done)
-                    })
+        let per_reader = (SAMPLE_BYTES / qd as u64 / req as u64).max(1);
+        let bases: Vec<u64> = (0..qd as u64)
+            .map(|r| {
+                let base = (r * stretch + ((i as u64 * 97) << 20))
+                    % size.saturating_sub(req as u64).max(1);
+                base / DIRECT_IO_ALIGN as u64 * DIRECT_IO_ALIGN as u64
+            })
+            .collect();
+        // Interleaved, so that with `qd` readers taking reads in turn each walks its stretch.
+        let reads: Vec<ReadSpec> = (0..per_reader)
+            .flat_map(|j| {
+                bases.iter().map(move |&b| {
+                    let mut off = b + j * req as u64;
+                    if off + req as u64 > size {
+                        off %= size - req as u64 + 1;
+                        off = off / DIRECT_IO_ALIGN as u64 * DIRECT_IO_ALIGN as u64;
+                    }
+                    ReadSpec {
+                        offset: off,
+                        len: req,
+                    }
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or(Ok(0)))
-                .sum::<Result<u64>>()
-        })?;
-        let secs = start.elapsed().as_secs_f64().max(1e-9);
+            })
+            .collect();
+        let (total, secs) = timed_reads(&f, &reads, qd, Some(SAMPLE_TIME), &|_| {})?;
         samples.push(DiskSample {
             request_bytes: req,
             queue_depth: qd,
@@ -85,6 +80,56 @@ pub fn measure_disk(file: &Path, progress: bool) -> Result<(bool, Vec<DiskSample
         b.finish_and_clear();
     }
     Ok((direct, samples))
+}
+
+/// One read of a measurement: `len` bytes at `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ReadSpec {
+    pub offset: u64,
+    pub len: usize,
+}
+
+/// Issues `reads` on `file` from `queue_depth` threads, each taking the next read of the list
+/// (so up to `queue_depth` are in flight), calling `on_bytes` as each completes; stops taking
+/// new reads after `time_limit`. Returns the bytes read and the seconds it took.
+pub fn timed_reads(
+    file: &DirectFile,
+    reads: &[ReadSpec],
+    queue_depth: usize,
+    time_limit: Option<Duration>,
+    on_bytes: &(dyn Fn(u64) + Sync),
+) -> Result<(u64, f64)> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let largest = reads.iter().map(|r| r.len).max().unwrap_or(0);
+    let start = Instant::now();
+    let total: u64 = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..queue_depth.max(1))
+            .map(|_| {
+                let next = &next;
+                s.spawn(move || -> Result<u64> {
+                    let mut buf = AlignedBuf::new(largest + 2 * DIRECT_IO_ALIGN, DIRECT_IO_ALIGN)?;
+                    let mut done = 0u64;
+                    loop {
+                        if time_limit.is_some_and(|t| start.elapsed() >= t) {
+                            return Ok(done);
+                        }
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(r) = reads.get(i) else {
+                            return Ok(done);
+                        };
+                        file.read_at(r.offset, r.len, &mut buf)?;
+                        done += r.len as u64;
+                        on_bytes(r.len as u64);
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Ok(0)))
+            .sum::<Result<u64>>()
+    })?;
+    Ok((total, start.elapsed().as_secs_f64().max(1e-9)))
 }
 
 /// Memory read bandwidth over a 256 MiB buffer: one thread, then `threads` threads.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use measure::{measure_disk, measure_memory, DiskSample};
+pub use measure::{measure_disk, measure_memory, timed_reads, DiskSample, ReadSpec};
 pub use memory::{cgroup_limit, read_memory, CgroupLimit, MemoryInfo};
 
 use crate::error::{Error, Result};

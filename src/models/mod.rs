@@ -30,5 +30,5 @@ mod layers;
 mod moe;
 mod transformer;
 
-pub use moe::{Moe, Routing};
+pub use moe::{router_softmax, Moe, Routing};
 pub use transformer::{Block, FeedForward, Transformer};

@@ -164,6 +164,138 @@ impl DirectFile {
         Ok(first..first + len)
     }
 
+    /// Reads one stretch of the file into several buffers with one request (`preadv`): part `i`
+    /// (`parts[i]` = offset, length; in file order) lands in `bufs[i]`, and where it lies there is
+    /// returned. The stretch is cut at block boundaries: buffer `i` receives the aligned blocks
+    /// from the one holding part `i`'s first byte up to the one where part `i + 1` starts, so each
+    /// consecutive pair must satisfy [`scatter_follows`] (gaps between parts are read through).
+    pub fn read_scatter_at(
+        &self,
+        parts: &[(u64, usize)],
+        bufs: &mut [&mut AlignedBuf],
+    ) -> Result<Vec<Range<usize>>> {
+        let bad = |why: String| Error::InvalidRequest(format!("{}: {why}", self.path.display()));
+        let (Some(&(first_off, _)), Some(&(last_off, last_len))) = (parts.first(), parts.last())
+        else {
+            return Ok(Vec::new());
+        };
+        if parts.len() != bufs.len() {
+            return Err(bad(format!(
+                "scatter read of {} parts into {} buffers",
+                parts.len(),
+                bufs.len()
+            )));
+        }
+        let end = last_off
+            .checked_add(last_len as u64)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                Error::io(
+                    "read",
+                    &self.path,
+                    last_off,
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "{last_len} bytes would run past the end ({} bytes)",
+                            self.size
+                        ),
+                    ),
+                )
+            })?;
+        let a = DIRECT_IO_ALIGN as u64;
+        // Cut points: buffer i gets file bytes cuts[i] .. cuts[i + 1].
+        let mut cuts = Vec::with_capacity(parts.len() + 1);
+        cuts.push(first_off / a * a);
+        for (i, w) in parts.windows(2).enumerate() {
+            let ((off, len), (next, _)) = (w[0], w[1]);
+            if !scatter_follows(off, len, bufs[i].len(), next) {
+                return Err(bad(format!(
+                    "scatter read: part at {next} cannot follow {len} bytes at {off} in buffer {i} ({} bytes)",
+                    bufs[i].len()
+                )));
+            }
+            cuts.push(next / a * a);
+        }
+        cuts.push(end.div_ceil(a) * a);
+        if let Some((i, b)) = bufs.iter().enumerate().find(|&(i, b)| {
+            b.align() < DIRECT_IO_ALIGN || (cuts[i + 1] - cuts[i]) as usize > b.len()
+        }) {
+            return Err(bad(format!(
+                "scatter read: buffer {i} ({} bytes, align {}) cannot hold {} bytes",
+                b.len(),
+                b.align(),
+                cuts[i + 1] - cuts[i]
+            )));
+        }
+        let start = cuts[0];
+        let want = cuts[parts.len()].min(self.size) - start;
+        let mut done = 0u64;
+        while done < want {
+            let pos = start + done;
+            // The not yet filled rest of each buffer's share, from `done` on.
+            let mut skip = done;
+            let mut iov: Vec<std::io::IoSliceMut> = Vec::with_capacity(bufs.len());
+            for (i, b) in bufs.iter_mut().enumerate() {
+                let share = cuts[i + 1] - cuts[i];
+                if skip >= share {
+                    skip -= share;
+                    continue;
+                }
+                iov.push(std::io::IoSliceMut::new(
+                    &mut b.as_mut_slice()[skip as usize..share as usize],
+                ));
+                skip = 0;
+            }
+            match self.preadv(&mut iov, pos) {
+                Ok(0) => {
+                    return Err(Error::io(
+                        "read",
+                        &self.path,
+                        pos,
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "file ended early (truncated while open?)",
+                        ),
+                    ))
+                }
+                Ok(n) => done += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EINVAL)
+                        && self.mode() == ReadMode::Direct =>
+                {
+                    if !self.fell_back.swap(true, Ordering::Relaxed) {
+                        eprintln!(
+                            "hypura: {}: direct I/O refused by the filesystem; using buffered reads that drop the page cache",
+                            self.path.display()
+                        );
+                    }
+                }
+                Err(e) => return Err(Error::io("read", &self.path, pos, e)),
+            }
+        }
+        if self.mode() == ReadMode::BufferedDropCache {
+            drop_cache(&self.file, start, want);
+        }
+        Ok(parts
+            .iter()
+            .zip(&cuts)
+            .map(|(&(off, len), &cut)| {
+                let first = (off - cut) as usize;
+                first..first + len
+            })
+            .collect())
+    }
+
+    fn preadv(&self, iov: &mut [std::io::IoSliceMut], pos: u64) -> std::io::Result<usize> {
+        if self.fell_back.load(Ordering::Relaxed) {
+            preadv(&*buffered_file(&self.path)?, iov, pos)
+        } else {
+            preadv(&self.file, iov, pos)
+        }
+    }
+
     fn pread(&self, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
         if self.fell_back.load(Ordering::Relaxed) {
             // The descriptor carries O_DIRECT, which cannot be cleared portably: read through a
@@ -173,6 +305,54 @@ impl DirectFile {
             self.file.read_at(buf, pos)
         }
     }
+}
+
+/// Whether a part at `next` can follow `prev_len` bytes at `prev` in one
+/// [`read_scatter_at`](DirectFile::read_scatter_at) whose buffer for `prev` holds `prev_cap` bytes:
+/// `next` starts after `prev` ends, at most one block later, and `prev` ends before the block in
+/// which `next` starts (true whenever `next` is block-aligned).
+pub fn scatter_follows(prev: u64, prev_len: usize, prev_cap: usize, next: u64) -> bool {
+    let a = DIRECT_IO_ALIGN as u64;
+    let prev_end = prev + prev_len as u64;
+    next >= prev_end
+        && next - prev_end <= a
+        && prev_end <= next / a * a
+        && next / a * a - prev / a * a <= prev_cap as u64
+}
+
+/// `preadv(2)` where it exists; elsewhere the slices are read one after the other.
+#[cfg(target_os = "linux")]
+fn preadv(file: &File, iov: &mut [std::io::IoSliceMut], pos: u64) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let n = iov.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+    // SAFETY: IoSliceMut is ABI-compatible with iovec on Unix; each one borrows a distinct live
+    // buffer mutably for the duration of the call, and the count does not exceed the slice.
+    let r = unsafe {
+        libc::preadv(
+            file.as_raw_fd(),
+            iov.as_mut_ptr() as *const libc::iovec,
+            n,
+            pos as libc::off_t,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn preadv(file: &File, iov: &mut [std::io::IoSliceMut], pos: u64) -> std::io::Result<usize> {
+    let mut done = 0usize;
+    for s in iov.iter_mut() {
+        let n = file.read_at(&mut s[..], pos + done as u64)?;
+        done += n;
+        if n < s.len() {
+            break;
+        }
+    }
+    Ok(done)
 }
 
 thread_local! {

@@ -22,13 +22,13 @@ use candle_core::{Device, Shape};
 use memmap2::Mmap;
 
 pub use aligned::AlignedBuf;
-pub use direct::{DirectFile, ReadMode, DIRECT_IO_ALIGN};
+pub use direct::{scatter_follows, DirectFile, ReadMode, DIRECT_IO_ALIGN};
 pub use experts::{
     EvictionPolicy, ExpertCache, ExpertCacheConfig, ExpertSet, ExpertStats, ExpertWeights,
 };
 #[cfg(feature = "cuda")]
 pub use pinned::{cuda_error, PinnedBuf};
-pub use stream::{Slab, StreamGroup, StreamStats, Streamer};
+pub use stream::{Slab, StreamGroup, StreamStats, Streamer, STREAM_IO_THREADS};
 pub use weight::{set_transient_chunk_bytes, Weight};
 
 use crate::error::{Error, Result};

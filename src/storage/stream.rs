@@ -18,6 +18,9 @@ use super::aligned::AlignedBuf;
 use super::direct::{DirectFile, DIRECT_IO_ALIGN};
 use crate::error::{Error, Result};
 
+/// I/O threads of the stream pool: the queue depth its reads see.
+pub const STREAM_IO_THREADS: usize = 1;
+
 /// One read: `len` bytes at `offset` of file `file`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct StreamGroup {

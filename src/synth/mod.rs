@@ -25,8 +25,9 @@ mod blocks;
 mod presets;
 mod routing;
 
+pub(crate) use blocks::mix;
 pub use blocks::random_tensor_bytes;
-use blocks::{mix, write_random};
+use blocks::write_random;
 
 pub use presets::{file_type as parse_file_type, padded_vocab, preset, presets, Preset};
 pub use routing::RoutingSpec;

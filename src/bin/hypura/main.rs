@@ -1,9 +1,12 @@
 //! `hypura`: run GGUF models that may not fit in memory.
 
 mod bench;
+mod check_cmds;
 mod common;
 mod expert_stats;
-mod inspect_cmds;
+mod inspect_cmd;
+mod iobench_cmd;
+mod optimize_cmd;
 mod plan_cmds;
 mod run;
 mod synth_cmd;
@@ -21,7 +24,10 @@ Examples:
   hypura run -m model.gguf -p \"The capital of France is\" -n 32
   hypura run -m bartowski/Llama-3.2-1B-Instruct-GGUF:Llama-3.2-1B-Instruct-Q4_K_M.gguf -p Hi
   hypura perplexity -m model.gguf -f wiki.test.raw -c 512
-  hypura bench -m model.gguf -p 128 -n 64 -t 2";
+  hypura bench -m model.gguf -p 128 -n 64 -t 2
+  hypura inspect -m model.gguf
+  hypura iobench -m model.gguf --read-gb 1
+  hypura optimize -m moe.gguf -o moe-opt.gguf --ram-budget 2GiB";
 
 #[derive(Parser)]
 #[command(name = "hypura", version, about = ABOUT, after_help = AFTER_HELP)]
@@ -35,17 +41,23 @@ enum Command {
     /// Generate text from a prompt, streamed to stdout (timings on stderr).
     Run(run::RunArgs),
     /// Print the token ids of a text as a JSON array (like llama-tokenize).
-    Tokenize(inspect_cmds::TokenizeArgs),
+    Tokenize(check_cmds::TokenizeArgs),
     /// Write the logits of one forward pass over given token ids to a .npy file.
-    Logits(inspect_cmds::LogitsArgs),
+    Logits(check_cmds::LogitsArgs),
     /// Perplexity of a text file, computed exactly as llama-perplexity does.
-    Perplexity(inspect_cmds::PerplexityArgs),
+    Perplexity(check_cmds::PerplexityArgs),
     /// Measure prompt-processing and generation speed (llama-bench style table).
     Bench(bench::BenchArgs),
     /// Measure this machine: device and RAM (cgroup-aware), memory and disk bandwidth.
     Profile(plan_cmds::ProfileArgs),
     /// Show where every tensor of a model would live here, and the predicted speed.
     Plan(plan_cmds::PlanArgs),
+    /// Show what a GGUF holds: architecture, hyper-parameters, tensors by role, the plan here.
+    Inspect(inspect_cmd::InspectArgs),
+    /// Measure read throughput of a model's file at the request sizes hypura uses.
+    Iobench(iobench_cmd::IobenchArgs),
+    /// Rewrite a MoE GGUF so that experts used together are read together (same logits).
+    Optimize(optimize_cmd::OptimizeArgs),
     /// Write a GGUF with a real model's tensors and random weights (for benchmarks and sizing).
     Synth(synth_cmd::SynthArgs),
 }
@@ -54,12 +66,15 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run::run(a),
-        Command::Tokenize(a) => inspect_cmds::tokenize(a),
-        Command::Logits(a) => inspect_cmds::logits(a),
-        Command::Perplexity(a) => inspect_cmds::perplexity(a),
+        Command::Tokenize(a) => check_cmds::tokenize(a),
+        Command::Logits(a) => check_cmds::logits(a),
+        Command::Perplexity(a) => check_cmds::perplexity(a),
         Command::Bench(a) => bench::bench(a),
         Command::Profile(a) => plan_cmds::profile(a),
         Command::Plan(a) => plan_cmds::plan(a),
+        Command::Inspect(a) => inspect_cmd::inspect(a),
+        Command::Iobench(a) => iobench_cmd::iobench(a),
+        Command::Optimize(a) => optimize_cmd::optimize(a),
         Command::Synth(a) => synth_cmd::synth(a),
     };
     if let Err(e) = result {

@@ -8,7 +8,7 @@ use clap::Args;
 use hypura::gguf::ModelFiles;
 use hypura::hardware;
 use hypura::loader::{default_n_ctx, default_ram_budget, plan_model};
-use hypura::plan::{gib, layer_of, TierKind};
+use hypura::plan::{gib, layer_of, Plan, TierKind};
 
 use crate::common::{plan_summary, ModelArgs};
 
@@ -176,25 +176,43 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     let tiers = a.model.tiers.options()?;
     let (p, profile) = plan_model(&files, &cfg, n_ctx, &tiers, &device, progress)?;
     if a.json {
-        let tensors: Vec<_> = files
-            .tensors
-            .iter()
-            .map(|t| serde_json::json!({"name": t.name, "type": t.ty.name(), "bytes": t.n_bytes, "tier": p.placement.tier(&t.name).name()}))
-            .collect();
-        let j = serde_json::json!({
-            "model": path, "mode": p.mode, "n_ctx": n_ctx, "budgets": p.budgets, "rates": p.rates,
-            "rates_measured": profile.is_some(),
-            "ram_needed_bytes": p.ram_needed_bytes, "device_needed_bytes": p.device_needed_bytes, "kv_bytes": p.kv_bytes, "overhead_bytes": p.overhead_bytes,
-            "pool_slots": p.pool_slots, "pool_slot_bytes": p.pool_slot_bytes, "lookahead": p.placement.lookahead,
-            "bytes_per_token": p.bytes_per_token, "predicted_tok_s": p.predicted_tok_s,
-            "expert_cache": (p.mode == hypura::plan::Mode::ExpertStreaming).then(|| serde_json::json!({
-                "config": p.placement.expert_cache, "slot_bytes": p.expert_slot_bytes,
-            })),
-            "decisions": p.decisions, "stream_groups": p.placement.groups, "tensors": tensors,
-        });
+        let j = plan_json(&path, &files, &p, n_ctx, profile.is_some());
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
+    print_plan(&files, &p, n_ctx, profile.is_some());
+    Ok(())
+}
+
+/// The plan as JSON: mode, budgets, rates, costs, the expert cache, decisions, stream groups and
+/// every tensor's tier.
+pub fn plan_json(
+    path: &std::path::Path,
+    files: &ModelFiles,
+    p: &Plan,
+    n_ctx: usize,
+    rates_measured: bool,
+) -> serde_json::Value {
+    let tensors: Vec<_> = files
+        .tensors
+        .iter()
+        .map(|t| serde_json::json!({"name": t.name, "type": t.ty.name(), "bytes": t.n_bytes, "tier": p.placement.tier(&t.name).name()}))
+        .collect();
+    serde_json::json!({
+        "model": path, "mode": p.mode, "n_ctx": n_ctx, "budgets": p.budgets, "rates": p.rates,
+        "rates_measured": rates_measured,
+        "ram_needed_bytes": p.ram_needed_bytes, "device_needed_bytes": p.device_needed_bytes, "kv_bytes": p.kv_bytes, "overhead_bytes": p.overhead_bytes,
+        "pool_slots": p.pool_slots, "pool_slot_bytes": p.pool_slot_bytes, "lookahead": p.placement.lookahead,
+        "bytes_per_token": p.bytes_per_token, "predicted_tok_s": p.predicted_tok_s,
+        "expert_cache": (p.mode == hypura::plan::Mode::ExpertStreaming).then(|| serde_json::json!({
+            "config": p.placement.expert_cache, "slot_bytes": p.expert_slot_bytes,
+        })),
+        "decisions": p.decisions, "stream_groups": p.placement.groups, "tensors": tensors,
+    })
+}
+
+/// The plan as tables: bytes per layer and tier, totals, the summary line and the decisions.
+pub fn print_plan(files: &ModelFiles, p: &Plan, n_ctx: usize, rates_measured: bool) {
     // Per layer: bytes on each tier, attention and feed-forward apart.
     let mut rows: BTreeMap<(usize, String), BTreeMap<&'static str, u64>> = BTreeMap::new();
     for t in &files.tensors {
@@ -231,7 +249,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     for k in [TierKind::Device, TierKind::Ram, TierKind::Nvme] {
         println!("{:>7}: {}", k.name(), gib(by.get(&k).copied().unwrap_or(0)));
     }
-    println!("{}", plan_summary(&p));
+    println!("{}", plan_summary(p));
     println!(
         "KV cache {} ({n_ctx} tokens), scratch {}; per token: {} device, {} ram, {} nvme; predicted {:.2} tok/s{}",
         gib(p.kv_bytes),
@@ -240,12 +258,11 @@ pub fn plan(a: PlanArgs) -> Result<()> {
         gib(p.bytes_per_token.ram),
         gib(p.bytes_per_token.nvme),
         p.predicted_tok_s,
-        if profile.is_some() { "" } else { " (rates not measured yet: run `hypura profile -m MODEL`)" }
+        if rates_measured { "" } else { " (rates not measured yet: run `hypura profile -m MODEL`)" }
     );
     for d in &p.decisions {
         println!("- {d}");
     }
-    Ok(())
 }
 
 /// "attn" + "device" → "attn: device" as a static label.

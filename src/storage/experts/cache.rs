@@ -2,9 +2,9 @@
 //! slices), filled by direct-I/O reads on dedicated I/O threads.
 //!
 //! A forward pass calls [`ExpertCache::serve`] once per MoE layer with the router's choices.
-//! Cached experts are handed to the compute at once; missing ones are read (in parallel, one
-//! request per slice) into slots freed by the eviction policy, and handed over as each read
-//! completes. Then the co-activation statistics predict the next layer's experts, and reads for
+//! Cached experts are handed to the compute at once; missing ones are read into slots freed by
+//! the eviction policy (all of a step's slices together, those adjacent in the file merged into
+//! one read: see [`super::reads`]), and handed over as each expert's reads complete. Then the co-activation statistics predict the next layer's experts, and reads for
 //! the likeliest ones that are not cached start while this layer computes (speculative
 //! prefetch). A slot in use by the compute (its data `Arc` held) is never evicted.
 
@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use super::coact::CoActivation;
 use super::policy::{EvictionPolicy, ExpertKey, TraceEntry};
+use super::reads::{self, Dest, ReadPart};
 use super::stats::ExpertStats;
 use crate::error::{Error, Result};
 use crate::storage::aligned::AlignedBuf;
@@ -71,8 +72,23 @@ impl Default for ExpertCacheConfig {
 
 enum SlotData {
     Free([AlignedBuf; 3]),
-    Loading,
+    /// Being read: the slices read so far, with where their bytes lie.
+    Loading(Box<Pending>),
     Ready(Arc<ExpertData>),
+}
+
+#[derive(Default)]
+struct Pending {
+    parts: [Option<(AlignedBuf, Range<usize>)>; 3],
+    error: Option<Error>,
+}
+
+/// A slot taken for an expert about to be read.
+struct Claim {
+    slot: usize,
+    key: ExpertKey,
+    bufs: [AlignedBuf; 3],
+    prefetch: bool,
 }
 
 struct Slot {
@@ -107,19 +123,11 @@ impl Shared {
     }
 }
 
-struct Request {
-    slot: usize,
-    key: ExpertKey,
-    bufs: [AlignedBuf; 3],
-    reads: [(usize, u64, usize); 3],
-    prefetch: bool,
-}
-
 /// The expert cache of one model.
 pub struct ExpertCache {
     config: ExpertCacheConfig,
     shared: Arc<Shared>,
-    to_io: Mutex<Sender<Request>>,
+    to_io: Mutex<Sender<Vec<Dest>>>,
     /// Per layer: the gate, up and down slices.
     layers: Mutex<HashMap<usize, [SliceSpec; 3]>>,
     n_expert: usize,
@@ -169,7 +177,7 @@ impl ExpertCache {
             }),
             done: Condvar::new(),
         });
-        let (to_io, rx) = channel::<Request>();
+        let (to_io, rx) = channel::<Vec<Dest>>();
         let rx = Arc::new(Mutex::new(rx));
         let files = Arc::new(files);
         for i in 0..config.io_threads.max(1) {
@@ -265,6 +273,7 @@ impl ExpertCache {
             });
         }
         st.stats.requests += keys.len() as u64;
+        let mut claims = Vec::new();
         for &key in &keys {
             *st.freq.entry(key).or_insert(0) += 1;
             if st.prefetched.remove(&key) {
@@ -279,10 +288,11 @@ impl ExpertCache {
                 Some(false) => st.stats.in_flight += 1,
                 None => {
                     st.stats.misses += 1;
-                    self.issue(&mut st, key, &slices, &keys, false);
+                    claims.extend(self.claim(&mut st, key, &keys, false));
                 }
             }
         }
+        self.dispatch(&mut st, &slices, claims);
         if self.config.prefetch && self.config.slots > keys.len() {
             self.prefetch(&mut st, layer, per_token, &keys);
         }
@@ -310,16 +320,24 @@ impl ExpertCache {
             }
             // Nothing ready: make sure every remaining expert is being read, then wait.
             let mut loading = false;
+            let mut claims = Vec::new();
             for &key in &todo {
                 if st.index.contains_key(&key) {
                     loading = true;
                 } else if let Some(e) = st.failed.remove(&key) {
                     return Err(e);
-                } else {
-                    loading |= self.issue(&mut st, key, &slices, &todo, false);
+                } else if let Some(c) = self.claim(&mut st, key, &todo, false) {
+                    claims.push(c);
+                    loading = true;
                 }
             }
-            if !loading && !st.slots.iter().any(|s| matches!(s.data, SlotData::Loading)) {
+            self.dispatch(&mut st, &slices, claims);
+            if !loading
+                && !st
+                    .slots
+                    .iter()
+                    .any(|s| matches!(s.data, SlotData::Loading(_)))
+            {
                 return Err(Error::InvalidRequest(format!(
                     "expert cache: no slot free for layer {layer} (all {} held)",
                     st.slots.len()
@@ -357,27 +375,29 @@ impl ExpertCache {
             .collect();
         let mut protect: Vec<ExpertKey> = current.to_vec();
         protect.extend(&predicted);
+        let mut claims = Vec::new();
         for key in predicted {
             if st.index.contains_key(&key) {
                 continue;
             }
-            if !self.issue(st, key, &slices, &protect, true) {
-                break;
+            match self.claim(st, key, &protect, true) {
+                Some(c) => claims.push(c),
+                None => break,
             }
         }
+        self.dispatch(st, &slices, claims);
     }
 
-    /// Starts reading `key` into a free slot or one evicted by the policy (never one of
-    /// `protect`, one being read, or one in use). A prefetch only evicts experts the policy
-    /// values less than the one predicted. `false` if no slot could be had.
-    fn issue(
+    /// Takes a free slot for `key`, or one evicted by the policy (never one of `protect`, one
+    /// being read, or one in use), and marks it loading; [`dispatch`](Self::dispatch) then reads
+    /// it. `None` if no slot could be had.
+    fn claim(
         &self,
         st: &mut State,
         key: ExpertKey,
-        slices: &[SliceSpec; 3],
         protect: &[ExpertKey],
         prefetch: bool,
-    ) -> bool {
+    ) -> Option<Claim> {
         let policy = self.config.policy;
         let victim = st
             .slots
@@ -397,11 +417,10 @@ impl ExpertCache {
                 _ => None,
             })
             .min_by_key(|&(i, rank)| (rank, i))
-            .map(|(i, _)| i);
-        let Some(s) = victim else {
-            return false;
-        };
-        let bufs = match std::mem::replace(&mut st.slots[s].data, SlotData::Loading) {
+            .map(|(i, _)| i)?;
+        let s = victim;
+        let loading = SlotData::Loading(Box::default());
+        let bufs = match std::mem::replace(&mut st.slots[s].data, loading) {
             SlotData::Free(b) => b,
             SlotData::Ready(d) => match Arc::try_unwrap(d) {
                 Ok(d) => d.bufs,
@@ -409,10 +428,10 @@ impl ExpertCache {
                     // Not reachable: strong_count was 1 under the lock, and clones are only made
                     // under it. Put it back rather than lose it.
                     st.slots[s].data = SlotData::Ready(d);
-                    return false;
+                    return None;
                 }
             },
-            SlotData::Loading => unreachable!("filtered out above"),
+            SlotData::Loading(_) => unreachable!("filtered out above"),
         };
         if let Some(old) = st.slots[s].key.take() {
             st.index.remove(&old);
@@ -425,92 +444,116 @@ impl ExpertCache {
             st.prefetched.insert(key);
             st.stats.prefetch_issued += 1;
         }
-        let reads = [0, 1, 2].map(|i| {
-            let sl = slices[i];
-            (
-                sl.file,
-                sl.offset + key.1 as u64 * sl.stride,
-                sl.stride as usize,
-            )
-        });
-        let sent = self
-            .to_io
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(Request {
-                slot: s,
-                key,
-                bufs,
-                reads,
-                prefetch,
-            });
-        if let Err(std::sync::mpsc::SendError(r)) = sent {
-            // The I/O threads are gone: record the failure for whoever needs this expert.
-            st.slots[s].data = SlotData::Free(r.bufs);
-            st.slots[s].key = None;
-            st.index.remove(&key);
-            st.failed.insert(
-                key,
-                Error::InvalidRequest("the expert I/O threads stopped".into()),
-            );
+        Some(Claim {
+            slot: s,
+            key,
+            bufs,
+            prefetch,
+        })
+    }
+
+    /// Sends the reads of the claimed experts (of one layer, whose slices are `slices`) to the
+    /// I/O threads: slices adjacent in the file are merged into one read.
+    fn dispatch(&self, st: &mut State, slices: &[SliceSpec; 3], claims: Vec<Claim>) {
+        let mut dests = Vec::with_capacity(3 * claims.len());
+        for c in claims {
+            for (which, buf) in c.bufs.into_iter().enumerate() {
+                let sl = slices[which];
+                let part = ReadPart {
+                    file: sl.file,
+                    offset: sl.offset + c.key.1 as u64 * sl.stride,
+                    len: sl.stride as usize,
+                    capacity: buf.len(),
+                };
+                dests.push(Dest {
+                    slot: c.slot,
+                    key: c.key,
+                    which,
+                    part,
+                    buf,
+                    prefetch: c.prefetch,
+                });
+            }
         }
-        true
+        for job in reads::jobs(dests) {
+            let sent = self
+                .to_io
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(job);
+            if let Err(std::sync::mpsc::SendError(job)) = sent {
+                // The I/O threads are gone: record the failure for whoever needs these experts.
+                let e = || Error::InvalidRequest("the expert I/O threads stopped".into());
+                complete(st, job, Err(e()));
+            }
+        }
     }
 }
 
-fn io_thread(files: &[DirectFile], rx: &Mutex<Receiver<Request>>, shared: &Shared) {
+/// Hands the buffers of a finished read back to their slots; an expert whose three slices are
+/// all back becomes ready (or, if a read failed, its slot is freed and the error kept).
+fn complete(st: &mut State, job: Vec<Dest>, result: Result<Vec<Range<usize>>>) {
+    let (ranges, error) = match result {
+        Ok(r) => (r, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    if error.is_none() {
+        let bytes: u64 = job.iter().map(|d| d.part.len as u64).sum();
+        let prefetch: u64 = job
+            .iter()
+            .filter(|d| d.prefetch)
+            .map(|d| d.part.len as u64)
+            .sum();
+        st.stats.bytes_read += bytes;
+        st.stats.prefetch_bytes += prefetch;
+        st.stats.reads += 1;
+    }
+    for (i, d) in job.into_iter().enumerate() {
+        let slot = &mut st.slots[d.slot];
+        let SlotData::Loading(p) = &mut slot.data else {
+            continue; // not reachable: a loading slot is never evicted
+        };
+        match (&error, ranges.get(i)) {
+            (None, Some(r)) => p.parts[d.which] = Some((d.buf, r.clone())),
+            _ => {
+                p.parts[d.which] = Some((d.buf, 0..0));
+                let why = error.clone().unwrap_or_else(|| "scatter read".into());
+                p.error.get_or_insert(Error::InvalidRequest(format!(
+                    "reading expert {} of layer {}: {why}",
+                    d.key.1, d.key.0
+                )));
+            }
+        }
+        if p.parts.iter().all(Option::is_some) {
+            let error = p.error.take();
+            let [Some(g), Some(u), Some(dn)] = std::mem::take(&mut p.parts) else {
+                continue; // checked just above
+            };
+            let (bufs, ranges) = ([g.0, u.0, dn.0], [g.1, u.1, dn.1]);
+            match error {
+                None => slot.data = SlotData::Ready(Arc::new(ExpertData { bufs, ranges })),
+                Some(e) => {
+                    slot.data = SlotData::Free(bufs);
+                    slot.key = None;
+                    st.index.remove(&d.key);
+                    st.prefetched.remove(&d.key);
+                    st.failed.insert(d.key, e);
+                }
+            }
+        }
+    }
+}
+
+fn io_thread(files: &[DirectFile], rx: &Mutex<Receiver<Vec<Dest>>>, shared: &Shared) {
     loop {
-        let req = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-            Ok(r) => r,
+        let mut job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            Ok(j) => j,
             Err(_) => return,
         };
-        let Request {
-            slot,
-            key,
-            mut bufs,
-            reads,
-            prefetch,
-        } = req;
-        let start = Instant::now();
-        let mut ranges = [0..0, 0..0, 0..0];
-        let mut error = None;
-        for i in 0..3 {
-            let (file, offset, len) = reads[i];
-            let r = match files.get(file) {
-                Some(f) => f.read_at(offset, len, &mut bufs[i]),
-                None => Err(Error::InvalidRequest(format!(
-                    "expert slice in file {file}"
-                ))),
-            };
-            match r {
-                Ok(r) => ranges[i] = r,
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
-        let elapsed = start.elapsed();
-        let bytes: u64 = reads.iter().map(|r| r.2 as u64).sum();
+        let (result, elapsed) = reads::perform(files, &mut job);
         let mut st = shared.lock();
         st.stats.io_busy += elapsed;
-        match error {
-            None => {
-                st.stats.bytes_read += bytes;
-                st.stats.reads += 3;
-                if prefetch {
-                    st.stats.prefetch_bytes += bytes;
-                }
-                st.slots[slot].data = SlotData::Ready(Arc::new(ExpertData { bufs, ranges }));
-            }
-            Some(e) => {
-                st.slots[slot].data = SlotData::Free(bufs);
-                st.slots[slot].key = None;
-                st.index.remove(&key);
-                st.prefetched.remove(&key);
-                st.failed.insert(key, e);
-            }
-        }
+        complete(&mut st, job, result);
         drop(st);
         shared.done.notify_all();
     }

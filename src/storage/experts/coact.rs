@@ -19,6 +19,10 @@ pub struct CoActivation {
     /// `stay[l][e]`: times expert `e` at layer `l` was used again by the next token.
     #[serde(default)]
     pub stay: Vec<Vec<u32>>,
+    /// `pairs[l][a * n_expert + b]` (`a ≠ b`, symmetric): tokens that used both `a` and `b` at
+    /// layer `l` (what `hypura optimize` places side by side). Absent from older files.
+    #[serde(default)]
+    pub pairs: Vec<Vec<u32>>,
     /// Per layer, each token's experts in the latest forward pass (not saved).
     #[serde(skip)]
     last: Vec<Vec<Vec<usize>>>,
@@ -47,6 +51,7 @@ impl CoActivation {
             self.popularity.push(vec![0; n]);
             self.stay.push(vec![0; n]);
             self.transitions.push(vec![0; n * n]);
+            self.pairs.push(vec![0; n * n]);
             self.last.push(Vec::new());
         }
     }
@@ -58,6 +63,10 @@ impl CoActivation {
         for set in per_token {
             for &e in set.iter().filter(|&&e| e < n) {
                 self.popularity[layer][e] = self.popularity[layer][e].saturating_add(1);
+                for &b in set.iter().filter(|&&b| b < n && b != e) {
+                    let c = &mut self.pairs[layer][e * n + b];
+                    *c = c.saturating_add(1);
+                }
             }
         }
         // Consecutive tokens: within this batch, and from the previous pass's last token.
@@ -171,7 +180,12 @@ impl CoActivation {
             return Ok(None);
         }
         let mut s = s;
-        s.last = vec![Vec::new(); s.popularity.len()];
+        let layers = s.popularity.len();
+        if s.pairs.len() != layers || s.pairs.iter().any(|p| p.len() != n_expert * n_expert) {
+            // Written before pairs were counted (or damaged): start them afresh.
+            s.pairs = vec![vec![0; n_expert * n_expert]; layers];
+        }
+        s.last = vec![Vec::new(); layers];
         Ok(Some(s))
     }
 
@@ -235,6 +249,19 @@ mod tests {
         assert_eq!(back.transitions, c.transitions);
         assert_eq!(back.popularity, c.popularity);
         assert_eq!(back.stay, c.stay);
+        assert_eq!(back.pairs, c.pairs);
+        assert_eq!(c.pairs[0][2], 1, "experts 0 and 2 together once at layer 0");
+        assert_eq!(c.pairs[0][5], 1, "(1, 2)");
+        assert_eq!(c.pairs[0][7], 1, "(2, 1): symmetric");
+        assert_eq!(c.pairs[0][1], 0, "0 and 1 never together");
+        // A file from before pairs were counted loads with zero pairs.
+        let mut old: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        old["stats"].as_object_mut().unwrap().remove("pairs");
+        std::fs::write(&path, old.to_string()).unwrap();
+        let back = CoActivation::load(&path, 3).unwrap().unwrap();
+        assert_eq!(back.popularity, c.popularity);
+        assert_eq!(back.pairs, vec![vec![0; 9]; 2]);
         assert_eq!(CoActivation::load(&path, 4).unwrap(), None, "other shape");
         assert_eq!(CoActivation::load(&dir.join("none.json"), 3).unwrap(), None);
         std::fs::write(&path, "{not json").unwrap();

@@ -8,6 +8,7 @@
 mod cache;
 mod coact;
 mod policy;
+mod reads;
 mod stats;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ pub(crate) use cache::SliceSpec;
 pub use cache::{ExpertCache, ExpertCacheConfig, ExpertData};
 pub use coact::CoActivation;
 pub use policy::{simulate, EvictionPolicy, ExpertKey, SimResult, TraceEntry};
+pub use reads::{merged_reads, ReadPart, MAX_READ_BYTES, MAX_READ_PARTS};
 pub use stats::ExpertStats;
 
 use super::weight::{Tier, Weight};

@@ -1,0 +1,173 @@
+//! How the expert cache reads. A missing expert is three slices (gate, up, down) of three
+//! tensors. The slices of all the experts one step needs are sorted by file offset, and slices
+//! that lie back to back become **one read**: one `preadv` straight into the slots' buffers (no
+//! copy). Experts adjacent in the file — e.g. after `hypura optimize` put co-activated experts
+//! side by side and aligned the tensors to blocks — cost one read per tensor instead of one each.
+//! Each read is one job for the I/O threads, so one expert's three slices are read in parallel.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use super::policy::ExpertKey;
+use crate::error::{Error, Result};
+use crate::storage::aligned::AlignedBuf;
+use crate::storage::direct::{scatter_follows, DirectFile};
+
+/// Largest merged read: larger ones make the compute wait for more bytes before its first expert.
+pub const MAX_READ_BYTES: usize = 256 << 20;
+/// Most slices one read may gather.
+pub const MAX_READ_PARTS: usize = 64;
+
+/// A stretch of file `file` to read into a buffer of `capacity` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadPart {
+    pub file: usize,
+    pub offset: u64,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+/// Sorts `parts` by file and offset and groups them into reads: each returned range of the
+/// sorted `parts` is one request (parts that follow each other closely enough for one scatter
+/// read, see [`scatter_follows`], up to [`MAX_READ_BYTES`] / [`MAX_READ_PARTS`]).
+pub fn merged_reads(parts: &mut [ReadPart]) -> Vec<Range<usize>> {
+    parts.sort_by_key(|p| (p.file, p.offset));
+    let mut runs = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for i in 0..parts.len() {
+        if i > start {
+            let (prev, p) = (parts[i - 1], parts[i]);
+            let joins = p.file == prev.file
+                && i - start < MAX_READ_PARTS
+                && bytes + p.len <= MAX_READ_BYTES
+                && scatter_follows(prev.offset, prev.len, prev.capacity, p.offset);
+            if !joins {
+                runs.push(start..i);
+                (start, bytes) = (i, 0);
+            }
+        }
+        bytes += parts[i].len;
+    }
+    if start < parts.len() {
+        runs.push(start..parts.len());
+    }
+    runs
+}
+
+/// One slice of one expert being read into its slot: buffer `which` (0 gate, 1 up, 2 down).
+pub(super) struct Dest {
+    pub slot: usize,
+    pub key: ExpertKey,
+    pub which: usize,
+    pub part: ReadPart,
+    pub buf: AlignedBuf,
+    pub prefetch: bool,
+}
+
+/// Groups slices into jobs, one read each (see [`merged_reads`]).
+pub(super) fn jobs(mut dests: Vec<Dest>) -> Vec<Vec<Dest>> {
+    dests.sort_by_key(|d| (d.part.file, d.part.offset));
+    let mut parts: Vec<ReadPart> = dests.iter().map(|d| d.part).collect();
+    let runs = merged_reads(&mut parts);
+    let mut out = Vec::with_capacity(runs.len());
+    let mut rest = dests.into_iter();
+    for r in runs {
+        out.push(rest.by_ref().take(r.len()).collect());
+    }
+    out
+}
+
+/// Reads one job: a single slice with a plain read, several with one scatter read. Returns where
+/// each slice lies in its buffer, and the time the read took.
+pub(super) fn perform(
+    files: &[DirectFile],
+    job: &mut [Dest],
+) -> (Result<Vec<Range<usize>>>, Duration) {
+    let start = Instant::now();
+    let file = job.first().map_or(0, |d| d.part.file);
+    let r = match files.get(file) {
+        None => Err(Error::InvalidRequest(format!(
+            "expert slice in file {file}"
+        ))),
+        Some(f) => match job {
+            [d] => f
+                .read_at(d.part.offset, d.part.len, &mut d.buf)
+                .map(|r| vec![r]),
+            _ => {
+                let parts: Vec<(u64, usize)> =
+                    job.iter().map(|d| (d.part.offset, d.part.len)).collect();
+                let mut bufs: Vec<&mut AlignedBuf> = job.iter_mut().map(|d| &mut d.buf).collect();
+                f.read_scatter_at(&parts, &mut bufs)
+            }
+        },
+    };
+    (r, start.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(file: usize, offset: u64, len: usize) -> ReadPart {
+        ReadPart {
+            file,
+            offset,
+            len,
+            capacity: len + 2 * 4096,
+        }
+    }
+
+    #[test]
+    fn adjacent_aligned_slices_merge_and_others_do_not() {
+        // Three experts' gate slices (64 KiB, aligned) of one tensor, two of them adjacent, plus
+        // an up slice right after the tensor (aligned start) and one in another file.
+        let s = 64 << 10;
+        let mut parts = vec![
+            part(0, 3 * s as u64, s),
+            part(0, 0, s),
+            part(0, s as u64, s),
+            part(1, s as u64, s),
+            part(0, 4 * s as u64 + 4096, s), // after a block of padding
+        ];
+        let runs = merged_reads(&mut parts);
+        let offsets: Vec<Vec<u64>> = runs
+            .iter()
+            .map(|r| parts[r.clone()].iter().map(|p| p.offset).collect())
+            .collect();
+        let s = s as u64;
+        assert_eq!(
+            offsets,
+            vec![vec![0, s], vec![3 * s, 4 * s + 4096], vec![s]],
+            "{parts:?}"
+        );
+    }
+
+    #[test]
+    fn slices_sharing_a_block_are_read_apart() {
+        // 32-byte aligned tensors (GGUF's default): the boundary between two experts falls
+        // inside a block, which one scatter read cannot split between two buffers.
+        let mut parts = vec![part(0, 96, 10_000), part(0, 10_096, 10_000)];
+        assert_eq!(merged_reads(&mut parts).len(), 2);
+        // A gap of more than one block is not read through.
+        let mut parts = vec![part(0, 0, 8192), part(0, 8192 + 8192, 8192)];
+        assert_eq!(merged_reads(&mut parts).len(), 2);
+    }
+
+    #[test]
+    fn reads_are_capped() {
+        let s = 1 << 20;
+        let mut parts: Vec<ReadPart> = (0..MAX_READ_PARTS as u64 + 1)
+            .map(|i| part(0, i * s as u64, s))
+            .collect();
+        let runs = merged_reads(&mut parts);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].len(), MAX_READ_PARTS);
+        let big = MAX_READ_BYTES / 2 + 4096;
+        let mut parts: Vec<ReadPart> = (0..3u64).map(|i| part(0, i * big as u64, big)).collect();
+        assert_eq!(
+            merged_reads(&mut parts).len(),
+            3,
+            "each pair exceeds the byte cap"
+        );
+    }
+}

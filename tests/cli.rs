@@ -241,3 +241,245 @@ fn bad_input_gets_a_clear_error_not_a_panic() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)))
+}
+
+#[test]
+fn inspect_groups_tensors_by_role_and_shows_the_plan() {
+    let gguf = fixtures_dir().join("small-moe/small-moe-Q4_K_M.gguf");
+    let m = gguf.to_str().unwrap();
+    let files = hypura::gguf::ModelFiles::open(&gguf).unwrap();
+    let j = json_of(&hypura(&["inspect", "-m", m, "--json"]));
+    assert_eq!(j["config"]["n_expert"], 4);
+    assert_eq!(j["tokenizer"]["model"], "llama");
+    let groups = j["tensors_by_role"].as_array().unwrap();
+    let count: u64 = groups.iter().map(|g| g["tensors"].as_u64().unwrap()).sum();
+    let bytes: u64 = groups.iter().map(|g| g["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(count as usize, files.tensors.len());
+    assert_eq!(bytes, files.tensor_bytes());
+    let roles: Vec<&str> = groups.iter().map(|g| g["role"].as_str().unwrap()).collect();
+    for r in [
+        "embedding",
+        "attention",
+        "norms",
+        "experts",
+        "router",
+        "output",
+    ] {
+        assert!(roles.contains(&r), "{roles:?}");
+    }
+    let routers = groups.iter().filter(|g| g["role"] == "router");
+    assert_eq!(
+        routers.map(|g| g["tensors"].as_u64().unwrap()).sum::<u64>(),
+        2
+    );
+    assert_eq!(j["plan"]["mode"], "FullResident");
+    assert_eq!(j["expert_reads"]["adjacent_experts_merge"], false);
+    // A budget that makes the experts stream: the plan says so (the same planner as `plan`).
+    let j = json_of(&hypura(&[
+        "inspect",
+        "-m",
+        m,
+        "--json",
+        "--ram-budget",
+        "86MiB",
+        "-c",
+        "256",
+    ]));
+    assert_eq!(j["plan"]["mode"], "ExpertStreaming");
+    let t = text(&hypura(&["inspect", "-m", m]).stdout);
+    for needle in [
+        "| experts | Q4_K | 5 |",
+        "| router | F32 | 2 |",
+        "mixture of experts: 4 experts, 2 per token",
+        "mode full-resident",
+    ] {
+        assert!(t.contains(needle), "{needle:?} in {t}");
+    }
+    // An architecture hypura does not run is still described, without a plan.
+    let mut w = hypura::gguf::GgufWriter::new();
+    w.set(
+        "general.architecture",
+        hypura::gguf::Value::String("falcon".into()),
+    );
+    w.add_f32("token_embd.weight", &[4, 2], &[0.0; 8]);
+    let odd = std::env::temp_dir().join(format!("hypura-cli-falcon-{}.gguf", std::process::id()));
+    std::fs::write(&odd, w.to_bytes()).unwrap();
+    let out = hypura(&["inspect", "-m", odd.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t = text(&out.stdout);
+    assert!(
+        t.contains("not runnable by hypura") && t.contains("falcon"),
+        "{t}"
+    );
+    assert!(t.contains("| embedding | F32 | 1 |"), "{t}");
+    let _ = std::fs::remove_file(odd);
+}
+
+#[test]
+fn iobench_reads_at_the_runtime_request_sizes() {
+    let moe = fixtures_dir().join("small-moe/small-moe-Q8_0.gguf");
+    let files = hypura::gguf::ModelFiles::open(&moe).unwrap();
+    let gate = files.tensor("blk.0.ffn_gate_exps.weight").unwrap();
+    let j = json_of(&hypura(&[
+        "iobench",
+        "-m",
+        moe.to_str().unwrap(),
+        "--read-gb",
+        "0.02",
+        "--json",
+    ]));
+    let rows = j["rows"].as_array().unwrap();
+    assert_eq!(
+        rows[0]["request_bytes"].as_u64(),
+        Some(gate.n_bytes / 4),
+        "{j}"
+    );
+    assert_eq!(rows[0]["queue_depth"], 2, "the expert cache's I/O threads");
+    assert!(rows[0]["what"].as_str().unwrap().contains("expert cache"));
+    let read: u64 = rows.iter().map(|r| r["bytes_read"].as_u64().unwrap()).sum();
+    assert!(
+        read <= 20_000_000 + 2 * rows.len() as u64 * (16 << 20),
+        "{read}"
+    );
+    for r in rows {
+        assert!(r["direct_bytes_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["buffered_bytes_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(j["notes"][1]
+        .as_str()
+        .unwrap()
+        .contains("POSIX_FADV_DONTNEED"));
+    // A dense model: the stream pool's per-layer reads, on its one I/O thread.
+    let dense = fixtures_dir().join("small-llama/small-llama-Q8_0.gguf");
+    let j = json_of(&hypura(&[
+        "iobench",
+        "-m",
+        dense.to_str().unwrap(),
+        "--read-gb",
+        "0.01",
+        "--json",
+    ]));
+    let r0 = &j["rows"][0];
+    assert!(r0["what"].as_str().unwrap().contains("stream pool"), "{j}");
+    assert_eq!(r0["queue_depth"], 1);
+    let t = text(
+        &hypura(&[
+            "iobench",
+            "-m",
+            dense.to_str().unwrap(),
+            "--read-gb",
+            "0.01",
+        ])
+        .stdout,
+    );
+    assert!(
+        t.contains("| stream pool") && t.contains("direct GB/s"),
+        "{t}"
+    );
+    // Bad input.
+    let out = hypura(&["iobench", "-m", "/no/such/model.gguf"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("/no/such/model.gguf"));
+    let out = hypura(&["iobench", "-m", dense.to_str().unwrap(), "--read-gb", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--read-gb"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn optimize_rewrites_a_moe_file_with_the_same_logits() {
+    use hypura::storage::experts::CoActivation;
+    let src = fixtures_dir().join("small-moe/small-moe-Q8_0.gguf");
+    let dir = std::env::temp_dir().join(format!("hypura-cli-optimize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Statistics in which experts (0, 2) and (1, 3) go together: they should become neighbours.
+    let mut stats = CoActivation::new(4);
+    for l in 0..2 {
+        stats.observe(l, &vec![vec![0, 2]; 30]);
+        stats.observe(l, &vec![vec![1, 3]; 20]);
+        stats.observe(l, &vec![vec![2, 1]; 10]);
+    }
+    let stats_path = dir.join("stats.json");
+    stats.save(&stats_path).unwrap();
+    let out_path = dir.join("opt.gguf");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["optimize", "-m", src.to_str().unwrap(), "-o"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.push(out_path.to_str().unwrap().into());
+        a.extend(["--no-learn", "--stats", stats_path.to_str().unwrap()].map(String::from));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        hypura(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = run(&["--check", "4", "--place", "_exps\\.=nvme", "-c", "64"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t = text(&out.stdout);
+    for needle in [
+        "experts reordered in 2 of 2 layers",
+        "layer 0: new expert i = old expert [0, 2, 1, 3][i]",
+        "expected expert reads per token, no cache (every used expert read): 12.00 →",
+        "check: logits bit-identical",
+        "optimized:",
+    ] {
+        assert!(t.contains(needle), "{needle:?} in {t}");
+    }
+    let j = json_of(&hypura(&[
+        "inspect",
+        "-m",
+        out_path.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(j["optimized"], true);
+    assert_eq!(j["expert_reads"]["adjacent_experts_merge"], true);
+    assert_eq!(j["file"]["alignment"], 4096);
+    // Refusals.
+    let bad = |args: &[&str], needle: &str| {
+        let out = hypura(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let e = text(&out.stderr);
+        assert!(
+            e.contains(needle) && !e.contains("panicked"),
+            "{args:?}: {e}"
+        );
+    };
+    let s = src.to_str().unwrap();
+    bad(
+        &["optimize", "-m", s, "-o", s, "--no-learn"],
+        "overwrite the input",
+    );
+    let dense = fixtures_dir().join("tiny-llama-spm/tiny-llama-spm-F32.gguf");
+    let o = out_path.to_str().unwrap();
+    bad(
+        &["optimize", "-m", dense.to_str().unwrap(), "-o", o],
+        "not a mixture-of-experts",
+    );
+    bad(
+        &["optimize", "-m", s, "-o", o, "--order", "sideways"],
+        "--order",
+    );
+    bad(
+        &[
+            "optimize",
+            "-m",
+            s,
+            "-o",
+            o,
+            "--stats",
+            "/no/such/stats.json",
+        ],
+        "no co-activation statistics",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

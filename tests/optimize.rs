@@ -102,7 +102,7 @@ fn optimize(
     let src = fixtures_dir().join(rel);
     let files = ModelFiles::open(&src).unwrap();
     let cfg = files.config().unwrap();
-    let rw = plan_rewrite(&files, &cfg, strategy, stats).unwrap();
+    let rw = plan_rewrite(&files, &cfg, strategy, stats, None).unwrap();
     let name = src
         .file_name()
         .unwrap()
@@ -259,7 +259,7 @@ fn permuted_tensors_hold_the_original_experts_in_the_new_order() {
     // Optimizing again composes the orders: back to the original with the inverse statistics
     // is not needed; optimizing the output with 'keep' keeps its order.
     let again = {
-        let rw = plan_rewrite(&opt, &cfg, OrderStrategy::Keep, None).unwrap();
+        let rw = plan_rewrite(&opt, &cfg, OrderStrategy::Keep, None, None).unwrap();
         let p = temp("bytes/again.gguf");
         write(&opt, &rw, &p, Arc::new(|_| {})).unwrap();
         p
@@ -286,7 +286,14 @@ fn learned_order_cuts_expert_reads() {
         let (s0, learned) = s0.unwrap();
         // The fixture's tensors are 32-byte aligned: no two slices share a read.
         assert_eq!(s0.reads, 3 * s0.misses, "{rel}: {s0:?}");
-        let rw = plan_rewrite(&files, &cfg, OrderStrategy::Pairs, Some(learned.clone())).unwrap();
+        let rw = plan_rewrite(
+            &files,
+            &cfg,
+            OrderStrategy::Pairs,
+            Some(learned.clone()),
+            None,
+        )
+        .unwrap();
         let (before, after) = rw.expected_reads.unwrap();
         assert!((before - 3.0 * (cfg.n_layer * cfg.n_expert_used) as f64).abs() < 1e-9);
         assert!(after < before, "{rel}: expected {before} → {after}");
@@ -340,6 +347,6 @@ fn dense_models_are_refused() {
     let src = fixtures_dir().join("tiny-llama-spm/tiny-llama-spm-F32.gguf");
     let files = ModelFiles::open(&src).unwrap();
     let cfg = files.config().unwrap();
-    let e = plan_rewrite(&files, &cfg, OrderStrategy::Pairs, None).unwrap_err();
+    let e = plan_rewrite(&files, &cfg, OrderStrategy::Pairs, None, None).unwrap_err();
     assert!(e.to_string().contains("not a mixture-of-experts"), "{e}");
 }

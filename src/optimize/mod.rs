@@ -29,7 +29,10 @@ mod rewrite;
 
 use std::collections::BTreeMap;
 
-pub use order::{expected_reads, layer_order, permute_stats, ExpertLayout, OrderStrategy};
+pub use order::{
+    expected_reads, layer_order, miss_chances, permute_stats, ExpertLayout, OrderStrategy,
+    CACHED_MISS,
+};
 pub use rewrite::write;
 
 use crate::error::{Error, Result};
@@ -59,6 +62,11 @@ pub struct Rewrite {
     /// Expected expert reads per token with no cache (every used expert read), before and after;
     /// `None` without statistics.
     pub expected_reads: Option<(f64, f64)>,
+    /// The same with the expert cache the order was made for (`cache_slots`), taking the most
+    /// popular experts as cached (see [`miss_chances`]).
+    pub expected_reads_cached: Option<(f64, f64)>,
+    /// The expert-cache size the order was made for.
+    pub cache_slots: Option<usize>,
     /// Whether the statistics held pair counts (else experts were taken as independent).
     pub pairs_known: bool,
 }
@@ -84,12 +92,15 @@ fn per_expert(name: &str) -> bool {
 }
 
 /// Plans the rewrite of `files` (no I/O). `stats` (in the file's expert ids) orders the experts;
-/// without them the experts keep their order and only the layout changes.
+/// without them the experts keep their order and only the layout changes. `cache_slots`: the
+/// expert cache the file will run with, if known (the order then favours experts that are read,
+/// not those the cache holds anyway).
 pub fn plan_rewrite(
     files: &ModelFiles,
     cfg: &ModelConfig,
     strategy: OrderStrategy,
     stats: Option<CoActivation>,
+    cache_slots: Option<usize>,
 ) -> Result<Rewrite> {
     let path = files.path();
     if !cfg.is_moe() {
@@ -102,10 +113,11 @@ pub fn plan_rewrite(
     let stats = stats.filter(|s| s.n_expert == n && s.tokens_seen() > 0);
     // Experts' order per layer.
     let mut orders: Vec<Vec<usize>> = vec![(0..n).collect(); cfg.n_layer];
-    for (l, order) in orders.iter_mut().enumerate() {
-        if let Some(s) = &stats {
+    if let Some(s) = &stats {
+        let miss = miss_chances(s, cache_slots);
+        for (l, order) in orders.iter_mut().enumerate() {
             if let (Some(pop), Some(pairs)) = (s.popularity.get(l), s.pairs.get(l)) {
-                *order = layer_order(strategy, n, pop, pairs);
+                *order = layer_order(strategy, n, pop, pairs, &miss[l]);
             }
         }
     }
@@ -162,9 +174,12 @@ pub fn plan_rewrite(
         permuted,
         stats,
         expected_reads: None,
+        expected_reads_cached: None,
+        cache_slots,
         pairs_known,
     };
-    rw.expected_reads = expected(files, cfg, &rw);
+    rw.expected_reads = expected(files, cfg, &rw, None);
+    rw.expected_reads_cached = cache_slots.and_then(|c| expected(files, cfg, &rw, Some(c)));
     Ok(rw)
 }
 
@@ -228,10 +243,20 @@ fn layout(
     })
 }
 
-/// Expected reads per token (no cache), summed over the layers, before and after.
-fn expected(files: &ModelFiles, cfg: &ModelConfig, rw: &Rewrite) -> Option<(f64, f64)> {
+/// Expected reads per token with a cache of `slots` (`None`: none), summed over the layers,
+/// before and after.
+fn expected(
+    files: &ModelFiles,
+    cfg: &ModelConfig,
+    rw: &Rewrite,
+    slots: Option<usize>,
+) -> Option<(f64, f64)> {
     let stats = rw.stats.as_ref()?;
     let after_stats = permute_stats(stats, &rw.orders);
+    let (miss, after_miss) = (
+        miss_chances(stats, slots),
+        miss_chances(&after_stats, slots),
+    );
     let new_offsets = data_offsets(&files.tensors, &rw.tensor_order, rw.alignment);
     let (mut before, mut after) = (0.0, 0.0);
     for l in 0..cfg.n_layer {
@@ -243,14 +268,9 @@ fn expected(files: &ModelFiles, cfg: &ModelConfig, rw: &Rewrite) -> Option<(f64,
         })?;
         let new = layout(files, cfg, l, |i| (0, new_offsets[i]))?;
         let (k, n) = (cfg.n_expert_used, cfg.n_expert);
-        before += expected_reads(&old, n, k, pop, pairs);
-        after += expected_reads(
-            &new,
-            n,
-            k,
-            &after_stats.popularity[l],
-            &after_stats.pairs[l],
-        );
+        before += expected_reads(&old, n, k, pop, pairs, &miss[l]);
+        let (p, q) = (&after_stats.popularity[l], &after_stats.pairs[l]);
+        after += expected_reads(&new, n, k, p, q, &after_miss[l]);
     }
     Some((before, after))
 }

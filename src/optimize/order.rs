@@ -40,13 +40,48 @@ impl OrderStrategy {
 /// subsets); larger ones a greedy one.
 const EXACT_MAX_EXPERTS: usize = 12;
 
+/// Per layer and expert, the chance that a use of the expert misses a cache of `slots` experts
+/// (`None`: no cache, every use reads). The eviction policy keeps the most used experts, so the
+/// `slots` most popular of the whole model (popularity counted over all layers together) are
+/// taken as cached — not quite always (prefetch and the current layer's experts take slots
+/// too): [`CACHED_MISS`] — and the rest as always read.
+pub fn miss_chances(stats: &CoActivation, slots: Option<usize>) -> Vec<Vec<f64>> {
+    let n = stats.n_expert;
+    let mut miss: Vec<Vec<f64>> = stats
+        .popularity
+        .iter()
+        .map(|p| vec![1.0; p.len()])
+        .collect();
+    if let Some(slots) = slots {
+        let mut keys: Vec<(u32, usize, usize)> = stats
+            .popularity
+            .iter()
+            .enumerate()
+            .flat_map(|(l, p)| p.iter().enumerate().map(move |(e, &c)| (c, l, e)))
+            .collect();
+        keys.sort_by(|a, b| b.0.cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+        for &(_, l, e) in keys.iter().take(slots.min(keys.len())) {
+            if e < n {
+                miss[l][e] = CACHED_MISS;
+            }
+        }
+    }
+    miss
+}
+
+/// How often an expert the cache is taken to hold is missed anyway.
+pub const CACHED_MISS: f64 = 0.1;
+
 /// The order of one layer's `n` experts: `order[new position] = expert id`. `popularity[e]` =
-/// tokens that used `e`; `pairs[a * n + b]` = tokens that used both (empty when unknown).
+/// tokens that used `e`; `pairs[a * n + b]` = tokens that used both (empty when unknown);
+/// `miss[e]` = the chance a use of `e` is read (see [`miss_chances`]; empty = always): a pair
+/// counts for what it saves, `pairs · miss[a] · miss[b]`.
 pub fn layer_order(
     strategy: OrderStrategy,
     n: usize,
     popularity: &[u32],
     pairs: &[u32],
+    miss: &[f64],
 ) -> Vec<usize> {
     let identity: Vec<usize> = (0..n).collect();
     let pop = |e: usize| popularity.get(e).copied().unwrap_or(0);
@@ -59,8 +94,13 @@ pub fn layer_order(
         OrderStrategy::Keep => identity,
         OrderStrategy::Popularity => by_popularity(),
         OrderStrategy::Pairs => {
-            let w = |a: usize, b: usize| pairs.get(a * n + b).copied().unwrap_or(0) as u64;
-            if n < 3 || pairs.len() != n * n || pairs.iter().all(|&c| c == 0) {
+            let m = |e: usize| miss.get(e).copied().unwrap_or(1.0);
+            // Integer weights (exact comparisons in the search): 1/1000 of a pair is plenty.
+            let w = |a: usize, b: usize| {
+                let c = pairs.get(a * n + b).copied().unwrap_or(0) as f64;
+                (c * m(a) * m(b) * 1000.0).round() as u64
+            };
+            if n < 3 || pairs.len() != n * n || (0..n * n).all(|i| w(i / n, i % n) == 0) {
                 return by_popularity();
             }
             let mut path = if n <= EXACT_MAX_EXPERTS {
@@ -167,19 +207,22 @@ impl ExpertLayout {
     }
 }
 
-/// Expected expert reads per token for one layer when every expert a token uses is read (no
-/// cache), the experts of the layer together: `3·k` minus, for each pair of experts whose slices
-/// one read can cover back to back, the chance that a token uses both. Exact given the pair
-/// counts; with none recorded (`pairs` all zero), experts are taken as independent.
+/// Expected expert reads per token for one layer, the experts a token misses read together:
+/// three per missed expert, less one for each pair of experts whose slices one read covers back
+/// to back and that a token uses and misses both. `miss[e]` = the chance a use of `e` misses
+/// (empty: no cache, every use reads; then it is exact given the pair counts). With no pairs
+/// recorded (`pairs` all zero), experts are taken as independent.
 pub fn expected_reads(
     layout: &ExpertLayout,
     n_expert: usize,
     n_expert_used: usize,
     popularity: &[u32],
     pairs: &[u32],
+    miss: &[f64],
 ) -> f64 {
     let k = n_expert_used as f64;
     let tokens = popularity.iter().map(|&c| c as f64).sum::<f64>() / k.max(1.0);
+    let m = |e: usize| miss.get(e).copied().unwrap_or(1.0);
     if tokens == 0.0 || n_expert < 2 {
         return 3.0 * k;
     }
@@ -210,10 +253,10 @@ pub fn expected_reads(
         let ((f0, o0, l0, a), (f1, o1, _, b)) = (w[0], w[1]);
         let cap = l0 + 2 * DIRECT_IO_ALIGN;
         if f0 == f1 && crate::storage::scatter_follows(o0, l0, cap, o1) {
-            saved += both(a, b);
+            saved += both(a, b) * if a == b { m(a) } else { m(a) * m(b) };
         }
     }
-    3.0 * k - saved
+    3.0 * (0..n_expert).map(|e| p(e) * m(e)).sum::<f64>() - saved
 }
 
 /// `stats` with each layer's experts renumbered: `orders[l][new] = old` (layers without an order
@@ -275,7 +318,7 @@ mod tests {
             n,
             &[(0, 3, 50), (3, 5, 40), (5, 1, 30), (1, 4, 20), (4, 2, 10)],
         );
-        let o = layer_order(OrderStrategy::Pairs, n, &pop, &pairs);
+        let o = layer_order(OrderStrategy::Pairs, n, &pop, &pairs, &[]);
         let mut sorted = o.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "a permutation");
@@ -283,17 +326,67 @@ mod tests {
         assert_eq!(o[0], 0, "the more popular end first: {o:?} {pop:?}");
         // Greedy finds the same chain here.
         let w = |a: usize, b: usize| pairs[a * n + b] as u64;
-        let by_pop = layer_order(OrderStrategy::Popularity, n, &pop, &pairs);
+        let by_pop = layer_order(OrderStrategy::Popularity, n, &pop, &pairs, &[]);
         assert_eq!(by_pop[0], 3, "expert 3 is in 90 tokens");
         let g = best_path_greedy(n, &w, &by_pop);
         let score = |p: &[usize]| p.windows(2).map(|x| w(x[0], x[1])).sum::<u64>();
         assert_eq!(score(&g), score(&o), "{g:?}");
         assert_eq!(
-            layer_order(OrderStrategy::Keep, n, &pop, &pairs),
+            layer_order(OrderStrategy::Keep, n, &pop, &pairs, &[]),
             (0..n).collect::<Vec<_>>()
         );
         // Without pair counts: by popularity.
-        assert_eq!(layer_order(OrderStrategy::Pairs, n, &pop, &[]), by_pop);
+        assert_eq!(layer_order(OrderStrategy::Pairs, n, &pop, &[], &[]), by_pop);
+    }
+
+    #[test]
+    fn a_cache_makes_the_cold_experts_the_ones_to_place_together() {
+        // Experts 0 and 1 are used by most tokens, each with two partners; among the rest the
+        // pairs (2, 4) and (3, 5) recur. With no cache the best order puts each hot expert
+        // between its partners (2 0 4 3 1 5); with a cache holding 0 and 1, only misses cost
+        // reads, and the cold pairs must be neighbours.
+        let n = 6;
+        let (pop, pairs) = pairs_of(
+            n,
+            &[
+                (0, 2, 50),
+                (0, 4, 50),
+                (1, 3, 50),
+                (1, 5, 50),
+                (2, 4, 12),
+                (3, 5, 10),
+                (0, 1, 5),
+            ],
+        );
+        let mut stats = CoActivation::new(n);
+        stats.popularity = vec![pop.clone()];
+        let miss = miss_chances(&stats, Some(2));
+        assert_eq!(miss[0][..2], [CACHED_MISS; 2]);
+        assert!(miss[0][2..].iter().all(|&m| m == 1.0));
+        assert_eq!(miss_chances(&stats, None), vec![vec![1.0; n]]);
+        let near = |o: &[usize], a: usize, b: usize| {
+            o.windows(2)
+                .any(|w| (w[0], w[1]) == (a, b) || (w[0], w[1]) == (b, a))
+        };
+        let cached = layer_order(OrderStrategy::Pairs, n, &pop, &pairs, &miss[0]);
+        assert!(near(&cached, 2, 4) && near(&cached, 3, 5), "{cached:?}");
+        let plain = layer_order(OrderStrategy::Pairs, n, &pop, &pairs, &[]);
+        assert!(near(&plain, 2, 0) && near(&plain, 0, 4), "{plain:?}");
+        assert!(!near(&plain, 2, 4) && !near(&plain, 3, 5), "{plain:?}");
+        // And the expected reads with that cache favour the cache-aware order.
+        let l = contiguous(n, 64 << 10);
+        let reads = |o: &[usize]| {
+            let p: Vec<u32> = o.iter().map(|&e| pop[e]).collect();
+            let q: Vec<u32> = (0..n * n).map(|i| pairs[o[i / n] * n + o[i % n]]).collect();
+            let m: Vec<f64> = o.iter().map(|&e| miss[0][e]).collect();
+            expected_reads(&l, n, 2, &p, &q, &m)
+        };
+        assert!(
+            reads(&cached) < reads(&plain),
+            "{} vs {}",
+            reads(&cached),
+            reads(&plain)
+        );
     }
 
     #[test]
@@ -303,7 +396,7 @@ mod tests {
         let (pop, pairs) = pairs_of(n, &[(0, 1, 30), (2, 3, 10)]);
         let l = contiguous(n, stride);
         // Every token's two experts are neighbours: one read per tensor.
-        assert!((expected_reads(&l, n, 2, &pop, &pairs) - 3.0).abs() < 1e-12);
+        assert!((expected_reads(&l, n, 2, &pop, &pairs, &[]) - 3.0).abs() < 1e-12);
         assert_eq!(l.reads(&[0, 1]), 3);
         assert_eq!(l.reads(&[1, 2]), 3);
         assert_eq!(l.reads(&[0, 2]), 6);
@@ -312,14 +405,14 @@ mod tests {
         assert_eq!(l.reads(&[0, 1, 2, 3]), 1, "a whole layer in one read");
         // Swap experts 1 and 2 in the file: no token's pair is adjacent any more.
         let (pop2, pairs2) = pairs_of(n, &[(0, 2, 30), (1, 3, 10)]);
-        assert!((expected_reads(&l, n, 2, &pop2, &pairs2) - 6.0).abs() < 1e-12);
+        assert!((expected_reads(&l, n, 2, &pop2, &pairs2, &[]) - 6.0).abs() < 1e-12);
         // Unaligned slices (32-byte GGUF alignment) never merge.
         let odd = ExpertLayout {
             offset: [96, 96 + 4 * 10_000, 96 + 8 * 10_000],
             stride: [10_000; 3],
             file: [0; 3],
         };
-        assert!((expected_reads(&odd, n, 2, &pop, &pairs) - 6.0).abs() < 1e-12);
+        assert!((expected_reads(&odd, n, 2, &pop, &pairs, &[]) - 6.0).abs() < 1e-12);
         assert_eq!(odd.reads(&[0, 1, 2, 3]), 12);
     }
 

@@ -14,7 +14,8 @@ pub fn describe(s: &ExpertStats, tokens: usize) -> String {
     format!(
         "expert cache: hit rate {:.1} % ({} hits, {} in flight, {} misses of {} experts asked for); \
          prefetch {} issued, precision {:.1} %, recall {:.1} %; {:.1} MiB read per token \
-         ({:.1} MiB by prefetch), stall {:.1} ms per token, disk {:.2} GB/s while reading",
+         ({:.1} MiB by prefetch) in {:.2} reads per token ({:.2} per expert fetched), stall {:.1} ms \
+         per token, disk {:.2} GB/s while reading",
         s.hit_rate() * 100.0,
         s.hits,
         s.in_flight,
@@ -25,6 +26,8 @@ pub fn describe(s: &ExpertStats, tokens: usize) -> String {
         s.prefetch_recall() * 100.0,
         s.bytes_read as f64 / n / (1u64 << 20) as f64,
         s.prefetch_bytes as f64 / n / (1u64 << 20) as f64,
+        s.reads as f64 / n,
+        s.reads as f64 / (s.misses + s.prefetch_issued).max(1) as f64,
         s.stall.as_secs_f64() * 1e3 / n,
         disk_bps / 1e9,
     )

@@ -7,11 +7,12 @@
 # 1. `hypura synth` writes a Mixtral-shaped model (8 layers, d 1024, ff 3584, 8 experts top-2,
 #    Q4_K_M, Zipf 1.5 popularity, layer correlation 0.8);
 # 2. one run with its experts streamed learns the co-activation statistics (text A);
-# 3. `hypura optimize` rewrites it ('pairs' order) and a second copy with the 'popularity' order;
-# 4. each file (and the original with BASE, the binary before this change) reads text B one
-#    token per forward pass (`-b 1 -n 1`: decode-like routing, and the same token sequence for
-#    every binary, whatever its logits) under each RAM budget with `--stats`, from a cold
-#    predictor (--no-learn) and from the learned statistics (restored before every run).
+# 3. `hypura optimize` rewrites it (default 'pairs' order) and a second copy with 'popularity';
+# 4. each file (and the original with BASE, the binary before this change) reads text B under
+#    each RAM budget with `--stats`: one token per forward pass (`-b 1 -n 1`: decode-like
+#    routing, and the same token sequence for every binary whatever its logits), and as one
+#    prompt batch; from a cold predictor (--no-learn; LEARN="cold warm" adds runs from the
+#    learned statistics, restored before every run).
 # Reads, bytes and hit rates do not depend on the machine's speed; tok/s does (shared cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,13 +28,15 @@ B=$(head -c 700 tests/fixtures/text.txt)
     --router-skew 1.5 --router-corr 0.8 -o "$M"
 rm -rf "$XDG_CACHE_HOME/hypura/experts"
 "$HYPURA" run -m "$M" --ram-budget 400MiB -c 512 -b 1 -n 1 --temp 0 -p "$A" > /dev/null 2> "$DIR/learn.log"
+# The default order ('pairs', checked under the 400MiB plan) and 'popularity'.
 "$HYPURA" optimize -m "$M" -o "$DIR/moe-opt.gguf" --ram-budget 400MiB -c 512 --check 16 | tee "$DIR/optimize.out"
-"$HYPURA" optimize -m "$M" -o "$DIR/moe-pop.gguf" --order popularity --check 0 | tail -n 1
+"$HYPURA" optimize -m "$M" -o "$DIR/moe-pop.gguf" --order popularity --ram-budget 400MiB -c 512 --check 0 | grep expected
 cp -r "$XDG_CACHE_HOME/hypura/experts" "$DIR/learned"
-printf '| file | binary | budget | predictor | hit rate | misses | prefetches | MiB / token | reads / token | tok/s |\n'
-printf '| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n'
+printf '| file | binary | budget | passes | predictor | hit rate | misses | prefetches | MiB / token | reads / token | tok/s |\n'
+printf '| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |\n'
 for budget in $BUDGETS; do
-  for learn in cold warm; do
+  for kind in ${KINDS:-decode prompt}; do
+  for learn in ${LEARN:-cold}; do
     for run in "base moe.gguf" "new moe.gguf" "new moe-pop.gguf" "new moe-opt.gguf"; do
       set -- $run
       bin=$HYPURA
@@ -44,8 +47,11 @@ for budget in $BUDGETS; do
       rm -rf "$XDG_CACHE_HOME/hypura/experts" && cp -r "$DIR/learned" "$XDG_CACHE_HOME/hypura/experts"
       extra=""
       [ "$learn" = cold ] && extra="--no-learn"
-      log="$DIR/run-$1-$2-$budget-$learn.log"
-      "$bin" run -m "$DIR/$2" --ram-budget "$budget" -c 512 -b 1 -n 1 --temp 0 -p "$B" --stats $extra \
+      # decode: one token per forward pass; prompt: the text as one batch.
+      batch=1
+      [ "$kind" = prompt ] && batch=512
+      log="$DIR/run-$1-$2-$budget-$kind-$learn.log"
+      "$bin" run -m "$DIR/$2" --ram-budget "$budget" -c 512 -b $batch -n 1 --temp 0 -p "$B" --stats $extra \
           > /dev/null 2> "$log"
       hit=$(grep -o 'hit rate [0-9.]* %' "$log" | head -1 | grep -o '[0-9.]* %')
       miss=$(grep -o '[0-9]* misses' "$log" | grep -o '[0-9]*')
@@ -59,7 +65,8 @@ for budget in $BUDGETS; do
         reads=$(python3 -c "print(f'{3*($miss+$pf)/($tokens+$gen-1):.2f} (3 per expert)')")
       fi
       tps=$(grep -o '([0-9.]* tok/s)' "$log" | tr -d '()' | sed 's/ tok\/s//' | head -1)
-      printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$2" "$1" "$budget" "$learn" "$hit" "$miss" "$pf" "$mib" "$reads" "$tps"
+      printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$2" "$1" "$budget" "$kind" "$learn" "$hit" "$miss" "$pf" "$mib" "$reads" "$tps"
     done
+  done
   done
 done

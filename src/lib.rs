@@ -15,7 +15,8 @@
 //!                      │                  device buffer | mapped file view | streamed slab
 //!                      │                  (storage::Streamer: direct-I/O pool + prefetch)
 //!                      │                ── and each MoE layer's experts as a storage::ExpertSet
-//!                      ▼                  (resident, or storage::ExpertCache: on demand + prefetch)
+//!                      ▼                  (resident, or storage::ExpertCache: on demand + prefetch,
+//!                                          adjacent experts' slices merged into one read)
 //!               models::Transformer (Llama / Qwen2 / Mixtral forward, KV cache)
 //!                      │
 //!   tokenizer::Tokenizer (from GGUF metadata) ── generate (sampling, loop, perplexity) ── CLI
@@ -37,7 +38,7 @@
 //! | [`hub`] | model references: paths, Hugging Face Hub, the bundled model |
 //! | [`loader`] | all of the above in one call |
 //! | [`synth`] | writes synthetic GGUF models with random weights |
-//! | [`optimize`] | rewrites MoE files so that experts read together lie together |
+//! | [`optimize`] | rewrites MoE files so that experts read together lie together (same logits) |
 //!
 //! ## Example
 //! Generate 8 tokens greedily with the bundled model (random weights, so the text is gibberish):

@@ -323,6 +323,7 @@ fn inspect_groups_tensors_by_role_and_shows_the_plan() {
 fn iobench_reads_at_the_runtime_request_sizes() {
     let moe = fixtures_dir().join("small-moe/small-moe-Q8_0.gguf");
     let files = hypura::gguf::ModelFiles::open(&moe).unwrap();
+    // Q8_0 everywhere: the gate, up and down slices are the same size.
     let gate = files.tensor("blk.0.ffn_gate_exps.weight").unwrap();
     let j = json_of(&hypura(&[
         "iobench",

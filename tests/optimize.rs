@@ -350,3 +350,54 @@ fn dense_models_are_refused() {
     let e = plan_rewrite(&files, &cfg, OrderStrategy::Pairs, None, None).unwrap_err();
     assert!(e.to_string().contains("not a mixture-of-experts"), "{e}");
 }
+
+#[test]
+fn split_sets_become_one_file() {
+    use hypura::gguf::{GgufWriter, TensorData, Value};
+    // small-moe as a 2-part split set (split keys in both parts, metadata in the first).
+    let src = fixtures_dir().join("small-moe/small-moe-Q8_0.gguf");
+    let files = ModelFiles::open(&src).unwrap();
+    let cfg = files.config().unwrap();
+    let bytes = std::fs::read(&src).unwrap();
+    let dir = temp("split/x").parent().unwrap().to_path_buf();
+    let half = files.tensors.len() / 2;
+    let mut parts = Vec::new();
+    for (part, range) in [(0, 0..half), (1, half..files.tensors.len())] {
+        let mut w = GgufWriter::new();
+        if part == 0 {
+            for (k, v) in &files.metadata.entries {
+                w.set(k, v.clone());
+            }
+        }
+        w.set("split.no", Value::U16(part as u16));
+        w.set("split.count", Value::U16(2));
+        w.set(
+            "split.tensors.count",
+            Value::I32(files.tensors.len() as i32),
+        );
+        for t in &files.tensors[range] {
+            let b = bytes[t.offset as usize..(t.offset + t.n_bytes) as usize].to_vec();
+            w.add_tensor(&t.name, t.ty, &t.dims, TensorData::Bytes(b));
+        }
+        let p = dir.join(format!("sm-0000{}-of-00002.gguf", part + 1));
+        std::fs::write(&p, w.to_bytes()).unwrap();
+        parts.push(p);
+    }
+    let split = ModelFiles::open(&parts[0]).unwrap();
+    assert_eq!(split.paths.len(), 2);
+    let stats = scrambling_stats(cfg.n_expert, cfg.n_layer);
+    let rw = plan_rewrite(&split, &cfg, OrderStrategy::Pairs, Some(stats), None).unwrap();
+    let out = dir.join("small-moe-Q8_0.opt.gguf");
+    write(&split, &rw, &out, Arc::new(|_| {})).unwrap();
+    let opt = ModelFiles::open(&out).unwrap();
+    assert_eq!(opt.paths.len(), 1);
+    assert!(!opt.metadata.entries.keys().any(|k| k.starts_with("split.")));
+    assert_eq!(opt.tensors.len(), files.tensors.len());
+    let (want_p, want_d, _) = run(&src, None);
+    let (p, d, _) = run(&out, Some(2));
+    assert!(
+        p == want_p && d == want_d,
+        "logits of the rewritten split set differ"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

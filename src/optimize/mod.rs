@@ -62,10 +62,10 @@ pub struct Rewrite {
     /// Expected expert reads per token with no cache (every used expert read), before and after;
     /// `None` without statistics.
     pub expected_reads: Option<(f64, f64)>,
-    /// The same with the expert cache the order was made for (`cache_slots`), taking the most
-    /// popular experts as cached (see [`miss_chances`]).
+    /// The same with an expert cache of `cache_slots`, taking the most popular experts as
+    /// cached (see [`miss_chances`]): an estimate.
     pub expected_reads_cached: Option<(f64, f64)>,
-    /// The expert-cache size the order was made for.
+    /// The expert-cache size of the plan the file will run with, if known.
     pub cache_slots: Option<usize>,
     /// Whether the statistics held pair counts (else experts were taken as independent).
     pub pairs_known: bool,
@@ -93,8 +93,7 @@ fn per_expert(name: &str) -> bool {
 
 /// Plans the rewrite of `files` (no I/O). `stats` (in the file's expert ids) orders the experts;
 /// without them the experts keep their order and only the layout changes. `cache_slots`: the
-/// expert cache the file will run with, if known (the order then favours experts that are read,
-/// not those the cache holds anyway).
+/// expert cache the file will run with, if known, for [`Rewrite::expected_reads_cached`].
 pub fn plan_rewrite(
     files: &ModelFiles,
     cfg: &ModelConfig,
@@ -114,10 +113,9 @@ pub fn plan_rewrite(
     // Experts' order per layer.
     let mut orders: Vec<Vec<usize>> = vec![(0..n).collect(); cfg.n_layer];
     if let Some(s) = &stats {
-        let miss = miss_chances(s, cache_slots);
         for (l, order) in orders.iter_mut().enumerate() {
             if let (Some(pop), Some(pairs)) = (s.popularity.get(l), s.pairs.get(l)) {
-                *order = layer_order(strategy, n, pop, pairs, &miss[l]);
+                *order = layer_order(strategy, n, pop, pairs);
             }
         }
     }

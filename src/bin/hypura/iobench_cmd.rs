@@ -154,7 +154,7 @@ pub fn iobench(a: IobenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "| reads | request | queue depth | pattern | direct GB/s | buffered (cold) GB/s | read |"
+        "| reads | request (mean) | queue depth | pattern | direct GB/s | buffered (cold) GB/s | read |"
     );
     println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
     for r in &rows {
@@ -173,7 +173,12 @@ pub fn iobench(a: IobenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// A row; `req` is replaced by the mean request size of `reads` when there are any.
 fn row(what: String, req: usize, qd: usize, pattern: &'static str, reads: Vec<ReadSpec>) -> Row {
+    let req = match reads.len() {
+        0 => req,
+        n => reads.iter().map(|r| r.len).sum::<usize>() / n,
+    };
     Row {
         what,
         request_bytes: req,

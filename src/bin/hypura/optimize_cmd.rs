@@ -85,13 +85,16 @@ pub fn optimize(a: OptimizeArgs) -> Result<()> {
             (s, format!("{}", p.display()))
         }
     };
-    // The expert cache the file will run with here (with these placement options), if any.
+    // The expert cache the file will run with here (with these placement options), if any: only
+    // for the expected reads, so a plan that fails (a budget too small) just leaves them out.
     let cache_slots = {
         let n_ctx = a.model.ctx_size.unwrap_or_else(|| default_n_ctx(&cfg));
         let tiers = a.model.tiers.options()?;
         let device = hypura::backend::best_device()?;
-        let (p, _) = plan_model_unmeasured(&files, &cfg, n_ctx, &tiers, &device)?;
-        (p.mode == Mode::ExpertStreaming).then_some(p.placement.expert_cache.slots)
+        plan_model_unmeasured(&files, &cfg, n_ctx, &tiers, &device)
+            .ok()
+            .filter(|(p, _)| p.mode == Mode::ExpertStreaming)
+            .map(|(p, _)| p.placement.expert_cache.slots)
     };
     let rw = plan_rewrite(&files, &cfg, strategy, stats, cache_slots)?;
     match &rw.stats {
@@ -146,7 +149,8 @@ pub fn optimize(a: OptimizeArgs) -> Result<()> {
     }
     if let (Some((before, after)), Some(slots)) = (rw.expected_reads_cached, rw.cache_slots) {
         println!(
-            "expected expert reads per token, cache of {slots} experts (the most used taken as cached;              the order was made for it): {before:.2} → {after:.2} ({:+.1} %)",
+            "expected expert reads per token, cache of {slots} experts (an estimate: the most used \
+             taken as cached): {before:.2} → {after:.2} ({:+.1} %)",
             (after / before - 1.0) * 100.0
         );
     }

@@ -456,7 +456,7 @@ impl ExpertCache {
     /// I/O threads: slices adjacent in the file are merged into one read.
     fn dispatch(&self, st: &mut State, slices: &[SliceSpec; 3], claims: Vec<Claim>) {
         let mut dests = Vec::with_capacity(3 * claims.len());
-        for c in claims {
+        for (rank, c) in claims.into_iter().enumerate() {
             for (which, buf) in c.bufs.into_iter().enumerate() {
                 let sl = slices[which];
                 let part = ReadPart {
@@ -472,6 +472,7 @@ impl ExpertCache {
                     part,
                     buf,
                     prefetch: c.prefetch,
+                    rank,
                 });
             }
         }

@@ -3,7 +3,8 @@
 //!
 //! The model asks for the experts its router picked ([`ExpertSet::with_routed`]) and gets each
 //! one's gate/up/down weights as ordinary [`Weight`]s; it never learns whether they were resident,
-//! cached, or just read from disk.
+//! cached, or just read from disk. The experts missing at one step are read together, slices
+//! adjacent in the file merged into one read ([`merged_reads`]).
 
 mod cache;
 mod coact;

@@ -13,8 +13,11 @@ use crate::error::{Error, Result};
 use crate::storage::aligned::AlignedBuf;
 use crate::storage::direct::{scatter_follows, DirectFile};
 
-/// Largest merged read: larger ones make the compute wait for more bytes before its first expert.
-pub const MAX_READ_BYTES: usize = 256 << 20;
+/// Merged reads stop growing past this many bytes, or two slices where slices are larger: a
+/// larger read makes the compute wait longer for its first expert (prompt batches need every
+/// expert of a layer: its slices come in several reads, so the first experts are computed while
+/// the rest is read), and reads of a few MiB already run at the disk's full speed.
+pub const MAX_READ_BYTES: usize = 8 << 20;
 /// Most slices one read may gather.
 pub const MAX_READ_PARTS: usize = 64;
 
@@ -29,9 +32,11 @@ pub struct ReadPart {
 
 /// Sorts `parts` by file and offset and groups them into reads: each returned range of the
 /// sorted `parts` is one request (parts that follow each other closely enough for one scatter
-/// read, see [`scatter_follows`], up to [`MAX_READ_BYTES`] / [`MAX_READ_PARTS`]).
+/// read, see [`scatter_follows`], up to [`MAX_READ_BYTES`] or two parts, and [`MAX_READ_PARTS`]).
 pub fn merged_reads(parts: &mut [ReadPart]) -> Vec<Range<usize>> {
     parts.sort_by_key(|p| (p.file, p.offset));
+    let largest = parts.iter().map(|p| p.len).max().unwrap_or(0);
+    let max_bytes = MAX_READ_BYTES.max(2 * largest);
     let mut runs = Vec::new();
     let (mut start, mut bytes) = (0, 0usize);
     for i in 0..parts.len() {
@@ -39,7 +44,7 @@ pub fn merged_reads(parts: &mut [ReadPart]) -> Vec<Range<usize>> {
             let (prev, p) = (parts[i - 1], parts[i]);
             let joins = p.file == prev.file
                 && i - start < MAX_READ_PARTS
-                && bytes + p.len <= MAX_READ_BYTES
+                && bytes + p.len <= max_bytes
                 && scatter_follows(prev.offset, prev.len, prev.capacity, p.offset);
             if !joins {
                 runs.push(start..i);
@@ -62,18 +67,28 @@ pub(super) struct Dest {
     pub part: ReadPart,
     pub buf: AlignedBuf,
     pub prefetch: bool,
+    /// The expert's place in the order it was asked for (0 = needed first).
+    pub rank: usize,
 }
 
-/// Groups slices into jobs, one read each (see [`merged_reads`]).
+/// Groups slices into jobs, one read each (see [`merged_reads`]), in the order that completes
+/// the experts asked for first soonest (by the first-ranked expert each job serves, then gate,
+/// up, down).
 pub(super) fn jobs(mut dests: Vec<Dest>) -> Vec<Vec<Dest>> {
     dests.sort_by_key(|d| (d.part.file, d.part.offset));
     let mut parts: Vec<ReadPart> = dests.iter().map(|d| d.part).collect();
     let runs = merged_reads(&mut parts);
-    let mut out = Vec::with_capacity(runs.len());
+    let mut out: Vec<Vec<Dest>> = Vec::with_capacity(runs.len());
     let mut rest = dests.into_iter();
     for r in runs {
         out.push(rest.by_ref().take(r.len()).collect());
     }
+    out.sort_by_key(|job| {
+        job.iter()
+            .map(|d| (d.rank, d.which))
+            .min()
+            .unwrap_or((usize::MAX, 0))
+    });
     out
 }
 
@@ -155,19 +170,26 @@ mod tests {
 
     #[test]
     fn reads_are_capped() {
-        let s = 1 << 20;
+        let s = 64 << 10;
         let mut parts: Vec<ReadPart> = (0..MAX_READ_PARTS as u64 + 1)
             .map(|i| part(0, i * s as u64, s))
             .collect();
         let runs = merged_reads(&mut parts);
         assert_eq!(runs.len(), 2);
         assert_eq!(runs[0].len(), MAX_READ_PARTS);
-        let big = MAX_READ_BYTES / 2 + 4096;
-        let mut parts: Vec<ReadPart> = (0..3u64).map(|i| part(0, i * big as u64, big)).collect();
-        assert_eq!(
-            merged_reads(&mut parts).len(),
-            3,
-            "each pair exceeds the byte cap"
+        // 1 MiB slices: MAX_READ_BYTES worth per read.
+        let s = 1 << 20;
+        let mut parts: Vec<ReadPart> = (0..40u64).map(|i| part(0, i * s as u64, s)).collect();
+        let runs = merged_reads(&mut parts);
+        assert!(
+            runs.iter().all(|r| r.len() * s <= MAX_READ_BYTES),
+            "{runs:?}"
         );
+        assert_eq!(runs.len(), 40usize.div_ceil(MAX_READ_BYTES / s));
+        // Slices larger than half the cap still merge in twos.
+        let big = MAX_READ_BYTES;
+        let mut parts: Vec<ReadPart> = (0..5u64).map(|i| part(0, i * big as u64, big)).collect();
+        let runs: Vec<usize> = merged_reads(&mut parts).iter().map(|r| r.len()).collect();
+        assert_eq!(runs, vec![2, 2, 1]);
     }
 }

@@ -113,8 +113,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     } else {
         "CPU"
     };
+    // GPU builds: device caches since load (the pp and tg runs, warm-ups included).
+    #[cfg(feature = "cuda")]
+    let gpu = {
+        let tokens = (a.n_prompt + a.n_gen) * (a.reps.max(1) + 1);
+        crate::expert_stats::gpu_report(&m, tokens)
+    };
+    #[cfg(not(feature = "cuda"))]
+    let gpu: Option<(String, serde_json::Value)> = None;
     if a.json {
         let j = serde_json::json!({
+            "gpu": gpu.as_ref().map(|g| g.1.clone()),
             "model": model_name, "size_bytes": size, "n_params": n_params, "backend": backend, "threads": threads,
             "n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.reps,
             "pp_tok_s": pp.map(|x| x.0), "pp_tok_s_std": pp.map(|x| x.1),
@@ -143,6 +152,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if let Some((s, t)) = &experts {
         println!();
         println!("tg {}", crate::expert_stats::describe(s, *t));
+    }
+    if let Some((line, _)) = &gpu {
+        println!("{line}");
     }
     Ok(())
 }

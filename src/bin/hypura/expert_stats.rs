@@ -41,3 +41,40 @@ pub fn compare_policies(trace: &[TraceEntry], slots: usize) -> String {
         r(EvictionPolicy::Lfu)
     )
 }
+
+/// GPU builds: what the device caches did since load (uploads of off-device layers, the device
+/// expert cache), as one line and as JSON; `None` when the run uses neither.
+#[cfg(feature = "cuda")]
+pub fn gpu_report(m: &hypura::loader::LoadedModel, tokens: usize) -> Option<(String, serde_json::Value)> {
+    let n = tokens.max(1) as f64;
+    let mib = |b: u64| b as f64 / n / (1u64 << 20) as f64;
+    let mut parts = Vec::new();
+    let mut j = serde_json::Map::new();
+    if let Some(u) = &m.uploader {
+        let s = u.stats();
+        parts.push(format!(
+            "uploads of off-device layers: {:.1} MiB per token ({} layer uploads, lookahead {}), \
+             {:.1} ms per token waiting for disk reads",
+            mib(s.bytes_uploaded),
+            s.uploads,
+            u.lookahead(),
+            s.read_wait.as_secs_f64() * 1e3 / n
+        ));
+        j.insert("uploads".into(), serde_json::json!(s));
+    }
+    if let Some(d) = &m.device_experts {
+        let s = d.stats();
+        let rate = if s.requests > 0 { s.hits as f64 / s.requests as f64 } else { 0.0 };
+        parts.push(format!(
+            "device expert cache: {} slots, hit rate {:.1} % ({} of {} experts asked for), {:.1} MiB \
+             uploaded per token",
+            d.slots(),
+            rate * 100.0,
+            s.hits,
+            s.requests,
+            mib(s.bytes_uploaded)
+        ));
+        j.insert("device_expert_cache".into(), serde_json::json!({"stats": s, "slots": d.slots(), "hit_rate": rate}));
+    }
+    (!parts.is_empty()).then(|| (parts.join("; "), serde_json::Value::Object(j)))
+}

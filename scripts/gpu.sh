@@ -5,6 +5,12 @@
 #                                  the fidelity / tiers / perplexity / experts test binaries (CUDA
 #                                  cases), strip and xz them into DEST (default: .gpu, which
 #                                  .git/info/exclude must ignore) with this script.
+#   scripts/gpu.sh fixtures [DEST] pack the fixtures the GPU tests read into DEST/fixtures.txz:
+#                                  the tree travels only under 64 MiB, so a subset (every
+#                                  architecture, tokenizer and most quant types; no large F32 files
+#                                  but small-qwen2's, which tests/tiers.rs reads). For the call,
+#                                  move tests/fixtures (and models/) out of the working tree;
+#                                  `run` unpacks the subset there. Restore them afterwards.
 #   scripts/gpu.sh lcpp [DEST]     pack llama.cpp's sources (from the oracle's llama-cpp-python
 #                                  sdist, pruned to what llama-bench needs) into DEST/lcpp-src.txz
 #   bash .gpu/gpu.sh run [STEP...] on the GPU machine, from the repository root (where the device
@@ -16,7 +22,8 @@
 #       bench8b   synth llama-3-8b Q4_K_M; plan; hypura bench pp512/tg128 ×3; the bound =
 #                 device bandwidth / weight bytes per token; llama-bench on the same file if built
 #       moe       synth mixtral-8x7b Q5_K_M with skewed routing (~31 GB); with a 22 GiB device
-#                 and 8 GiB RAM budget: plan, run twice (learn, then measured) with --stats
+#                 and 8 GiB RAM budget: plan, run once (learns co-activation), then bench (tg
+#                 tok/s with the expert caches' hit rates over the tg runs)
 #       l70       synth llama-3-70b Q4_K_M (~40 GB); same budgets: plan, run with --stats
 #       clean     delete the synthetic models (the machine's disk holds one big model at a time)
 #
@@ -78,6 +85,26 @@ lcpp() { # pruned llama.cpp sources for a CUDA llama-bench build on the GPU mach
   ls -la "$dest/lcpp-src.txz"
 }
 
+# The fixture subset the GPU run carries (see `fixtures`).
+GPU_FIXTURES="text.txt tiny-llama-bpe tiny-llama-spm tiny-qwen2 tiny-moe-spm
+  small-llama/small-llama-Q4_K_M small-llama/small-llama-Q8_0
+  small-qwen2/small-qwen2-F32 small-qwen2/small-qwen2-Q4_K_M
+  small-moe/small-moe-Q4_K_M small-moe/small-moe-Q5_K_M
+  types/small-llama/small-llama-Q4_0 types/small-llama/small-llama-Q6_K
+  types/small-llama/small-llama-Q2_K types/small-llama/small-llama-Q5_0"
+
+fixtures() {
+  local dest=${1:-.gpu}; mkdir -p "$dest"; dest=$(cd "$dest" && pwd)
+  local here; here=$(cd "$(dirname "$0")/.." && pwd)
+  cd "$here/tests/fixtures"
+  local files=()
+  for f in $GPU_FIXTURES; do
+    if [ -e "$f" ]; then files+=("$f"); else for x in "$f".*; do files+=("$x"); done; fi
+  done
+  tar cJf "$dest/fixtures.txz" "${files[@]}"
+  ls -la "$dest/fixtures.txz"
+}
+
 step() { # name command...: run, log everything to $OUT/log and $OUT/<name>.log
   local name=$1; shift
   echo "=== $name: $*" | tee -a "$OUT/log"
@@ -107,6 +134,11 @@ run() {
   : "${OUT:=/tmp/out}"; mkdir -p "$OUT"
   export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   export HYPURA_FIXTURES=$PWD/tests/fixtures RUST_BACKTRACE=1
+  if [ -f .gpu/fixtures.txz ] && [ ! -f tests/fixtures/text.txt ]; then
+    mkdir -p tests/fixtures && tar xJf .gpu/fixtures.txz -C tests/fixtures
+    export HYPURA_FIXTURES_MIN=$(find tests/fixtures -name '*.ref.json' | wc -l)
+    echo "fixture subset: $HYPURA_FIXTURES_MIN models" | tee -a "$OUT/log"
+  fi
   local bin=/tmp/hypura-bin M=${MODELS:-/tmp/models}; mkdir -p $bin "$M"
   for f in .gpu/*.xz; do
     local b; b=$bin/$(basename "$f" .xz)
@@ -139,9 +171,12 @@ run() {
         [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
         "$bin/hypura" plan -m "$M/l8b.gguf" -c 512 --json >"$OUT/plan8b.json"
         step plan8b "$bin/hypura" plan -m "$M/l8b.gguf" -c 512
-        step bench8b "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 512 -n 128 -r 3 --json
-        grep '^{' "$OUT/bench8b.log" | tail -n 1 >"$OUT/bench8b.json" || true
-        bound "$OUT/plan8b.json" "$OUT/bench8b.json" "$OUT/profile.json" | tee -a "$OUT/log" || true
+        for mv in exact q8; do
+          HYPURA_CUDA_MATVEC=$mv step "bench8b-$mv" "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 512 -n 128 -r 3 --json
+          grep '^{' "$OUT/bench8b-$mv.log" | tail -n 1 >"$OUT/bench8b.json" || true
+          echo -n "mat-vec $mv: " | tee -a "$OUT/log"
+          bound "$OUT/plan8b.json" "$OUT/bench8b.json" "$OUT/profile.json" | tee -a "$OUT/log" || true
+        done
         if [ -x /tmp/lcpp/build/bin/llama-bench ]; then
           step llama-bench8b /tmp/lcpp/build/bin/llama-bench -m "$M/l8b.gguf" -p 512 -n 128 -r 3 -ngl 99 -o md
         else
@@ -156,8 +191,7 @@ run() {
         step plan-moe "$bin/hypura" plan -m "$m" -c 512 "${budgets[@]}"
         TAIL=6 step run-moe-learn "$bin/hypura" run -m "$m" -c 512 "${budgets[@]}" -p "Once upon a time" \
           -n "${N_MOE:-48}" --temp 0 --stats
-        TAIL=6 step run-moe "$bin/hypura" run -m "$m" -c 512 "${budgets[@]}" -p "Once upon a time" \
-          -n "${N_MOE:-48}" --temp 0 --stats ;;
+        TAIL=4 step bench-moe "$bin/hypura" bench -m "$m" -c 512 "${budgets[@]}" -p 32 -n "${N_MOE:-32}" -r 3 ;;
       l70)
         local m=$M/l70b.gguf
         [ -f "$m" ] || step synth70b "$bin/hypura" synth --preset llama-3-70b --type Q4_K_M -o "$m"
@@ -173,7 +207,8 @@ run() {
 cmd=${1:-}; shift || true
 case $cmd in
   pack) pack "$@" ;;
+  fixtures) fixtures "$@" ;;
   lcpp) lcpp "$@" ;;
   run) run "$@" ;;
-  *) sed -n '2,28p' "$0"; exit 2 ;;
+  *) sed -n '2,34p' "$0"; exit 2 ;;
 esac

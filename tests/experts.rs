@@ -139,7 +139,10 @@ fn device_expert_cache_matches_full_resident(device: &Device) {
         }
     }
 }
-on_every_backend!(device_expert_cache, device_expert_cache_matches_full_resident);
+on_every_backend!(
+    device_expert_cache,
+    device_expert_cache_matches_full_resident
+);
 
 #[test]
 fn only_routed_experts_are_read_without_prefetch() {

@@ -108,7 +108,9 @@ pub(super) fn plan_gpu(
     // Room for the upload slots of layers left off the device.
     let mut layer_bytes: HashMap<usize, u64> = HashMap::new();
     for t in free.iter().filter(|t| movable(t)) {
-        *layer_bytes.entry(layer_of(&t.name).unwrap_or(0)).or_insert(0) += t.n_bytes;
+        *layer_bytes
+            .entry(layer_of(&t.name).unwrap_or(0))
+            .or_insert(0) += t.n_bytes;
     }
     dev_used += upload_slots(input) * layer_bytes.values().copied().max().unwrap_or(0);
     if dev_used > device_budget {

@@ -70,7 +70,13 @@ impl WeightStore {
             item,
             home: self.placement.tier(&e.name),
         };
-        Ok(Some(Weight::new(name, e.ty, shape.clone(), tier, &self.device)))
+        Ok(Some(Weight::new(
+            name,
+            e.ty,
+            shape.clone(),
+            tier,
+            &self.device,
+        )))
     }
 
     /// Every uploaded weight, grouped per layer; RAM-tier bytes copied to page-locked memory.
@@ -144,33 +150,36 @@ impl WeightStore {
             let mut items = Vec::with_capacity(parts.len());
             let mut at = 0;
             for p in &parts {
-                let src = match self.placement.tier(&p.e.name) {
-                    TierKind::Ram => {
-                        let buf = pinned
-                            .clone()
-                            .ok_or_else(|| Error::InvalidRequest("pinned buffer".into()))?;
-                        let r = at..at + p.part.len();
-                        at += p.part.len().next_multiple_of(64);
-                        HostSource::Pinned(buf, r)
-                    }
-                    _ => {
-                        let (group, range) =
-                            self.placement.members.get(&p.e.name).cloned().ok_or_else(|| {
-                                Error::InvalidRequest(format!(
-                                    "{}: placed on NVMe but in no stream group",
-                                    p.e.name
-                                ))
-                            })?;
-                        let streamer = streamer.clone().ok_or_else(|| {
-                            Error::InvalidRequest("NVMe placement without a streamer".into())
-                        })?;
-                        HostSource::Streamed {
-                            streamer,
-                            group,
-                            range: range.start + p.part.start..range.start + p.part.end,
+                let src =
+                    match self.placement.tier(&p.e.name) {
+                        TierKind::Ram => {
+                            let buf = pinned
+                                .clone()
+                                .ok_or_else(|| Error::InvalidRequest("pinned buffer".into()))?;
+                            let r = at..at + p.part.len();
+                            at += p.part.len().next_multiple_of(64);
+                            HostSource::Pinned(buf, r)
                         }
-                    }
-                };
+                        _ => {
+                            let (group, range) =
+                                self.placement.members.get(&p.e.name).cloned().ok_or_else(
+                                    || {
+                                        Error::InvalidRequest(format!(
+                                            "{}: placed on NVMe but in no stream group",
+                                            p.e.name
+                                        ))
+                                    },
+                                )?;
+                            let streamer = streamer.clone().ok_or_else(|| {
+                                Error::InvalidRequest("NVMe placement without a streamer".into())
+                            })?;
+                            HostSource::Streamed {
+                                streamer,
+                                group,
+                                range: range.start + p.part.start..range.start + p.part.end,
+                            }
+                        }
+                    };
                 index.insert((p.e.name.clone(), p.part.start), (g, items.len()));
                 items.push(UploadItem {
                     ty: p.e.ty,

@@ -9,10 +9,10 @@ mod aligned;
 mod direct;
 pub mod experts;
 #[cfg(feature = "cuda")]
+mod gpu_tier;
+#[cfg(feature = "cuda")]
 mod pinned;
 mod stream;
-#[cfg(feature = "cuda")]
-mod gpu_tier;
 #[cfg(feature = "cuda")]
 mod upload;
 mod weight;
@@ -76,6 +76,10 @@ impl WeightStore {
         device: &Device,
         placement: Placement,
     ) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            crate::backend::configure_cuda();
+        }
         let mut maps = Vec::with_capacity(files.paths.len());
         for path in &files.paths {
             let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, 0, e))?;

@@ -312,7 +312,11 @@ pub(crate) fn record(stream: &CudaStream) -> Result<CudaEvent> {
 /// # Safety
 /// `bytes` must stay alive and unmodified until the copy completes, and nothing may read or
 /// write `dst` on another stream until then (order it with an event recorded after the copy).
-pub(crate) unsafe fn upload_async(bytes: &[u8], dst: &QTensor, stream: sys::CUstream) -> Result<()> {
+pub(crate) unsafe fn upload_async(
+    bytes: &[u8],
+    dst: &QTensor,
+    stream: sys::CUstream,
+) -> Result<()> {
     if bytes.len() != dst.storage_size_in_bytes() {
         return Err(Error::InvalidRequest(format!(
             "upload of {} bytes into a {}-byte device tensor",
@@ -333,14 +337,11 @@ fn slot_of(st: &State, g: usize) -> Option<usize> {
 
 /// A slot whose group is outside `window` (or empty), preferring empty ones.
 fn pick_slot(st: &State, window: &[usize]) -> Option<usize> {
-    st.slots
-        .iter()
-        .position(|s| s.group.is_none())
-        .or_else(|| {
-            st.slots
-                .iter()
-                .position(|s| s.group.is_some_and(|g| !window.contains(&g)))
-        })
+    st.slots.iter().position(|s| s.group.is_none()).or_else(|| {
+        st.slots
+            .iter()
+            .position(|s| s.group.is_some_and(|g| !window.contains(&g)))
+    })
 }
 
 /// Lets go of pool slabs whose uploads have completed.

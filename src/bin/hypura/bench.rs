@@ -83,6 +83,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     };
     let pp = run(a.n_prompt, time_pp)?;
     let experts_before = m.experts.as_ref().map(|c| c.stats());
+    #[cfg(feature = "cuda")]
+    let gpu_before = crate::expert_stats::gpu_snapshot(&m);
     let tg = run(a.n_gen, time_tg)?;
     // The expert cache over the tg runs (warm-up included): tokens decoded one at a time.
     let experts = m.experts.as_ref().zip(experts_before).map(|(c, b)| {
@@ -113,11 +115,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     } else {
         "CPU"
     };
-    // GPU builds: device caches since load (the pp and tg runs, warm-ups included).
+    // GPU builds: the device caches over the tg runs (warm-up included), like the expert cache.
     #[cfg(feature = "cuda")]
     let gpu = {
-        let tokens = (a.n_prompt + a.n_gen) * (a.reps.max(1) + 1);
-        crate::expert_stats::gpu_report(&m, tokens)
+        let tokens = if a.n_gen > 0 {
+            a.n_gen.min(16) + a.n_gen * a.reps.max(1)
+        } else {
+            0
+        };
+        crate::expert_stats::gpu_report(&m, tokens, Some(&gpu_before))
     };
     #[cfg(not(feature = "cuda"))]
     let gpu: Option<(String, serde_json::Value)> = None;

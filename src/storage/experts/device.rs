@@ -38,6 +38,26 @@ pub struct DeviceExpertStats {
     pub bytes_uploaded: u64,
 }
 
+impl DeviceExpertStats {
+    /// `self - before`, field by field.
+    pub fn since(&self, before: &DeviceExpertStats) -> DeviceExpertStats {
+        DeviceExpertStats {
+            requests: self.requests - before.requests,
+            hits: self.hits - before.hits,
+            uploads: self.uploads - before.uploads,
+            bytes_uploaded: self.bytes_uploaded - before.bytes_uploaded,
+        }
+    }
+
+    pub fn hit_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.hits as f64 / self.requests as f64
+        }
+    }
+}
+
 struct Slot {
     key: Option<ExpertKey>,
     /// Gate, up and down of the expert held.
@@ -97,7 +117,11 @@ impl DeviceExperts {
             let mut pool = Vec::with_capacity(count);
             for _ in 0..count {
                 let t = |i: usize| -> Result<Arc<QTensor>> {
-                    Ok(Arc::new(zeroed_qtensor(meta[i].ty, &meta[i].shape, device)?))
+                    Ok(Arc::new(zeroed_qtensor(
+                        meta[i].ty,
+                        &meta[i].shape,
+                        device,
+                    )?))
                 };
                 pool.push(Slot {
                     key: None,
@@ -175,10 +199,9 @@ impl DeviceExperts {
         meta: &[SliceMeta; 3],
     ) -> Result<ExpertWeights> {
         let st = self.lock();
-        let &(k, s) = st
-            .index
-            .get(&(layer, e))
-            .ok_or_else(|| Error::InvalidRequest(format!("expert {e} of layer {layer} not on the device")))?;
+        let &(k, s) = st.index.get(&(layer, e)).ok_or_else(|| {
+            Error::InvalidRequest(format!("expert {e} of layer {layer} not on the device"))
+        })?;
         let slot = &st.pools[&k][s];
         self.make_weights(e, meta, &slot.tensors)
     }
@@ -197,10 +220,9 @@ impl DeviceExperts {
         let mut st = self.lock();
         let tick = st.tick;
         let st = &mut *st;
-        let pool = st
-            .pools
-            .get_mut(&kind)
-            .ok_or_else(|| Error::InvalidRequest(format!("no device slots for layer {layer}'s types")))?;
+        let pool = st.pools.get_mut(&kind).ok_or_else(|| {
+            Error::InvalidRequest(format!("no device slots for layer {layer}'s types"))
+        })?;
         // Prefer not to evict this layer's own experts (they are used again by the next token);
         // when the pool is smaller than the layer's working set, any slot will do: the copy
         // waits for every product already issued, so no use of the old expert is cut short.
@@ -210,7 +232,10 @@ impl DeviceExperts {
                 .policy
                 .victim_rank(st.freq.get(&k).copied().unwrap_or(0), s.last_use),
         };
-        let protected = |s: &Slot| s.key.is_some_and(|(l, x)| l == layer && protect.contains(&x));
+        let protected = |s: &Slot| {
+            s.key
+                .is_some_and(|(l, x)| l == layer && protect.contains(&x))
+        };
         let victim = (0..pool.len())
             .filter(|&i| !protected(&pool[i]))
             .min_by_key(|&i| (rank(&pool[i]), i))

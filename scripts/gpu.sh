@@ -152,7 +152,9 @@ run() {
       tests)
         for t in fidelity tiers perplexity experts; do
           [ -x "$bin/$t" ] && step "test-$t" "$bin/$t" cuda --test-threads=1
-        done ;;
+        done
+        # The other mat-vec kernels (see hypura::backend::configure_cuda).
+        HYPURA_CUDA_MATVEC=exact step test-fidelity-exact "$bin/fidelity" cuda --test-threads=1 ;;
       profile)
         step profile "$bin/hypura" profile --dir "$M" --reprofile
         "$bin/hypura" profile --dir "$M" --json >"$OUT/profile.json" ;;
@@ -171,7 +173,7 @@ run() {
         [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
         "$bin/hypura" plan -m "$M/l8b.gguf" -c 512 --json >"$OUT/plan8b.json"
         step plan8b "$bin/hypura" plan -m "$M/l8b.gguf" -c 512
-        for mv in exact q8; do
+        for mv in q8 exact; do
           HYPURA_CUDA_MATVEC=$mv step "bench8b-$mv" "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 512 -n 128 -r 3 --json
           grep '^{' "$OUT/bench8b-$mv.log" | tail -n 1 >"$OUT/bench8b.json" || true
           echo -n "mat-vec $mv: " | tee -a "$OUT/log"
@@ -183,6 +185,9 @@ run() {
           echo "llama-bench not built yet"; tail -n 3 "$OUT/lcpp-build.log" 2>/dev/null || true
         fi ;;
       llama8b)
+        [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
+        for _ in $(seq 60); do [ -x /tmp/lcpp/build/bin/llama-bench ] && break; sleep 5; done
+        tail -n 2 "$OUT/lcpp-build.log"
         step llama-bench8b /tmp/lcpp/build/bin/llama-bench -m "$M/l8b.gguf" -p 512 -n 128 -r 3 -ngl 99 -o md ;;
       moe)
         local m=$M/mixtral-Q5_K_M-skew.gguf

@@ -212,6 +212,25 @@ pub(super) fn plan_gpu(
         gib(dev_fixed + fixed_device_bytes(input.tensors, &fixed) + free.iter().map(|t| t.n_bytes).sum::<u64>()),
         gib(device_budget)
     ));
+    if n_ram > 0 {
+        // Where RAM-tier layers are computed: on the GPU after an upload, or on the host where
+        // they lie. Only the first is implemented; say what the rates predict.
+        let (up, host) = (input.rates.upload_bps, input.rates.mem_read_bps);
+        decisions.push(if up >= host {
+            format!(
+                "RAM-tier layers are uploaded to the GPU per use: host→device {:.1} GB/s ≥ host memory {:.1} GB/s",
+                up / 1e9,
+                host / 1e9
+            )
+        } else {
+            format!(
+                "RAM-tier layers are uploaded to the GPU per use, although host memory ({:.1} GB/s) outpaces \
+                 host→device copies ({:.1} GB/s): computing them on the host is not implemented",
+                host / 1e9,
+                up / 1e9
+            )
+        });
+    }
     Ok(finish(p, Mode::LayerOffload, decisions))
 }
 

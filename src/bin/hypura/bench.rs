@@ -84,7 +84,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let pp = run(a.n_prompt, time_pp)?;
     let experts_before = m.experts.as_ref().map(|c| c.stats());
     #[cfg(feature = "cuda")]
-    let gpu_before = crate::expert_stats::gpu_snapshot(&m);
+    let gpu_before =
+        crate::expert_stats::gpu_snapshot(m.uploader.as_ref(), m.device_experts.as_ref());
     let tg = run(a.n_gen, time_tg)?;
     // The expert cache over the tg runs (warm-up included): tokens decoded one at a time.
     let experts = m.experts.as_ref().zip(experts_before).map(|(c, b)| {

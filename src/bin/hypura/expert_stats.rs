@@ -51,10 +51,13 @@ pub struct GpuSnapshot {
 }
 
 #[cfg(feature = "cuda")]
-pub fn gpu_snapshot(m: &hypura::loader::LoadedModel) -> GpuSnapshot {
+pub fn gpu_snapshot(
+    uploader: Option<&std::sync::Arc<hypura::storage::Uploader>>,
+    device: Option<&std::sync::Arc<hypura::storage::experts::DeviceExperts>>,
+) -> GpuSnapshot {
     GpuSnapshot {
-        uploads: m.uploader.as_ref().map(|u| u.stats()),
-        device: m.device_experts.as_ref().map(|d| d.stats()),
+        uploads: uploader.map(|u| u.stats()),
+        device: device.map(|d| d.stats()),
     }
 }
 

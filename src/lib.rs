@@ -34,6 +34,8 @@
 //! | [`models`] | the decoder, attention, RoPE, MoE |
 //! | [`tokenizer`] | SentencePiece and byte-level BPE vocabularies from GGUF metadata |
 //! | [`generate`] | sampling, the generation loop, perplexity |
+//! | [`chat`] | chat templates (the GGUF's Jinja, built-in fallbacks), multi-turn conversations |
+//! | `serve` | the Ollama- and OpenAI-compatible HTTP server (feature `server`, on by default) |
 //! | [`hub`] | model references: paths, Hugging Face Hub, the bundled model |
 //! | [`loader`] | all of the above in one call |
 //! | [`synth`] | writes synthetic GGUF models with random weights |
@@ -63,6 +65,7 @@
 //! ```
 
 pub mod backend;
+pub mod chat;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -72,6 +75,8 @@ pub mod loader;
 
 pub mod models;
 pub mod plan;
+#[cfg(feature = "server")]
+pub mod serve;
 pub mod storage;
 pub mod synth;
 pub mod tokenizer;

@@ -31,7 +31,7 @@ use axum::Router;
 
 pub use model_info::ModelInfo;
 pub use stop::StopMatcher;
-pub use worker::WorkerOptions;
+pub use worker::{WorkerOptions, WorkerStats};
 
 use crate::chat::{ChatTemplate, TemplateSource};
 use crate::error::{Error, Result};
@@ -72,6 +72,8 @@ impl Default for ServeOptions {
 pub struct Server {
     addr: SocketAddr,
     info: ModelInfo,
+    /// The worker's counters (not a queue handle: the worker ends when the last one goes).
+    stats: Arc<std::sync::Mutex<WorkerStats>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     http: Option<JoinHandle<std::io::Result<()>>>,
     worker: Option<JoinHandle<()>>,
@@ -94,6 +96,7 @@ impl Server {
         let info = ModelInfo::new(&model, opts.reference.as_deref(), &opts.aliases);
         let tokenizer = model.tokenizer.clone();
         let (queue, worker) = worker::spawn(model, opts.worker.clone())?;
+        let stats = queue.stats_handle();
         let state = Arc::new(AppState {
             info: info.clone(),
             tokenizer,
@@ -126,6 +129,7 @@ impl Server {
         Ok(Server {
             addr,
             info,
+            stats,
             shutdown: Some(tx),
             http: Some(http),
             worker: Some(worker),
@@ -140,6 +144,11 @@ impl Server {
     /// What the server says about its model (its names, sizes).
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// What the model worker has done so far (jobs, tokens).
+    pub fn stats(&self) -> WorkerStats {
+        worker::read_stats(&self.stats)
     }
 
     /// Blocks until the server stops (it runs until shut down or an I/O error).

@@ -5,7 +5,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -70,6 +70,19 @@ pub enum Event {
     Failed(String),
 }
 
+/// Counts since the worker started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Jobs whose reply was delivered.
+    pub completed: u64,
+    /// Jobs whose client went away (before they started, or while generating).
+    pub cancelled: u64,
+    pub failed: u64,
+    /// Prompt tokens computed (those reused from the cache not counted).
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+}
+
 /// Worker settings.
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -97,6 +110,7 @@ pub struct Queue {
     tx: mpsc::Sender<Queued>,
     waiting: Arc<AtomicUsize>,
     max: usize,
+    stats: Arc<Mutex<WorkerStats>>,
 }
 
 /// Why a job was not queued.
@@ -115,6 +129,10 @@ impl std::fmt::Display for Refused {
             Refused::Stopped => write!(f, "the model worker has stopped"),
         }
     }
+}
+
+pub(crate) fn read_stats(s: &Mutex<WorkerStats>) -> WorkerStats {
+    s.lock().map(|s| *s).unwrap_or_default()
 }
 
 struct Queued {
@@ -148,6 +166,16 @@ impl Queue {
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
+
+    /// What the worker has done so far.
+    pub fn stats(&self) -> WorkerStats {
+        read_stats(&self.stats)
+    }
+
+    /// The counters, to read after the queue is gone.
+    pub(crate) fn stats_handle(&self) -> Arc<Mutex<WorkerStats>> {
+        self.stats.clone()
+    }
 }
 
 /// Starts the worker thread, which owns `model` until every [`Queue`] clone is dropped; then it
@@ -155,15 +183,17 @@ impl Queue {
 pub fn spawn(model: LoadedModel, opts: WorkerOptions) -> Result<(Queue, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel::<Queued>();
     let waiting = Arc::new(AtomicUsize::new(0));
+    let stats = Arc::new(Mutex::new(WorkerStats::default()));
     let queue = Queue {
         tx,
         waiting: waiting.clone(),
         max: opts.max_queue.max(1),
+        stats: stats.clone(),
     };
     let handle = std::thread::Builder::new()
         .name("hypura-model".into())
         .spawn(move || {
-            let mut w = Worker::new(model, opts);
+            let mut w = Worker::new(model, opts, stats);
             while let Ok(q) = rx.recv() {
                 waiting.fetch_sub(1, Ordering::SeqCst);
                 w.run(q);
@@ -178,6 +208,7 @@ pub fn spawn(model: LoadedModel, opts: WorkerOptions) -> Result<(Queue, JoinHand
 
 struct Worker {
     m: LoadedModel,
+    stats: Arc<Mutex<WorkerStats>>,
     opts: WorkerOptions,
     stop_ids: Vec<u32>,
     /// Tokens the KV cache holds.
@@ -185,12 +216,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(m: LoadedModel, opts: WorkerOptions) -> Self {
+    fn new(m: LoadedModel, opts: WorkerOptions, stats: Arc<Mutex<WorkerStats>>) -> Self {
         let stop_ids = (0..m.tokenizer.n_vocab() as u32)
             .filter(|&id| m.tokenizer.is_end_of_generation(id))
             .collect();
         Worker {
             m,
+            stats,
             opts,
             stop_ids,
             cached: Vec::new(),
@@ -199,19 +231,37 @@ impl Worker {
 
     fn run(&mut self, q: Queued) {
         if q.events.is_closed() {
-            return; // the client left while the job waited
+            self.count(|s| s.cancelled += 1); // the client left while the job waited
+            return;
         }
         let queued_seconds = q.at.elapsed().as_secs_f64();
         match self.generate(&q.job, &q.events) {
             Ok(mut s) => {
                 s.queued_seconds = queued_seconds;
-                let _ = q.events.send(Event::Done(s));
+                let (prompt, generated) = ((s.n_prompt - s.n_cached) as u64, s.generated.len() as u64);
+                let delivered = q.events.send(Event::Done(s)).is_ok();
+                self.count(|st| {
+                    st.prompt_tokens += prompt;
+                    st.generated_tokens += generated;
+                    if delivered {
+                        st.completed += 1;
+                    } else {
+                        st.cancelled += 1;
+                    }
+                });
             }
             Err(e) => {
                 self.m.model.reset();
                 self.cached.clear();
+                self.count(|s| s.failed += 1);
                 let _ = q.events.send(Event::Failed(e.to_string()));
             }
+        }
+    }
+
+    fn count(&self, f: impl FnOnce(&mut WorkerStats)) {
+        if let Ok(mut s) = self.stats.lock() {
+            f(&mut s);
         }
     }
 

@@ -73,7 +73,7 @@ pub struct Server {
     addr: SocketAddr,
     info: ModelInfo,
     /// The worker's counters (not a queue handle: the worker ends when the last one goes).
-    stats: Arc<std::sync::Mutex<WorkerStats>>,
+    stats: worker::StatsHandle,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     http: Option<JoinHandle<std::io::Result<()>>>,
     worker: Option<JoinHandle<()>>,
@@ -146,9 +146,9 @@ impl Server {
         &self.info
     }
 
-    /// What the model worker has done so far (jobs, tokens).
+    /// What the model worker has done so far (jobs, tokens), and how many jobs wait.
     pub fn stats(&self) -> WorkerStats {
-        worker::read_stats(&self.stats)
+        self.stats.read()
     }
 
     /// Blocks until the server stops (it runs until shut down or an I/O error).

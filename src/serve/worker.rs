@@ -81,6 +81,8 @@ pub struct WorkerStats {
     /// Prompt tokens computed (those reused from the cache not counted).
     pub prompt_tokens: u64,
     pub generated_tokens: u64,
+    /// Jobs waiting to start now.
+    pub waiting: usize,
 }
 
 /// Worker settings.
@@ -131,8 +133,19 @@ impl std::fmt::Display for Refused {
     }
 }
 
-pub(crate) fn read_stats(s: &Mutex<WorkerStats>) -> WorkerStats {
-    s.lock().map(|s| *s).unwrap_or_default()
+/// Reads the worker's counters.
+pub(crate) struct StatsHandle {
+    stats: Arc<Mutex<WorkerStats>>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl StatsHandle {
+    pub(crate) fn read(&self) -> WorkerStats {
+        WorkerStats {
+            waiting: self.waiting.load(Ordering::SeqCst),
+            ..self.stats.lock().map(|s| *s).unwrap_or_default()
+        }
+    }
 }
 
 struct Queued {
@@ -162,19 +175,18 @@ impl Queue {
         Ok(rx)
     }
 
-    /// Jobs waiting to start.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
-    }
-
     /// What the worker has done so far.
     pub fn stats(&self) -> WorkerStats {
-        read_stats(&self.stats)
+        self.stats_handle().read()
     }
 
-    /// The counters, to read after the queue is gone.
-    pub(crate) fn stats_handle(&self) -> Arc<Mutex<WorkerStats>> {
-        self.stats.clone()
+    /// The counters, readable without holding a queue handle (the worker ends when the last
+    /// queue handle is dropped).
+    pub(crate) fn stats_handle(&self) -> StatsHandle {
+        StatsHandle {
+            stats: self.stats.clone(),
+            waiting: self.waiting.clone(),
+        }
     }
 }
 
@@ -239,16 +251,18 @@ impl Worker {
             Ok(mut s) => {
                 s.queued_seconds = queued_seconds;
                 let (prompt, generated) = ((s.n_prompt - s.n_cached) as u64, s.generated.len() as u64);
-                let delivered = q.events.send(Event::Done(s)).is_ok();
+                // Counted before the reply is delivered, so a client that has it sees the count.
                 self.count(|st| {
                     st.prompt_tokens += prompt;
                     st.generated_tokens += generated;
-                    if delivered {
-                        st.completed += 1;
-                    } else {
-                        st.cancelled += 1;
-                    }
+                    st.completed += 1;
                 });
+                if q.events.send(Event::Done(s)).is_err() {
+                    self.count(|st| {
+                        st.completed -= 1;
+                        st.cancelled += 1;
+                    });
+                }
             }
             Err(e) => {
                 self.m.model.reset();

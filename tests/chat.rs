@@ -34,7 +34,11 @@ fn conversation() -> Vec<Message> {
 
 #[test]
 fn real_llama3_template_renders_the_documented_format() {
-    let t = gguf_template("llama3-instruct.jinja", "<|begin_of_text|>", "<|end_of_text|>");
+    let t = gguf_template(
+        "llama3-instruct.jinja",
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+    );
     let got = t.render(&conversation(), true).unwrap();
     assert_eq!(
         got,
@@ -58,7 +62,10 @@ fn real_llama3_template_renders_the_documented_format() {
         TemplateSource::Builtin(Builtin::Llama3),
     )
     .unwrap();
-    assert_eq!(b.render(&conversation(), true).unwrap(), t.render(&conversation(), true).unwrap());
+    assert_eq!(
+        b.render(&conversation(), true).unwrap(),
+        t.render(&conversation(), true).unwrap()
+    );
 }
 
 #[test]
@@ -110,10 +117,20 @@ fn hf_template_features_work() {
 {%- if messages|length > 3 %}{{ raise_exception('Only 3 messages, got ' ~ messages|length) }}{% endif %}"#;
     let t = ChatTemplate::new(src, "<s>", "</s>", TemplateSource::Gguf).unwrap();
     let got = t
-        .render(&[m("system", "x"), m("user", "  why? "), m("user", "stop now")], true)
+        .render(
+            &[
+                m("system", "x"),
+                m("user", "  why? "),
+                m("user", "stop now"),
+            ],
+            true,
+        )
         .unwrap();
     assert_eq!(got, "<s>[1] WHY?[2] STOP NOW");
-    let e = t.render(&vec![m("user", "a"); 4], true).unwrap_err().to_string();
+    let e = t
+        .render(&vec![m("user", "a"); 4], true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("Only 3 messages, got 4"), "{e}");
     assert!(ChatTemplate::new("{% for %}", "", "", TemplateSource::Gguf).is_err());
 }
@@ -136,9 +153,18 @@ fn open(path: &Path) -> (ModelFiles, Tokenizer) {
 fn each_fixture_gets_its_template() {
     let cases = [
         (bundled(), TemplateSource::Builtin(Builtin::Llama3)),
-        (fixture("small-llama/small-llama-Q8_0.gguf"), TemplateSource::Builtin(Builtin::Llama3)),
-        (fixture("small-qwen2/small-qwen2-Q8_0.gguf"), TemplateSource::Gguf),
-        (fixture("tiny-llama-spm/tiny-llama-spm-F32.gguf"), TemplateSource::Builtin(Builtin::Llama2)),
+        (
+            fixture("small-llama/small-llama-Q8_0.gguf"),
+            TemplateSource::Builtin(Builtin::Llama3),
+        ),
+        (
+            fixture("small-qwen2/small-qwen2-Q8_0.gguf"),
+            TemplateSource::Gguf,
+        ),
+        (
+            fixture("tiny-llama-spm/tiny-llama-spm-F32.gguf"),
+            TemplateSource::Builtin(Builtin::Llama2),
+        ),
     ];
     for (path, want) in cases {
         let (files, tok) = open(&path);
@@ -183,5 +209,8 @@ fn a_broken_file_template_is_an_error_naming_the_key() {
         Value::String("{% if messages %}unclosed".into()),
     );
     let e = ChatTemplate::for_model(&md, &tok).unwrap_err().to_string();
-    assert!(e.contains("tokenizer.chat_template") && e.contains("hypura-tiny-random"), "{e}");
+    assert!(
+        e.contains("tokenizer.chat_template") && e.contains("hypura-tiny-random"),
+        "{e}"
+    );
 }

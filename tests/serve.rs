@@ -24,15 +24,29 @@ fn info_endpoints_describe_the_one_model() {
     assert_eq!(m["details"]["family"], "llama");
     assert_eq!(m["details"]["quantization_level"], "Q8_0");
     assert_eq!(m["size"], std::fs::metadata(bundled()).unwrap().len());
-    assert_eq!(get(&s, "/api/ps").json()["models"][0]["context_length"], 256);
+    assert_eq!(
+        get(&s, "/api/ps").json()["models"][0]["context_length"],
+        256
+    );
     let show = post_json(&s, "/api/show", &json!({ "model": NAME }));
     assert_eq!(show.status, 200);
     let show = show.json();
-    assert!(show["template"].as_str().unwrap().contains("<|start_header_id|>"));
+    assert!(show["template"]
+        .as_str()
+        .unwrap()
+        .contains("<|start_header_id|>"));
     assert_eq!(show["model_info"]["general.architecture"], "llama");
     assert_eq!(show["model_info"]["llama.block_count"], 4);
     // The older field name `name` works too.
-    assert_eq!(post_json(&s, "/api/show", &json!({ "name": format!("{NAME}:latest") })).status, 200);
+    assert_eq!(
+        post_json(
+            &s,
+            "/api/show",
+            &json!({ "name": format!("{NAME}:latest") })
+        )
+        .status,
+        200
+    );
     let models = get(&s, "/v1/models").json();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], NAME);
@@ -51,16 +65,24 @@ fn greedy(extra: Value) -> Value {
 #[test]
 fn ollama_generate_streams_the_same_text_it_returns_at_once() {
     let s = start(256);
-    let body = |stream: bool| json!({
-        "model": NAME, "prompt": "Once upon a time", "stream": stream,
-        "options": greedy(json!({ "num_predict": 12 })),
-    });
+    let body = |stream: bool| {
+        json!({
+            "model": NAME, "prompt": "Once upon a time", "stream": stream,
+            "options": greedy(json!({ "num_predict": 12 })),
+        })
+    };
     let r = post_json(&s, "/api/generate", &body(true));
     assert_eq!(r.status, 200);
-    assert!(r.content_type.starts_with("application/x-ndjson"), "{}", r.content_type);
+    assert!(
+        r.content_type.starts_with("application/x-ndjson"),
+        "{}",
+        r.content_type
+    );
     let lines = r.lines();
     assert!(lines.len() >= 2, "{lines:?}");
-    assert!(lines[..lines.len() - 1].iter().all(|l| l["done"] == false && l["model"] == format!("{NAME}:latest")));
+    assert!(lines[..lines.len() - 1]
+        .iter()
+        .all(|l| l["done"] == false && l["model"] == format!("{NAME}:latest")));
     let (text, last) = ollama_text(&lines);
     assert_eq!(last["done"], true);
     let n = last["eval_count"].as_u64().unwrap();
@@ -71,31 +93,47 @@ fn ollama_generate_streams_the_same_text_it_returns_at_once() {
     }
     let n_prompt = last["prompt_eval_count"].as_u64().unwrap();
     assert!(n_prompt > 0);
-    for k in ["total_duration", "prompt_eval_duration", "eval_duration", "load_duration"] {
+    for k in [
+        "total_duration",
+        "prompt_eval_duration",
+        "eval_duration",
+        "load_duration",
+    ] {
         assert!(last[k].is_u64(), "{k}: {last}");
     }
     assert!(last["created_at"].as_str().unwrap().ends_with('Z'));
     // The context is the prompt and the reply, as tokens.
-    assert_eq!(last["context"].as_array().unwrap().len() as u64, n_prompt + n);
+    assert_eq!(
+        last["context"].as_array().unwrap().len() as u64,
+        n_prompt + n
+    );
     let one = post_json(&s, "/api/generate", &body(false)).json();
     assert_eq!(one["response"].as_str().unwrap(), text);
     assert_eq!(one["done"], true);
     assert_eq!(one["eval_count"], n);
     // An empty prompt only "loads" the model.
     let load = post_json(&s, "/api/generate", &json!({ "model": NAME })).json();
-    assert_eq!((load["done"].clone(), load["done_reason"].clone()), (json!(true), json!("load")));
+    assert_eq!(
+        (load["done"].clone(), load["done_reason"].clone()),
+        (json!(true), json!("load"))
+    );
 }
 
 #[test]
 fn ollama_chat_streams_and_answers_with_the_assistant_role() {
     let s = start(256);
-    let body = |stream: bool| json!({
-        "model": NAME, "stream": stream,
-        "messages": [{ "role": "system", "content": "Be brief." }, { "role": "user", "content": "Hi" }],
-        "options": greedy(json!({ "num_predict": 10 })),
-    });
+    let body = |stream: bool| {
+        json!({
+            "model": NAME, "stream": stream,
+            "messages": [{ "role": "system", "content": "Be brief." }, { "role": "user", "content": "Hi" }],
+            "options": greedy(json!({ "num_predict": 10 })),
+        })
+    };
     let lines = post_json(&s, "/api/chat", &body(true)).lines();
-    assert!(lines.iter().all(|l| l["message"]["role"] == "assistant"), "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l["message"]["role"] == "assistant"),
+        "{lines:?}"
+    );
     let (text, last) = ollama_text(&lines);
     assert_eq!(last["done"], true);
     assert!(!text.is_empty());
@@ -109,11 +147,13 @@ fn ollama_chat_streams_and_answers_with_the_assistant_role() {
 #[test]
 fn openai_chat_streams_chunks_then_done_with_usage() {
     let s = start(256);
-    let body = |stream: bool| json!({
-        "model": NAME, "stream": stream, "temperature": 0, "max_tokens": 9,
-        "stream_options": { "include_usage": true },
-        "messages": [{ "role": "user", "content": [{ "type": "text", "text": "Hi" }] }],
-    });
+    let body = |stream: bool| {
+        json!({
+            "model": NAME, "stream": stream, "temperature": 0, "max_tokens": 9,
+            "stream_options": { "include_usage": true },
+            "messages": [{ "role": "user", "content": [{ "type": "text", "text": "Hi" }] }],
+        })
+    };
     let one = post_json(&s, "/v1/chat/completions", &body(false));
     assert_eq!(one.status, 200);
     let one = one.json();
@@ -122,11 +162,18 @@ fn openai_chat_streams_chunks_then_done_with_usage() {
     let c = &one["choices"][0];
     assert_eq!(c["message"]["role"], "assistant");
     let u = &one["usage"];
-    let (p, n) = (u["prompt_tokens"].as_u64().unwrap(), u["completion_tokens"].as_u64().unwrap());
+    let (p, n) = (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+    );
     assert_eq!(u["total_tokens"].as_u64().unwrap(), p + n);
     assert_eq!(c["finish_reason"], if n == 9 { "length" } else { "stop" });
     let r = post_json(&s, "/v1/chat/completions", &body(true));
-    assert!(r.content_type.starts_with("text/event-stream"), "{}", r.content_type);
+    assert!(
+        r.content_type.starts_with("text/event-stream"),
+        "{}",
+        r.content_type
+    );
     let events = r.events();
     let first: Value = serde_json::from_str(&events[0]).unwrap();
     assert_eq!(first["object"], "chat.completion.chunk");
@@ -139,24 +186,55 @@ fn openai_chat_streams_chunks_then_done_with_usage() {
     // Without include_usage there is no usage chunk.
     let mut b = body(true);
     b["stream_options"] = json!(null);
-    assert!(openai_text(&post_json(&s, "/v1/chat/completions", &b).events()).2.is_none());
+    assert!(
+        openai_text(&post_json(&s, "/v1/chat/completions", &b).events())
+            .2
+            .is_none()
+    );
 }
 
 #[test]
 fn openai_completions_default_to_16_tokens_and_echo() {
     let s = start(256);
-    let one = post_json(&s, "/v1/completions", &json!({ "prompt": "Once", "temperature": 0 })).json();
+    let one = post_json(
+        &s,
+        "/v1/completions",
+        &json!({ "prompt": "Once", "temperature": 0 }),
+    )
+    .json();
     assert_eq!(one["object"], "text_completion");
     let n = one["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!(n <= 16 && (n == 16) == (one["choices"][0]["finish_reason"] == "length"), "{one}");
+    assert!(
+        n <= 16 && (n == 16) == (one["choices"][0]["finish_reason"] == "length"),
+        "{one}"
+    );
     let text = one["choices"][0]["text"].as_str().unwrap().to_string();
-    let echo = post_json(&s, "/v1/completions", &json!({ "prompt": ["Once"], "temperature": 0, "echo": true })).json();
-    assert_eq!(echo["choices"][0]["text"].as_str().unwrap(), format!("Once{text}"));
-    let r = post_json(&s, "/v1/completions", &json!({ "prompt": "Once", "temperature": 0, "stream": true }));
+    let echo = post_json(
+        &s,
+        "/v1/completions",
+        &json!({ "prompt": ["Once"], "temperature": 0, "echo": true }),
+    )
+    .json();
+    assert_eq!(
+        echo["choices"][0]["text"].as_str().unwrap(),
+        format!("Once{text}")
+    );
+    let r = post_json(
+        &s,
+        "/v1/completions",
+        &json!({ "prompt": "Once", "temperature": 0, "stream": true }),
+    );
     let (streamed, finish, _) = openai_text(&r.events());
-    assert_eq!((streamed, finish.as_str()), (text, one["choices"][0]["finish_reason"].as_str().unwrap()));
+    assert_eq!(
+        (streamed, finish.as_str()),
+        (text, one["choices"][0]["finish_reason"].as_str().unwrap())
+    );
     // Token ids work as a prompt.
-    let ids = post_json(&s, "/v1/completions", &json!({ "prompt": [1, 2, 3], "max_tokens": 2 }));
+    let ids = post_json(
+        &s,
+        "/v1/completions",
+        &json!({ "prompt": [1, 2, 3], "max_tokens": 2 }),
+    );
     assert_eq!(ids.status, 200);
     assert_eq!(ids.json()["usage"]["prompt_tokens"], 3);
 }
@@ -169,7 +247,12 @@ fn stop_strings_end_the_reply_before_them() {
         if let Some(st) = stop {
             o["stop"] = json!([st]);
         }
-        post_json(&s, "/api/generate", &json!({ "model": NAME, "prompt": "Hello", "stream": false, "options": o })).json()
+        post_json(
+            &s,
+            "/api/generate",
+            &json!({ "model": NAME, "prompt": "Hello", "stream": false, "options": o }),
+        )
+        .json()
     };
     let full = ask(None)["response"].as_str().unwrap().to_string();
     let chars: Vec<char> = full.chars().collect();
@@ -179,9 +262,13 @@ fn stop_strings_end_the_reply_before_them() {
     let got = ask(Some(&stop));
     assert_eq!(got["response"].as_str().unwrap(), cut);
     assert_eq!(got["done_reason"], "stop");
-    let oa = post_json(&s, "/v1/completions", &json!({
-        "prompt": "Hello", "temperature": 0, "max_tokens": 24, "stop": stop, "stream": true,
-    }));
+    let oa = post_json(
+        &s,
+        "/v1/completions",
+        &json!({
+            "prompt": "Hello", "temperature": 0, "max_tokens": 24, "stop": stop, "stream": true,
+        }),
+    );
     let (text, finish, _) = openai_text(&oa.events());
     assert_eq!((text.as_str(), finish.as_str()), (cut, "stop"));
 }
@@ -192,11 +279,17 @@ fn a_seed_makes_sampling_reproducible() {
     let ask = |seed: u64| {
         let b = json!({ "prompt": "Hi", "max_tokens": 20, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                         "min_p": 0.0, "seed": seed });
-        post_json(&s, "/v1/completions", &b).json()["choices"][0]["text"].as_str().unwrap().to_string()
+        post_json(&s, "/v1/completions", &b).json()["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
     let a = ask(7);
     assert_eq!(a, ask(7));
-    assert!([8, 9, 10].iter().any(|&seed| ask(seed) != a), "different seeds, same text {a:?}");
+    assert!(
+        [8, 9, 10].iter().any(|&seed| ask(seed) != a),
+        "different seeds, same text {a:?}"
+    );
 }
 
 #[test]
@@ -206,34 +299,94 @@ fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
         let r = post(&s, path, body);
         assert_eq!(r.status, status, "{path} {body:?}: {}", r.body);
         let v = r.json();
-        let msg = if path.starts_with("/v1") { &v["error"]["message"] } else { &v["error"] };
+        let msg = if path.starts_with("/v1") {
+            &v["error"]["message"]
+        } else {
+            &v["error"]
+        };
         assert!(msg.as_str().is_some_and(|m| !m.is_empty()), "{path}: {v}");
         msg.as_str().unwrap().to_string()
     };
-    for path in ["/api/generate", "/api/chat", "/api/show", "/v1/chat/completions", "/v1/completions"] {
-        for body in ["{bad", "", "null", "[]", "\"x\"", "{\"messages\": 3, \"prompt\": 3, \"model\": 3}"] {
+    for path in [
+        "/api/generate",
+        "/api/chat",
+        "/api/show",
+        "/v1/chat/completions",
+        "/v1/completions",
+    ] {
+        for body in [
+            "{bad",
+            "",
+            "null",
+            "[]",
+            "\"x\"",
+            "{\"messages\": 3, \"prompt\": 3, \"model\": 3}",
+        ] {
             check(path, body, 400);
         }
     }
-    check("/api/generate", r#"{"prompt": "x", "options": {"temperature": "hot"}}"#, 400);
-    check("/api/generate", r#"{"prompt": "x", "options": {"temperature": 1e999}}"#, 400);
-    check("/v1/chat/completions", r#"{"messages": [{"role": 1}]}"#, 400);
+    check(
+        "/api/generate",
+        r#"{"prompt": "x", "options": {"temperature": "hot"}}"#,
+        400,
+    );
+    check(
+        "/api/generate",
+        r#"{"prompt": "x", "options": {"temperature": 1e999}}"#,
+        400,
+    );
+    check(
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": 1}]}"#,
+        400,
+    );
     check("/v1/chat/completions", r#"{"messages": []}"#, 400);
-    check("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#, 400);
-    check("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#, 400);
-    check("/api/chat", r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{}]}"#, 400);
-    check("/api/generate", r#"{"prompt": "x", "images": ["aGk="]}"#, 400);
+    check(
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#,
+        400,
+    );
+    check(
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+        400,
+    );
+    check(
+        "/api/chat",
+        r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{}]}"#,
+        400,
+    );
+    check(
+        "/api/generate",
+        r#"{"prompt": "x", "images": ["aGk="]}"#,
+        400,
+    );
     check("/v1/completions", r#"{"prompt": [999999]}"#, 400);
     // Unknown model: 404 in each API's shape.
-    let e = check("/api/chat", r#"{"model": "llama3:8b", "messages": [{"role": "user", "content": "x"}]}"#, 404);
+    let e = check(
+        "/api/chat",
+        r#"{"model": "llama3:8b", "messages": [{"role": "user", "content": "x"}]}"#,
+        404,
+    );
     assert!(e.contains("llama3:8b") && e.contains(NAME), "{e}");
-    let r = post(&s, "/v1/chat/completions", r#"{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}"#);
-    assert_eq!((r.status, r.json()["error"]["type"].clone()), (404, json!("not_found_error")));
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        r#"{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["type"].clone()),
+        (404, json!("not_found_error"))
+    );
     // More prompt tokens than the context (64).
     let long = "word ".repeat(200);
     let e = check("/api/generate", &json!({ "prompt": long }).to_string(), 400);
     assert!(e.contains("context"), "{e}");
-    let e = check("/v1/chat/completions", &json!({ "messages": [{ "role": "user", "content": long }] }).to_string(), 400);
+    let e = check(
+        "/v1/chat/completions",
+        &json!({ "messages": [{ "role": "user", "content": long }] }).to_string(),
+        400,
+    );
     assert!(e.contains("context"), "{e}");
     // Bodies over the limit (4 KiB here).
     let big = json!({ "prompt": "x".repeat(8000) }).to_string();
@@ -245,13 +398,22 @@ fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
     // Bytes that are not UTF-8.
     let mut sock = TcpStream::connect(s.addr()).unwrap();
     let body = b"{\"prompt\": \"\xff\xfe\"}";
-    write!(sock, "POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len()).unwrap();
+    write!(
+        sock,
+        "POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
     sock.write_all(body).unwrap();
     let mut status = String::new();
     BufReader::new(sock).read_line(&mut status).unwrap();
     assert!(status.starts_with("HTTP/1.1 400"), "{status}");
     // And it still serves.
-    let ok = post_json(&s, "/api/generate", &json!({ "prompt": "Hi", "stream": false, "options": { "num_predict": 3 } }));
+    let ok = post_json(
+        &s,
+        "/api/generate",
+        &json!({ "prompt": "Hi", "stream": false, "options": { "num_predict": 3 } }),
+    );
     assert_eq!(ok.status, 200, "{}", ok.body);
     assert_eq!(s.stats().failed, 0);
 }
@@ -261,7 +423,8 @@ fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
 fn hang_up_after_first_chunk(addr: std::net::SocketAddr, path: &str, body: &Value) {
     let body = body.to_string();
     let mut sock = TcpStream::connect(addr).unwrap();
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
     write!(sock, "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut r = BufReader::new(sock);
     let mut line = String::new();
@@ -281,13 +444,23 @@ fn hang_up_after_first_chunk(addr: std::net::SocketAddr, path: &str, body: &Valu
 fn a_client_that_hangs_up_stops_its_generation_and_the_next_request_runs() {
     let s = start(2048);
     for (path, body) in [
-        ("/api/generate", json!({ "prompt": "Hi", "options": { "temperature": 0 } })),
-        ("/v1/chat/completions", json!({ "messages": [{ "role": "user", "content": "Hi" }], "stream": true })),
+        (
+            "/api/generate",
+            json!({ "prompt": "Hi", "options": { "temperature": 0 } }),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({ "messages": [{ "role": "user", "content": "Hi" }], "stream": true }),
+        ),
     ] {
         let before = s.stats();
         hang_up_after_first_chunk(s.addr(), path, &body);
         // The next request is served in full.
-        let r = post_json(&s, "/api/generate", &json!({ "prompt": "Hello", "stream": false, "options": { "num_predict": 5 } }));
+        let r = post_json(
+            &s,
+            "/api/generate",
+            &json!({ "prompt": "Hello", "stream": false, "options": { "num_predict": 5 } }),
+        );
         assert_eq!(r.status, 200, "{}", r.body);
         let next = r.json()["eval_count"].as_u64().unwrap();
         let after = s.stats();
@@ -295,7 +468,10 @@ fn a_client_that_hangs_up_stops_its_generation_and_the_next_request_runs() {
         assert_eq!(after.completed, before.completed + 1, "{after:?}");
         // The abandoned reply stopped early: it would have run until the context was full.
         let abandoned = after.generated_tokens - before.generated_tokens - next;
-        assert!(abandoned < 1000, "the abandoned request generated {abandoned} tokens");
+        assert!(
+            abandoned < 1000,
+            "the abandoned request generated {abandoned} tokens"
+        );
     }
 }
 
@@ -307,7 +483,10 @@ fn a_prompt_that_extends_the_last_reply_reuses_the_cache() {
     let first = json!({ "prompt": "Once upon a time", "raw": true, "stream": false, "options": greedy(json!({ "num_predict": 6 })) });
     let a = run(&with, first.clone());
     let a2 = run(&without, first);
-    assert_eq!((&a["response"], &a["context"]), (&a2["response"], &a2["context"]));
+    assert_eq!(
+        (&a["response"], &a["context"]),
+        (&a2["response"], &a2["context"])
+    );
     // Continue from the returned context, as Ollama clients do.
     let next = json!({ "prompt": " and then", "raw": true, "stream": false, "context": a["context"],
                        "options": greedy(json!({ "num_predict": 6 })) });
@@ -317,15 +496,22 @@ fn a_prompt_that_extends_the_last_reply_reuses_the_cache() {
     let evaluated = b["prompt_eval_count"].as_u64().unwrap();
     assert!(evaluated < c["prompt_eval_count"].as_u64().unwrap(), "{b}");
     // All but the reply's last token (never fed back) came from the cache.
-    assert_eq!(c["prompt_eval_count"].as_u64().unwrap() - evaluated, n_context - 1);
-    assert_eq!(b["response"], c["response"], "reusing the cache changed the reply");
+    assert_eq!(
+        c["prompt_eval_count"].as_u64().unwrap() - evaluated,
+        n_context - 1
+    );
+    assert_eq!(
+        b["response"], c["response"],
+        "reusing the cache changed the reply"
+    );
 }
 
 #[test]
 fn a_queued_request_whose_client_left_never_runs() {
     let s = start(2048);
     // A runs (its first piece has arrived) ...
-    let body = json!({ "prompt": "Hi", "options": { "temperature": 0, "num_predict": 200 } }).to_string();
+    let body =
+        json!({ "prompt": "Hi", "options": { "temperature": 0, "num_predict": 200 } }).to_string();
     let mut a = TcpStream::connect(s.addr()).unwrap();
     write!(a, "POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).unwrap();
     let mut a = BufReader::new(a);
@@ -337,7 +523,12 @@ fn a_queued_request_whose_client_left_never_runs() {
     // ... while B is queued behind it, and its client hangs up.
     let mut b = TcpStream::connect(s.addr()).unwrap();
     let body_b = json!({ "prompt": "Queued", "options": { "num_predict": 400 } }).to_string();
-    write!(b, "POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body_b}", body_b.len()).unwrap();
+    write!(
+        b,
+        "POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body_b}",
+        body_b.len()
+    )
+    .unwrap();
     for _ in 0..1000 {
         if s.stats().waiting == 1 {
             break;
@@ -348,9 +539,20 @@ fn a_queued_request_whose_client_left_never_runs() {
     drop(b);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut a, &mut rest).unwrap();
-    let last = rest.lines().filter(|l| l.contains("\"done\":true")).last().expect("A's last line").to_string();
-    let a_tokens = serde_json::from_str::<Value>(&last).unwrap()["eval_count"].as_u64().unwrap();
-    let c = post_json(&s, "/api/generate", &json!({ "prompt": "C", "stream": false, "options": { "num_predict": 3 } })).json();
+    let last = rest
+        .lines()
+        .rfind(|l| l.contains("\"done\":true"))
+        .expect("A's last line")
+        .to_string();
+    let a_tokens = serde_json::from_str::<Value>(&last).unwrap()["eval_count"]
+        .as_u64()
+        .unwrap();
+    let c = post_json(
+        &s,
+        "/api/generate",
+        &json!({ "prompt": "C", "stream": false, "options": { "num_predict": 3 } }),
+    )
+    .json();
     let st = s.stats();
     assert_eq!((st.completed, st.cancelled), (2, 1), "{st:?}");
     let b_tokens = st.generated_tokens - a_tokens - c["eval_count"].as_u64().unwrap();

@@ -250,7 +250,8 @@ impl Worker {
         match self.generate(&q.job, &q.events) {
             Ok(mut s) => {
                 s.queued_seconds = queued_seconds;
-                let (prompt, generated) = ((s.n_prompt - s.n_cached) as u64, s.generated.len() as u64);
+                let (prompt, generated) =
+                    ((s.n_prompt - s.n_cached) as u64, s.generated.len() as u64);
                 // Counted before the reply is delivered, so a client that has it sees the count.
                 self.count(|st| {
                     st.prompt_tokens += prompt;

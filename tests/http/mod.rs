@@ -60,7 +60,9 @@ impl Reply {
         self.body
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("line not JSON ({e}): {l:?}")))
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("line not JSON ({e}): {l:?}"))
+            })
             .collect()
     }
 
@@ -97,7 +99,11 @@ fn reply(r: Result<ureq::Response, ureq::Error>) -> Reply {
 }
 
 pub fn get(server: &Server, path: &str) -> Reply {
-    reply(agent().get(&format!("http://{}{path}", server.addr())).call())
+    reply(
+        agent()
+            .get(&format!("http://{}{path}", server.addr()))
+            .call(),
+    )
 }
 
 pub fn post(server: &Server, path: &str, body: &str) -> Reply {
@@ -131,7 +137,11 @@ pub fn ollama_text(lines: &[Value]) -> (String, Value) {
 
 /// The text of a streamed OpenAI reply, the finish reason, and the usage chunk if any.
 pub fn openai_text(events: &[String]) -> (String, String, Option<Value>) {
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
     let mut text = String::new();
     let mut finish = String::new();
     let mut usage = None;

@@ -114,6 +114,7 @@ impl Session {
             }
         };
         let turn = if std::mem::take(&mut self.start_over) {
+            eprintln!("hypura: new conversation (the earlier turns are forgotten)");
             Turn::Restart(self.conv.start_over(tpl)?)
         } else {
             turn
@@ -134,9 +135,10 @@ impl Session {
                 m.model.n_past(),
                 tokens.len()
             );
+            // End of input counts as no.
             let answer = match input.next() {
                 Some(l) => l?,
-                None => String::new(),
+                None => "n".into(),
             };
             eprintln!();
             if answer.trim().to_lowercase().starts_with('n') {

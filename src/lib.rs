@@ -19,6 +19,9 @@
 //!               models::Transformer (Llama / Qwen2 / Mixtral forward, KV cache)
 //!                      │
 //!   tokenizer::Tokenizer (from GGUF metadata) ── generate (sampling, loop, perplexity) ── CLI
+//!                      │
+//!   chat::ChatTemplate (the GGUF's Jinja or a built-in format) ── serve (HTTP: Ollama + OpenAI
+//!                                                   APIs; one worker thread owns the model)
 //! ```
 //! Boundaries that hold: **models know no tiers** (they read weights only through
 //! [`storage::Weight`] and name no file, device buffer or mmap); **storage knows no models**

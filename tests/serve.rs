@@ -558,3 +558,27 @@ fn a_queued_request_whose_client_left_never_runs() {
     let b_tokens = st.generated_tokens - a_tokens - c["eval_count"].as_u64().unwrap();
     assert!(b_tokens <= 1, "B generated {b_tokens} tokens for nobody");
 }
+
+#[test]
+fn shutdown_ends_the_running_reply_with_an_error_and_returns() {
+    let s = start(2048);
+    let addr = s.addr();
+    let body =
+        json!({ "prompt": "Hi", "options": { "temperature": 0, "num_predict": 1500 } }).to_string();
+    let mut sock = TcpStream::connect(addr).unwrap();
+    write!(sock, "POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut r = BufReader::new(sock);
+    let mut line = String::new();
+    while !line.contains("\"done\":false") {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "closed early");
+    }
+    s.shutdown();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut r, &mut rest).unwrap();
+    assert!(rest.contains("the server is shutting down"), "{rest}");
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still accepting connections"
+    );
+}

@@ -51,6 +51,9 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// Log one line per request on stderr.
     pub log: bool,
+    /// Stop on Ctrl-C (SIGINT): end the running reply at its next token, refuse the waiting
+    /// ones, let the worker save what it learned; a second Ctrl-C exits at once.
+    pub ctrl_c: bool,
     pub worker: WorkerOptions,
 }
 
@@ -62,6 +65,7 @@ impl Default for ServeOptions {
             aliases: Vec::new(),
             max_body_bytes: 8 << 20,
             log: true,
+            ctrl_c: false,
             worker: WorkerOptions::default(),
         }
     }
@@ -73,7 +77,7 @@ pub struct Server {
     addr: SocketAddr,
     info: ModelInfo,
     /// The worker's counters (not a queue handle: the worker ends when the last one goes).
-    stats: worker::StatsHandle,
+    control: worker::Control,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     http: Option<JoinHandle<std::io::Result<()>>>,
     worker: Option<JoinHandle<()>>,
@@ -96,7 +100,7 @@ impl Server {
         let info = ModelInfo::new(&model, opts.reference.as_deref(), &opts.aliases);
         let tokenizer = model.tokenizer.clone();
         let (queue, worker) = worker::spawn(model, opts.worker.clone())?;
-        let stats = queue.stats_handle();
+        let control = queue.control();
         let state = Arc::new(AppState {
             info: info.clone(),
             tokenizer,
@@ -112,15 +116,29 @@ impl Server {
             .build()
             .map_err(|e| server_err("starting the HTTP runtime for", e))?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let ctrl_c = opts.ctrl_c;
+        let on_ctrl_c = control.clone();
         let http = std::thread::Builder::new()
             .name("hypura-serve".into())
             .spawn(move || {
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
                     let app = app.into_make_service_with_connect_info::<SocketAddr>();
+                    let interrupted = async move {
+                        if !ctrl_c || tokio::signal::ctrl_c().await.is_err() {
+                            return std::future::pending::<()>().await;
+                        }
+                        eprintln!("hypura serve: stopping (Ctrl-C again quits at once)");
+                        on_ctrl_c.stop();
+                        tokio::spawn(async {
+                            let _ = tokio::signal::ctrl_c().await;
+                            std::process::exit(130);
+                        });
+                    };
+                    let stop = futures_util::future::select(Box::pin(rx), Box::pin(interrupted));
                     axum::serve(listener, app)
                         .with_graceful_shutdown(async {
-                            let _ = rx.await;
+                            stop.await;
                         })
                         .await
                 })
@@ -129,7 +147,7 @@ impl Server {
         Ok(Server {
             addr,
             info,
-            stats,
+            control,
             shutdown: Some(tx),
             http: Some(http),
             worker: Some(worker),
@@ -148,7 +166,7 @@ impl Server {
 
     /// What the model worker has done so far (jobs, tokens), and how many jobs wait.
     pub fn stats(&self) -> WorkerStats {
-        self.stats.read()
+        self.control.read()
     }
 
     /// Blocks until the server stops (it runs until shut down or an I/O error).
@@ -165,13 +183,15 @@ impl Server {
         }
     }
 
-    /// Stops accepting connections, lets the open ones finish, and ends the worker.
+    /// Stops accepting connections, ends the running reply at its next token (its client gets
+    /// an error), refuses the waiting ones, and ends the worker.
     pub fn shutdown(mut self) {
         self.stop();
     }
 
     fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
+            self.control.stop();
             let _ = tx.send(());
         }
         if let Some(h) = self.http.take() {

@@ -4,7 +4,7 @@
 //! started.
 
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -110,9 +110,8 @@ impl Default for WorkerOptions {
 #[derive(Clone)]
 pub struct Queue {
     tx: mpsc::Sender<Queued>,
-    waiting: Arc<AtomicUsize>,
     max: usize,
-    stats: Arc<Mutex<WorkerStats>>,
+    control: Control,
 }
 
 /// Why a job was not queued.
@@ -133,20 +132,34 @@ impl std::fmt::Display for Refused {
     }
 }
 
-/// Reads the worker's counters.
-pub(crate) struct StatsHandle {
+/// The worker's counters, and the switch that stops it.
+#[derive(Clone, Default)]
+pub(crate) struct Control {
     stats: Arc<Mutex<WorkerStats>>,
     waiting: Arc<AtomicUsize>,
+    stopping: Arc<AtomicBool>,
 }
 
-impl StatsHandle {
+impl Control {
     pub(crate) fn read(&self) -> WorkerStats {
         WorkerStats {
             waiting: self.waiting.load(Ordering::SeqCst),
             ..self.stats.lock().map(|s| *s).unwrap_or_default()
         }
     }
+
+    /// Ends the running job at its next token and refuses the waiting ones, so that the
+    /// server can shut down.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
 }
+
+const SHUTTING_DOWN: &str = "the server is shutting down";
 
 struct Queued {
     job: Job,
@@ -158,8 +171,9 @@ impl Queue {
     /// Queues `job` behind those already submitted; its events come on the returned channel.
     /// Dropping the receiver cancels the job. Fails when the queue is full or the worker is gone.
     pub fn submit(&self, job: Job) -> std::result::Result<UnboundedReceiver<Event>, Refused> {
-        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let waiting = &self.control.waiting;
+        if waiting.fetch_add(1, Ordering::SeqCst) >= self.max {
+            waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::Busy(self.max));
         }
         let (events, rx) = unbounded_channel();
@@ -169,7 +183,7 @@ impl Queue {
             at: Instant::now(),
         };
         if self.tx.send(q).is_err() {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::Stopped);
         }
         Ok(rx)
@@ -177,16 +191,13 @@ impl Queue {
 
     /// What the worker has done so far.
     pub fn stats(&self) -> WorkerStats {
-        self.stats_handle().read()
+        self.control.read()
     }
 
-    /// The counters, readable without holding a queue handle (the worker ends when the last
-    /// queue handle is dropped).
-    pub(crate) fn stats_handle(&self) -> StatsHandle {
-        StatsHandle {
-            stats: self.stats.clone(),
-            waiting: self.waiting.clone(),
-        }
+    /// The worker's counters and stop switch, usable without holding a queue handle (the
+    /// worker ends when the last queue handle is dropped).
+    pub(crate) fn control(&self) -> Control {
+        self.control.clone()
     }
 }
 
@@ -194,20 +205,18 @@ impl Queue {
 /// saves what the model learned (MoE expert statistics) and ends.
 pub fn spawn(model: LoadedModel, opts: WorkerOptions) -> Result<(Queue, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel::<Queued>();
-    let waiting = Arc::new(AtomicUsize::new(0));
-    let stats = Arc::new(Mutex::new(WorkerStats::default()));
+    let control = Control::default();
     let queue = Queue {
         tx,
-        waiting: waiting.clone(),
         max: opts.max_queue.max(1),
-        stats: stats.clone(),
+        control: control.clone(),
     };
     let handle = std::thread::Builder::new()
         .name("hypura-model".into())
         .spawn(move || {
-            let mut w = Worker::new(model, opts, stats);
+            let mut w = Worker::new(model, opts, control);
             while let Ok(q) = rx.recv() {
-                waiting.fetch_sub(1, Ordering::SeqCst);
+                w.control.waiting.fetch_sub(1, Ordering::SeqCst);
                 w.run(q);
             }
             if let Err(e) = w.m.save_learned() {
@@ -220,7 +229,7 @@ pub fn spawn(model: LoadedModel, opts: WorkerOptions) -> Result<(Queue, JoinHand
 
 struct Worker {
     m: LoadedModel,
-    stats: Arc<Mutex<WorkerStats>>,
+    control: Control,
     opts: WorkerOptions,
     stop_ids: Vec<u32>,
     /// Tokens the KV cache holds.
@@ -228,13 +237,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(m: LoadedModel, opts: WorkerOptions, stats: Arc<Mutex<WorkerStats>>) -> Self {
+    fn new(m: LoadedModel, opts: WorkerOptions, control: Control) -> Self {
         let stop_ids = (0..m.tokenizer.n_vocab() as u32)
             .filter(|&id| m.tokenizer.is_end_of_generation(id))
             .collect();
         Worker {
             m,
-            stats,
+            control,
             opts,
             stop_ids,
             cached: Vec::new(),
@@ -244,6 +253,11 @@ impl Worker {
     fn run(&mut self, q: Queued) {
         if q.events.is_closed() {
             self.count(|s| s.cancelled += 1); // the client left while the job waited
+            return;
+        }
+        if self.control.stopping() {
+            self.count(|s| s.cancelled += 1);
+            let _ = q.events.send(Event::Failed(SHUTTING_DOWN.into()));
             return;
         }
         let queued_seconds = q.at.elapsed().as_secs_f64();
@@ -268,14 +282,21 @@ impl Worker {
             Err(e) => {
                 self.m.model.reset();
                 self.cached.clear();
-                self.count(|s| s.failed += 1);
+                let stopped = self.control.stopping();
+                self.count(|s| {
+                    if stopped {
+                        s.cancelled += 1
+                    } else {
+                        s.failed += 1
+                    }
+                });
                 let _ = q.events.send(Event::Failed(e.to_string()));
             }
         }
     }
 
     fn count(&self, f: impl FnOnce(&mut WorkerStats)) {
-        if let Ok(mut s) = self.stats.lock() {
+        if let Ok(mut s) = self.control.stats.lock() {
             f(&mut s);
         }
     }
@@ -301,7 +322,11 @@ impl Worker {
         let mut generated = Vec::new();
         let mut stopped = false;
         let mut gone = false;
+        let control = &self.control;
         let mut on_token = |id: u32| -> Result<ControlFlow<()>> {
+            if control.stopping() {
+                return Err(Error::InvalidRequest(SHUTTING_DOWN.into()));
+            }
             generated.push(id);
             let Some(piece) = decoder.push(id) else {
                 return Ok(ControlFlow::Continue(()));

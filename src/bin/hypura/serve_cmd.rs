@@ -26,7 +26,8 @@ Point clients at it:
   curl http://127.0.0.1:8080/api/generate -d '{\"model\": \"MODEL\", \"prompt\": \"Hi\"}'
 
 The server listens on 127.0.0.1 (this machine only) unless --host says otherwise; it has no
-authentication. One line per request goes to stderr.")]
+authentication. One line per request goes to stderr. Ctrl-C stops it after the current token
+(the reply in progress ends with an error); a second Ctrl-C quits at once.")]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -75,6 +76,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         aliases: a.aliases.clone(),
         max_body_bytes: usize::try_from(max_body).unwrap_or(usize::MAX),
         log: !a.quiet,
+        ctrl_c: true,
         worker: WorkerOptions {
             max_queue: a.max_queue,
             cache_prompt: !a.no_cache_prompt,

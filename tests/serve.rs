@@ -362,6 +362,11 @@ fn bad_requests_get_json_errors_and_the_server_keeps_serving() {
         400,
     );
     check("/v1/completions", r#"{"prompt": [999999]}"#, 400);
+    check(
+        "/v1/completions",
+        r#"{"prompt": "x", "response_format": {"type": "json_object"}}"#,
+        400,
+    );
     // Unknown model: 404 in each API's shape.
     let e = check(
         "/api/chat",

@@ -27,6 +27,7 @@ use std::thread::JoinHandle;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
+use axum::serve::ListenerExt;
 use axum::Router;
 
 pub use model_info::ModelInfo;
@@ -122,7 +123,10 @@ impl Server {
             .name("hypura-serve".into())
             .spawn(move || {
                 rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    // Streamed replies are many small writes: send each at once (no Nagle).
+                    let listener = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
                     let app = app.into_make_service_with_connect_info::<SocketAddr>();
                     let interrupted = async move {
                         if !ctrl_c || tokio::signal::ctrl_c().await.is_err() {

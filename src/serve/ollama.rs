@@ -224,10 +224,17 @@ async fn generate(
     let tokens = if context.is_empty() {
         st.raw_tokens(&text)?
     } else {
-        let more = st
+        let mut more = st
             .tokenizer
             .encode(&text, false, true)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        // The context already starts with BOS; a template that writes one again is not obeyed.
+        if more
+            .first()
+            .is_some_and(|&t| Some(t) == st.tokenizer.bos_id())
+        {
+            more.remove(0);
+        }
         [context, more].concat()
     };
     let o = &req.options;

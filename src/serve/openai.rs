@@ -85,6 +85,8 @@ struct Common {
     stream: bool,
     stream_options: Option<StreamOptions>,
     n: Option<u64>,
+    response_format: Option<Value>,
+    logprobs: Option<Value>,
     #[serde(flatten)]
     sampling: SamplingFields,
 }
@@ -151,6 +153,20 @@ fn prepare(
     if c.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request(
             "n must be 1: hypura serve returns one choice",
+        ));
+    }
+    let format = c.response_format.as_ref().and_then(|f| f["type"].as_str());
+    if format.is_some_and(|t| t != "text") {
+        return Err(ApiError::bad_request(
+            "response_format (constrained output) is not supported by hypura serve",
+        ));
+    }
+    if !matches!(
+        c.logprobs,
+        None | Some(Value::Null) | Some(Value::Bool(false))
+    ) {
+        return Err(ApiError::bad_request(
+            "logprobs are not supported by hypura serve",
         ));
     }
     let max = c

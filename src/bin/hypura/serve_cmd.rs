@@ -89,6 +89,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         server.addr(),
         server.info().name
     );
+    if !server.addr().ip().is_loopback() {
+        eprintln!(
+            "hypura serve: warning: {} is reachable from other machines, and the server has no authentication",
+            server.addr().ip()
+        );
+    }
     server.wait()?;
     Ok(())
 }

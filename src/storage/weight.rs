@@ -183,11 +183,9 @@ impl Weight {
         let kernels = self.inner.ty.is_quantized() && m == 1 && x.device().is_cpu();
         if !kernels {
             if let Tier::Device { mm, q } = &self.inner.tier {
-                if let (QMatMul::QTensor(qt), false, true) = (
-                    mm,
-                    x.device().is_cpu(),
-                    m > 1 && self.inner.ty.is_quantized(),
-                ) {
+                if let (QMatMul::QTensor(qt), false, true) =
+                    (mm, x.device().is_cpu(), m > 1 && self.inner.ty.is_quantized())
+                {
                     return gpu_batch(qt, x);
                 }
                 if !self.inner.transient_repack || q.is_none() {

@@ -24,3 +24,17 @@ pub fn set_cpu_threads(n: usize) {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
+
+/// Which CUDA kernels run single-row (decode) products of quantized weights, from
+/// `HYPURA_CUDA_MATVEC`: `exact` (the default: weights dequantized inside the kernel and
+/// multiplied with F32 activations, the numbers of llama.cpp's CPU path within the fixture
+/// tolerances) or `q8` (candle's MMVQ kernels, which quantize the activations to Q8_1 first, as
+/// llama.cpp's CUDA backend does). Set once per process, before the first product.
+#[cfg(feature = "cuda")]
+pub fn configure_cuda() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let q8 = std::env::var("HYPURA_CUDA_MATVEC").is_ok_and(|v| v.eq_ignore_ascii_case("q8"));
+        candle_core::quantized::cuda::set_force_dmmv(!q8);
+    });
+}

@@ -10,21 +10,38 @@
 //! **Rules, in order:**
 //! 1. user overrides, first match wins;
 //! 2. if every weight, the KV cache and the scratch fit the device budget: full-resident;
-//! 3. otherwise layer offload: `output`/norms stay on the device, `token_embd` stays mapped (a
+//! 3. otherwise, for MoE models, expert-streaming on the GPU ([`super::gpu_experts`]): every
+//!    non-expert tensor on the device, experts through a device expert cache (the rest of the
+//!    device budget) backed by a host expert cache (the RAM budget) and the disk;
+//! 4. otherwise layer offload: `output`/norms stay on the device, `token_embd` stays mapped (a
 //!    token reads one row), then whole layers go to the device in order while they fit; the rest
 //!    stay in RAM (the mapped file) while the RAM budget allows, and stream from disk after that;
-//! 4. if even the fixed part (KV cache, scratch, output) does not fit the device: refuse, naming
+//! 5. if even the fixed part (KV cache, scratch, output) does not fit the device: refuse, naming
 //!    the smallest device budget that would work.
 
 use std::collections::HashMap;
 
-use super::placement::{layer_of, Placement, TierKind};
+use super::placement::{is_expert_tensor, layer_of, Placement, TierKind};
 use super::planner::{gib, is_embedding, BytesPerToken, Mode, Plan, PlanInput};
 use crate::error::{Error, Result};
 use crate::gguf::TensorEntry;
 
 /// Host memory a GPU run needs beyond its RAM-tier weights and stream pool (runtime, allocator).
-const HOST_OVERHEAD: u64 = 256 << 20;
+pub(super) const HOST_OVERHEAD: u64 = 256 << 20;
+
+/// Uploads run this many layers ahead of the compute.
+const UPLOAD_LOOKAHEAD: usize = 2;
+
+/// Device slots the uploader keeps for off-device layers: the one in use and those ahead.
+fn upload_slots(input: &PlanInput) -> u64 {
+    input.lookahead.unwrap_or(UPLOAD_LOOKAHEAD) as u64 + 1
+}
+
+/// Stream-pool buffers on a GPU: the reads ahead, plus the slabs of the two layers whose uploads
+/// may still be reading from the pool (see `storage::upload`).
+pub fn gpu_pool_slots(p: &Placement) -> usize {
+    p.lookahead + 2 * p.max_groups_per_layer
+}
 
 pub(super) fn plan_gpu(
     input: &PlanInput,
@@ -58,7 +75,23 @@ pub(super) fn plan_gpu(
         return Ok(finish(p, Mode::FullResident, decisions));
     }
 
-    // Rule 3: fixed part on the device (norms and biases of every layer too: they are tiny and
+    if input.config.is_moe() {
+        decisions.push(format!(
+            "full-resident needs {} > {} device budget → stream experts through device and host caches",
+            gib(p.device_needed_bytes),
+            gib(device_budget)
+        ));
+        return super::gpu_experts::plan_gpu_experts(
+            input,
+            device_budget,
+            &fixed,
+            kv_bytes,
+            scratch_bytes,
+            decisions,
+        );
+    }
+
+    // Rule 4: fixed part on the device (norms and biases of every layer too: they are tiny and
     // read at load time), then whole layers in order.
     let movable = |t: &TensorEntry| layer_of(&t.name).is_some() && t.dims.len() > 1;
     let mut tiers = fixed.clone();
@@ -72,13 +105,14 @@ pub(super) fn plan_gpu(
         }
     }
     dev_used += fixed_device_bytes(input.tensors, &fixed);
-    // Room for the temporary device copy of the largest weight left off the device.
-    dev_used += free
-        .iter()
-        .filter(|t| movable(t))
-        .map(|t| t.n_bytes)
-        .max()
-        .unwrap_or(0);
+    // Room for the upload slots of layers left off the device.
+    let mut layer_bytes: HashMap<usize, u64> = HashMap::new();
+    for t in free.iter().filter(|t| movable(t)) {
+        *layer_bytes
+            .entry(layer_of(&t.name).unwrap_or(0))
+            .or_insert(0) += t.n_bytes;
+    }
+    dev_used += upload_slots(input) * layer_bytes.values().copied().max().unwrap_or(0);
     if dev_used > device_budget {
         return Err(Error::InvalidRequest(format!(
             "a device budget of {} is too small for this model: the KV cache ({} for {} tokens), scratch ({}) and \
@@ -138,7 +172,15 @@ pub(super) fn plan_gpu(
     };
     // The pool's size is known once some layer streams: assign again with it reserved (twice at
     // most: the largest group does not change).
-    let mut chosen = assign(0);
+    // Start by reserving the pool a streamed layer would need (if none streams, the RAM
+    // layers' bytes stay within the budget anyway).
+    let largest = layers.iter().map(|l| l.1).max().unwrap_or(0);
+    let pool_guess =
+        (input.lookahead.unwrap_or(UPLOAD_LOOKAHEAD) as u64 + 2) * (largest + 2 * 4096);
+    let mut chosen = assign(pool_guess);
+    if !chosen.iter().any(|c| c.1 == TierKind::Nvme) {
+        chosen = assign(0);
+    }
     let mut p = place(&chosen);
     for _ in 0..2 {
         if p.ram_needed_bytes <= input.budgets.ram_bytes {
@@ -183,13 +225,13 @@ fn fixed_device_bytes(tensors: &[TensorEntry], fixed: &HashMap<String, TierKind>
 }
 
 /// Embedding rows a context's worth of tokens can touch.
-fn embedding_touched(input: &PlanInput, t: &TensorEntry) -> u64 {
+pub(super) fn embedding_touched(input: &PlanInput, t: &TensorEntry) -> u64 {
     let per_row = t.n_bytes / input.config.n_vocab.max(1) as u64;
     t.n_bytes.min(per_row * input.n_ctx as u64)
 }
 
 /// Costs of one placement on a GPU.
-fn evaluate(
+pub(super) fn evaluate(
     input: &PlanInput,
     tiers: HashMap<String, TierKind>,
     kv_bytes: u64,
@@ -220,7 +262,11 @@ fn evaluate(
         }
     }
     // Two reads ahead: the upload of a group and the read of the next overlap.
-    let mut placement = Placement::from_tensors(input.tensors, tiers, input.lookahead.unwrap_or(2));
+    let mut placement = Placement::from_tensors(
+        input.tensors,
+        tiers,
+        input.lookahead.unwrap_or(UPLOAD_LOOKAHEAD),
+    );
     bpt.nvme = placement.groups.iter().map(|g| g.len as u64).sum();
     let slot = placement
         .groups
@@ -231,18 +277,21 @@ fn evaluate(
     let pool_slots = if placement.groups.is_empty() {
         0
     } else {
-        placement.lookahead + placement.max_groups_per_layer
+        gpu_pool_slots(&placement)
     };
-    // Per-use uploads make a temporary device copy of the largest off-device weight (embeddings
+    // Off-device matrices are uploaded a layer at a time into reused device slots (embeddings
     // upload only the rows used).
-    let transient = input
-        .tensors
-        .iter()
-        .filter(|t| placement.tier(&t.name) != TierKind::Device && !is_embedding(&t.name))
-        .map(|t| t.n_bytes)
-        .max()
-        .unwrap_or(0);
-    dev += transient;
+    let mut off_device: HashMap<Option<usize>, u64> = HashMap::new();
+    for t in input.tensors.iter().filter(|t| {
+        placement.tier(&t.name) != TierKind::Device
+            && !is_embedding(&t.name)
+            && !(is_expert_tensor(&t.name) && placement.streams_experts())
+    }) {
+        *off_device.entry(layer_of(&t.name)).or_insert(0) += t.n_bytes;
+    }
+    if let Some(&largest) = off_device.values().max() {
+        dev += upload_slots(input) * largest;
+    }
     placement.lookahead = placement.lookahead.max(1);
     let r = &input.rates;
     let t_gpu = bpt.device as f64 / r.device_read_bps.max(1.0)
@@ -266,7 +315,7 @@ fn evaluate(
     }
 }
 
-fn finish(mut p: Plan, mode: Mode, decisions: Vec<String>) -> Plan {
+pub(super) fn finish(mut p: Plan, mode: Mode, decisions: Vec<String>) -> Plan {
     p.mode = mode;
     p.decisions = decisions;
     p

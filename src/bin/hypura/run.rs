@@ -144,6 +144,14 @@ pub fn run(a: RunArgs) -> Result<()> {
             );
         }
     }
+    #[cfg(feature = "cuda")]
+    if let Some((line, _)) = crate::expert_stats::gpu_report(
+        &m,
+        stats.n_prompt + stats.n_generated.saturating_sub(1),
+        None,
+    ) {
+        eprintln!("hypura: {line}");
+    }
     if a.stats && m.experts.is_none() {
         print_stream_stats(&m, before.as_ref(), passes);
     }

@@ -56,6 +56,8 @@ pub struct ExpertCacheConfig {
     pub prefetch: bool,
     /// Threads issuing reads (the queue depth the disk sees).
     pub io_threads: usize,
+    /// GPU builds: experts held in device memory in front of this cache (0: none).
+    pub device_slots: usize,
 }
 
 impl Default for ExpertCacheConfig {
@@ -65,6 +67,7 @@ impl Default for ExpertCacheConfig {
             policy: EvictionPolicy::default(),
             prefetch: true,
             io_threads: 2,
+            device_slots: 0,
         }
     }
 }
@@ -117,6 +120,9 @@ struct Request {
 
 /// The expert cache of one model.
 pub struct ExpertCache {
+    /// GPU builds: the slot buffers' page-locked registrations (dropped before the buffers).
+    #[cfg(feature = "cuda")]
+    pins: Mutex<Vec<crate::storage::pinned::HostRegistration>>,
     config: ExpertCacheConfig,
     shared: Arc<Shared>,
     to_io: Mutex<Sender<Request>>,
@@ -180,6 +186,8 @@ impl ExpertCache {
                 .map_err(|e| Error::InvalidRequest(format!("cannot start an I/O thread: {e}")))?;
         }
         Ok(Arc::new(ExpertCache {
+            #[cfg(feature = "cuda")]
+            pins: Mutex::new(Vec::new()),
             config,
             shared,
             to_io: Mutex::new(to_io),
@@ -187,6 +195,34 @@ impl ExpertCache {
             n_expert,
             n_expert_used,
         }))
+    }
+
+    /// GPU builds: registers the slot buffers as page-locked, so uploads from them to the device
+    /// are asynchronous. Buffers being read are left pageable (still correct, slower).
+    #[cfg(feature = "cuda")]
+    pub fn pin_buffers(
+        &self,
+        ctx: &Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+    ) -> Result<()> {
+        let st = self.shared.lock();
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        if !pins.is_empty() {
+            return Ok(());
+        }
+        for slot in &st.slots {
+            if let SlotData::Free(bufs) = &slot.data {
+                for b in bufs {
+                    let s = b.as_slice();
+                    // SAFETY: slot buffers are never freed while the cache lives (they cycle
+                    // between slots and reads), and `pins` drops with the cache, before the
+                    // buffers, which the shared state and I/O threads release after it.
+                    pins.push(unsafe {
+                        crate::storage::pinned::HostRegistration::new(ctx, s.as_ptr(), s.len())?
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &ExpertCacheConfig {
@@ -244,6 +280,21 @@ impl ExpertCache {
         per_token: &[Vec<usize>],
         visit: &mut dyn FnMut(usize, Arc<ExpertData>) -> Result<()>,
     ) -> Result<()> {
+        self.serve_some(layer, per_token, None, &|_| false, visit)
+    }
+
+    /// Like [`serve`](Self::serve), for a cache behind another one (the GPU's): the routing of
+    /// `per_token` is learned and traced whole, but only the experts `want` names (all used ones
+    /// if `None`) are fetched and visited, and prefetch skips experts `held_above` says the cache
+    /// above already holds.
+    pub fn serve_some(
+        &self,
+        layer: usize,
+        per_token: &[Vec<usize>],
+        want: Option<&[usize]>,
+        held_above: &dyn Fn(ExpertKey) -> bool,
+        visit: &mut dyn FnMut(usize, Arc<ExpertData>) -> Result<()>,
+    ) -> Result<()> {
         let mut used: Vec<usize> = per_token.iter().flatten().copied().collect();
         used.sort_unstable();
         used.dedup();
@@ -254,7 +305,6 @@ impl ExpertCache {
             )));
         }
         let slices = self.slices(layer)?;
-        let keys: Vec<ExpertKey> = used.iter().map(|&e| (layer, e)).collect();
         let mut st = self.shared.lock();
         st.tick += 1;
         st.learn.observe(layer, per_token);
@@ -264,6 +314,10 @@ impl ExpertCache {
                 experts: used.clone(),
             });
         }
+        if let Some(want) = want {
+            used.retain(|e| want.contains(e));
+        }
+        let keys: Vec<ExpertKey> = used.iter().map(|&e| (layer, e)).collect();
         st.stats.requests += keys.len() as u64;
         for &key in &keys {
             *st.freq.entry(key).or_insert(0) += 1;
@@ -284,7 +338,7 @@ impl ExpertCache {
             }
         }
         if self.config.prefetch && self.config.slots > keys.len() {
-            self.prefetch(&mut st, layer, per_token, &keys);
+            self.prefetch(&mut st, layer, per_token, &keys, held_above);
         }
         let mut todo = keys;
         while !todo.is_empty() {
@@ -340,6 +394,7 @@ impl ExpertCache {
         layer: usize,
         per_token: &[Vec<usize>],
         current: &[ExpertKey],
+        held_above: &dyn Fn(ExpertKey) -> bool,
     ) {
         let n_layers = self.layers.lock().unwrap_or_else(|p| p.into_inner()).len();
         let next = if layer + 1 < n_layers { layer + 1 } else { 0 };
@@ -354,6 +409,7 @@ impl ExpertCache {
             .into_iter()
             .filter(|&(_, p)| p >= PREFETCH_MIN_PROBABILITY)
             .map(|(e, _)| (next, e))
+            .filter(|&k| !held_above(k))
             .collect();
         let mut protect: Vec<ExpertKey> = current.to_vec();
         protect.extend(&predicted);

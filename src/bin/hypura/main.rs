@@ -1,11 +1,14 @@
 //! `hypura`: run GGUF models that may not fit in memory.
 
 mod bench;
+mod chat_repl;
 mod common;
 mod expert_stats;
 mod inspect_cmds;
 mod plan_cmds;
 mod run;
+#[cfg(feature = "server")]
+mod serve_cmd;
 mod synth_cmd;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +23,8 @@ reference ORG/REPO:FILE.gguf, downloaded into the standard Hub cache and found t
 Examples:
   hypura run -m model.gguf -p \"The capital of France is\" -n 32
   hypura run -m bartowski/Llama-3.2-1B-Instruct-GGUF:Llama-3.2-1B-Instruct-Q4_K_M.gguf -p Hi
+  hypura run -m model.gguf --interactive
+  hypura serve -m model.gguf --port 8080
   hypura perplexity -m model.gguf -f wiki.test.raw -c 512
   hypura bench -m model.gguf -p 128 -n 64 -t 2";
 
@@ -32,8 +37,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate text from a prompt, streamed to stdout (timings on stderr).
+    /// Generate text from a prompt, streamed to stdout (timings on stderr); --interactive chats.
     Run(run::RunArgs),
+    /// Serve the model over HTTP: Ollama's API (/api/chat, ...) and OpenAI's (/v1/chat/completions, ...).
+    #[cfg(feature = "server")]
+    Serve(serve_cmd::ServeArgs),
     /// Print the token ids of a text as a JSON array (like llama-tokenize).
     Tokenize(inspect_cmds::TokenizeArgs),
     /// Write the logits of one forward pass over given token ids to a .npy file.
@@ -54,6 +62,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run::run(a),
+        #[cfg(feature = "server")]
+        Command::Serve(a) => serve_cmd::serve(a),
         Command::Tokenize(a) => inspect_cmds::tokenize(a),
         Command::Logits(a) => inspect_cmds::logits(a),
         Command::Perplexity(a) => inspect_cmds::perplexity(a),

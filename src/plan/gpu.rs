@@ -29,12 +29,27 @@ use crate::gguf::TensorEntry;
 /// Host memory a GPU run needs beyond its RAM-tier weights and stream pool (runtime, allocator).
 pub(super) const HOST_OVERHEAD: u64 = 256 << 20;
 
-/// Uploads run this many layers ahead of the compute.
-const UPLOAD_LOOKAHEAD: usize = 2;
+/// Most layers uploads run ahead of the compute: each costs a layer of device memory, and with
+/// two in flight the copy engine is never idle (a layer's upload starts as the previous ends).
+const MAX_UPLOAD_LOOKAHEAD: usize = 2;
+
+/// Layers uploaded ahead of the compute (`--lookahead` overrides): enough that the compute of the
+/// layers in between covers one layer's copy, `ceil(t_copy / t_compute)` with a layer computed at
+/// device bandwidth and copied at the slower of the bus and (for streamed layers) the disk; at
+/// least 1, at most [`MAX_UPLOAD_LOOKAHEAD`]. Off-device layers are always slower to bring than
+/// to compute, so this is the maximum in practice.
+fn upload_lookahead(input: &PlanInput) -> usize {
+    input.lookahead.unwrap_or_else(|| {
+        let r = &input.rates;
+        let copy_bps = r.upload_bps.min(r.disk_read_bps.max(1.0)).max(1.0);
+        let ratio = r.device_read_bps.max(1.0) / copy_bps;
+        (ratio.ceil() as usize).clamp(1, MAX_UPLOAD_LOOKAHEAD)
+    })
+}
 
 /// Device slots the uploader keeps for off-device layers: the one in use and those ahead.
 fn upload_slots(input: &PlanInput) -> u64 {
-    input.lookahead.unwrap_or(UPLOAD_LOOKAHEAD) as u64 + 1
+    upload_lookahead(input) as u64 + 1
 }
 
 /// Stream-pool buffers on a GPU: the reads ahead, plus the slabs of the two layers whose uploads
@@ -175,8 +190,7 @@ pub(super) fn plan_gpu(
     // Start by reserving the pool a streamed layer would need (if none streams, the RAM
     // layers' bytes stay within the budget anyway).
     let largest = layers.iter().map(|l| l.1).max().unwrap_or(0);
-    let pool_guess =
-        (input.lookahead.unwrap_or(UPLOAD_LOOKAHEAD) as u64 + 2) * (largest + 2 * 4096);
+    let pool_guess = (upload_lookahead(input) as u64 + 2) * (largest + 2 * 4096);
     let mut chosen = assign(pool_guess);
     if !chosen.iter().any(|c| c.1 == TierKind::Nvme) {
         chosen = assign(0);
@@ -281,11 +295,7 @@ pub(super) fn evaluate(
         }
     }
     // Two reads ahead: the upload of a group and the read of the next overlap.
-    let mut placement = Placement::from_tensors(
-        input.tensors,
-        tiers,
-        input.lookahead.unwrap_or(UPLOAD_LOOKAHEAD),
-    );
+    let mut placement = Placement::from_tensors(input.tensors, tiers, upload_lookahead(input));
     bpt.nvme = placement.groups.iter().map(|g| g.len as u64).sum();
     let slot = placement
         .groups

@@ -24,3 +24,18 @@ pub fn set_cpu_threads(n: usize) {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
+
+/// Which CUDA kernels run single-row (decode) products of quantized weights, from
+/// `HYPURA_CUDA_MATVEC`: `q8` (the default: candle's MMVQ kernels, which quantize the activations
+/// to Q8_1 first, as llama.cpp's CUDA backend does; 151 vs 126 tok/s on an 8B Q4_K_M on an H200)
+/// or `exact` (weights dequantized inside the kernel and multiplied with F32 activations). Both
+/// meet the fixture tolerances against llama.cpp. Set once per process, before the first product.
+#[cfg(feature = "cuda")]
+pub fn configure_cuda() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let exact =
+            std::env::var("HYPURA_CUDA_MATVEC").is_ok_and(|v| v.eq_ignore_ascii_case("exact"));
+        candle_core::quantized::cuda::set_force_dmmv(exact);
+    });
+}

@@ -20,6 +20,9 @@
 //!               models::Transformer (Llama / Qwen2 / Mixtral forward, KV cache)
 //!                      │
 //!   tokenizer::Tokenizer (from GGUF metadata) ── generate (sampling, loop, perplexity) ── CLI
+//!                      │
+//!   chat::ChatTemplate (the GGUF's Jinja or a built-in format) ── serve (HTTP: Ollama + OpenAI
+//!                                                   APIs; one worker thread owns the model)
 //! ```
 //! Boundaries that hold: **models know no tiers** (they read weights only through
 //! [`storage::Weight`] and name no file, device buffer or mmap); **storage knows no models**
@@ -35,6 +38,8 @@
 //! | [`models`] | the decoder, attention, RoPE, MoE |
 //! | [`tokenizer`] | SentencePiece and byte-level BPE vocabularies from GGUF metadata |
 //! | [`generate`] | sampling, the generation loop, perplexity |
+//! | [`chat`] | chat templates (the GGUF's Jinja, built-in fallbacks), multi-turn conversations |
+//! | `serve` | the Ollama- and OpenAI-compatible HTTP server (feature `server`, on by default) |
 //! | [`hub`] | model references: paths, Hugging Face Hub, the bundled model |
 //! | [`loader`] | all of the above in one call |
 //! | [`synth`] | writes synthetic GGUF models with random weights |
@@ -65,6 +70,7 @@
 //! ```
 
 pub mod backend;
+pub mod chat;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -75,6 +81,8 @@ pub mod loader;
 pub mod models;
 pub mod optimize;
 pub mod plan;
+#[cfg(feature = "server")]
+pub mod serve;
 pub mod storage;
 pub mod synth;
 pub mod tokenizer;

@@ -67,6 +67,12 @@ pub struct LoadedModel {
     pub streamer: Option<Arc<Streamer>>,
     /// The expert cache, when the plan streams MoE experts.
     pub experts: Option<Arc<ExpertCache>>,
+    /// GPU builds: uploads of RAM- and NVMe-tier weights to the device, if any.
+    #[cfg(feature = "cuda")]
+    pub uploader: Option<Arc<crate::storage::Uploader>>,
+    /// GPU builds: the device expert cache, if the plan has one.
+    #[cfg(feature = "cuda")]
+    pub device_experts: Option<Arc<crate::storage::experts::DeviceExperts>>,
     /// Where the expert co-activation statistics are saved (`None`: learning is not kept).
     pub learn_path: Option<PathBuf>,
     pub load_seconds: f64,
@@ -228,12 +234,13 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     )?;
     let mut store =
         WeightStore::with_placement(files.clone(), &opts.device, plan.placement.clone())?;
-    let device_bytes: u64 = plan
-        .placement
-        .bytes_by_tier(&files.tensors)
-        .get(&plan::TierKind::Device)
-        .copied()
-        .unwrap_or(0);
+    // What loading copies: device-tier weights (and, on a GPU, the RAM tier's page-locked copies).
+    let by_tier = plan.placement.bytes_by_tier(&files.tensors);
+    let tier_bytes = |k: plan::TierKind| by_tier.get(&k).copied().unwrap_or(0);
+    let mut device_bytes = tier_bytes(plan::TierKind::Device);
+    if opts.device.is_cuda() {
+        device_bytes += tier_bytes(plan::TierKind::Ram);
+    }
     let bar = opts.progress.then(|| {
         let bar = indicatif::ProgressBar::new(device_bytes);
         bar.set_style(
@@ -260,6 +267,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let streamer = store.streamer().cloned();
     let experts = store.expert_cache().cloned();
+    #[cfg(feature = "cuda")]
+    let (uploader, device_experts) = (store.uploader(), store.device_experts().cloned());
     let learn_path = (experts.is_some() && !opts.tiers.no_learn).then(|| learn_path(path));
     if let (Some(cache), Some(p)) = (&experts, &learn_path) {
         if let Some(learned) = CoActivation::load(p, config.n_expert)? {
@@ -274,6 +283,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         plan,
         streamer,
         experts,
+        #[cfg(feature = "cuda")]
+        uploader,
+        #[cfg(feature = "cuda")]
+        device_experts,
         learn_path,
         load_seconds: start.elapsed().as_secs_f64(),
     })

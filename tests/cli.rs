@@ -2,21 +2,37 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use common::*;
 
+fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hypura"));
+    c.args(args).env("HF_HUB_OFFLINE", "1").env(
+        "HF_HUB_CACHE",
+        std::env::temp_dir().join("hypura-cli-empty-hub"),
+    );
+    c
+}
+
 fn hypura(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hypura"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env(
-            "HF_HUB_CACHE",
-            std::env::temp_dir().join("hypura-cli-empty-hub"),
-        )
-        .output()
-        .expect("run hypura")
+    command(args).output().expect("run hypura")
+}
+
+/// Runs hypura with `input` on its stdin (then end of input).
+fn hypura_with_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = command(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run hypura");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    child.wait_with_output().expect("wait for hypura")
 }
 
 fn text(b: &[u8]) -> String {
@@ -240,6 +256,161 @@ fn bad_input_gets_a_clear_error_not_a_panic() {
         &["999999", "vocabulary"],
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn qwen_fixture() -> PathBuf {
+    common::fixtures_dir().join("small-qwen2/small-qwen2-Q8_0.gguf")
+}
+
+/// The numbers of each reply's stderr line: (generated, prompt tokens, context used).
+fn reply_stats(err: &str) -> Vec<(usize, usize, usize)> {
+    let num = |s: &str, after: &str| -> usize {
+        let rest = &s[s.find(after).unwrap() + after.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    err.lines()
+        .filter(|l| l.contains(" tokens in ") && l.contains("context "))
+        .map(|l| (num(l, "hypura: "), num(l, "prompt "), num(l, "context ")))
+        .collect()
+}
+
+#[test]
+fn interactive_chat_keeps_the_cache_across_turns() {
+    let m = qwen_fixture();
+    let args = [
+        "run",
+        "-m",
+        m.to_str().unwrap(),
+        "-i",
+        "--temp",
+        "0",
+        "-n",
+        "8",
+        "-c",
+        "512",
+    ];
+    let out = hypura_with_stdin(&args, "Hi\nHow are you?\n/reset\nHi\n");
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("the file's chat template") && err.contains("conversation cleared"),
+        "{err}"
+    );
+    let replies: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+    let st = reply_stats(&err);
+    assert_eq!((replies.len(), st.len()), (3, 3), "{err}\n{replies:?}");
+    assert!(err.matches("tok/s").count() >= 3);
+    let ((n1, p1, c1), (n2, p2, c2), (n3, p3, c3)) = (st[0], st[1], st[2]);
+    assert_eq!(c1, p1 + n1);
+    // The second turn fed only its own tokens after the cached first turn.
+    assert_eq!(c2, c1 + p2 + n2, "{err}");
+    // After /reset the conversation starts afresh: the same first turn, the same greedy reply.
+    assert_eq!((n3, p3, c3), (n1, p1, c1));
+    assert_eq!(replies[2], replies[0]);
+}
+
+#[test]
+fn interactive_chat_when_the_context_fills_up() {
+    let m = qwen_fixture();
+    let m = m.to_str().unwrap();
+    // A message that no longer fits: hypura asks, and starts over on yes.
+    let args = [
+        "run", "-m", m, "-i", "--temp", "0", "-n", "100", "-c", "128",
+    ];
+    let out = hypura_with_stdin(&args, "Hi\nTell me more about it please\ny\n");
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("the context is full")
+            && err.contains("Start a new conversation with it? [Y/n]"),
+        "{err}"
+    );
+    assert!(
+        err.contains("new conversation (the earlier turns are forgotten)"),
+        "{err}"
+    );
+    assert_eq!(reply_stats(&err).len(), 2, "{err}");
+    // On no (here: end of input) the message is not sent.
+    let out = hypura_with_stdin(&args, "Hi\nTell me more about it please\n");
+    let err = text(&out.stderr);
+    assert!(out.status.success() && err.contains("not sent"), "{err}");
+    assert_eq!(reply_stats(&err).len(), 1, "{err}");
+    // A message larger than the whole context is refused; a reply that fills the context is
+    // cut, and the next message starts a new conversation.
+    let args = ["run", "-m", m, "-i", "--temp", "0", "-c", "64"];
+    let long = "word ".repeat(100);
+    let out = hypura_with_stdin(&args, &format!("{long}\nHi\nnext\n"));
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("more than the context of 64 tokens; it was not sent"),
+        "{err}"
+    );
+    assert!(err.contains("so the reply was cut"), "{err}");
+    assert!(err.contains("new conversation"), "{err}");
+    let st = reply_stats(&err);
+    assert_eq!(st.len(), 2, "{err}");
+    assert_eq!(
+        st[0].2, 64,
+        "the first reply ran until the context was full: {err}"
+    );
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn serve_listens_answers_and_logs_one_line_per_request() {
+    let m = bundled();
+    let mut child = command(&[
+        "serve",
+        "-m",
+        m.to_str().unwrap(),
+        "--port",
+        "0",
+        "-c",
+        "128",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start hypura serve");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let addr = loop {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            panic!("hypura serve ended before listening: {seen}");
+        }
+        seen += &line;
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    assert!(
+        addr.starts_with("127.0.0.1:"),
+        "loopback by default: {addr}"
+    );
+    let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        sock,
+        "GET /api/tags HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    sock.read_to_string(&mut resp).unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.contains("hypura-tiny-random-Q8_0:latest"),
+        "{resp}"
+    );
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("GET /api/tags 200"), "{line:?}");
+    child.kill().unwrap();
+    let _ = child.wait();
 }
 
 fn json_of(out: &Output) -> serde_json::Value {

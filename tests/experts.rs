@@ -18,9 +18,17 @@ type Logit = Vec<Vec<f32>>;
 
 /// Prompt logits, decode logits for a few greedy tokens (run twice), and the cache's stats.
 fn run(gguf: &Path, placement: Placement) -> (Logit, Logit, Option<ExpertStats>) {
+    run_on(gguf, &Device::Cpu, placement)
+}
+
+fn run_on(
+    gguf: &Path,
+    device: &Device,
+    placement: Placement,
+) -> (Logit, Logit, Option<ExpertStats>) {
     let files = ModelFiles::open(gguf).unwrap();
     let cfg = files.config().unwrap();
-    let store = WeightStore::with_placement(files, &Device::Cpu, placement).unwrap();
+    let store = WeightStore::with_placement(files, device, placement).unwrap();
     let mut model = Transformer::load(&store, &cfg, 64).unwrap();
     let r = reference(gguf);
     let prompt = ids(&r["fixed_prompt"]["ids"]);
@@ -83,6 +91,7 @@ fn expert_streaming_matches_full_resident_bit_for_bit() {
                         policy,
                         prefetch,
                         io_threads: 1 + slots % 2,
+                        device_slots: 0,
                     };
                     let (p, d, stats) = run(&gguf, experts_streamed(&files, config));
                     let what = format!("{rel}: {config:?}");
@@ -103,6 +112,37 @@ fn expert_streaming_matches_full_resident_bit_for_bit() {
         }
     }
 }
+
+/// On a GPU, experts also go through a device cache in front of the host cache: every device
+/// cache size (one expert to all) and host cache size gives the logits of full-resident on the
+/// same device, bit for bit. (On the CPU the device cache does not exist; the test then checks
+/// the host cache alone.)
+fn device_expert_cache_matches_full_resident(device: &Device) {
+    let gguf = fixtures_dir().join("small-moe/small-moe-Q4_K_M.gguf");
+    let files = ModelFiles::open(&gguf).unwrap();
+    let cfg = files.config().unwrap();
+    let total = cfg.n_layer * cfg.n_expert;
+    let (want_p, want_d, _) = run_on(&gguf, device, Placement::default());
+    for device_slots in [1, cfg.n_expert_used, total / 2, total] {
+        for (slots, prefetch) in [(cfg.n_expert_used, false), (total, true)] {
+            let config = ExpertCacheConfig {
+                slots,
+                prefetch,
+                device_slots,
+                ..Default::default()
+            };
+            let (p, d, stats) = run_on(&gguf, device, experts_streamed(&files, config));
+            let what = format!("{device:?}: {config:?}");
+            assert!(p == want_p, "{what}: prompt logits differ");
+            assert!(d == want_d, "{what}: decode logits differ");
+            assert!(stats.expect("a host cache").requests > 0, "{what}");
+        }
+    }
+}
+on_every_backend!(
+    device_expert_cache,
+    device_expert_cache_matches_full_resident
+);
 
 #[test]
 fn only_routed_experts_are_read_without_prefetch() {
@@ -159,6 +199,7 @@ fn prefetch_learns_a_repeated_sequence() {
             prefetch,
             policy: EvictionPolicy::Lru,
             io_threads: 1,
+            device_slots: 0,
         };
         let store = WeightStore::with_placement(
             files.clone(),

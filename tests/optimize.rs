@@ -47,6 +47,7 @@ fn run_with(
                 policy: EvictionPolicy::Lfu,
                 prefetch,
                 io_threads: 1 + slots % 2,
+                device_slots: 0,
             };
             p
         }

@@ -431,7 +431,8 @@ fn a_small_gpu_holds_the_first_layers_and_the_rest_go_to_ram_then_disk() {
     let cfg = config(16);
     let t = inventory(&cfg, TensorType::Q8_0);
     let total: u64 = t.iter().map(|x| x.n_bytes).sum();
-    let (device, ram) = (total / 2, total * 3 / 4);
+    // The device also keeps upload slots for three off-device layers, and RAM the stream pool.
+    let (device, ram) = (total * 3 / 4, total * 3 / 4);
     let p = plan(&gpu_input(&t, &cfg, ram, device)).unwrap();
     assert_eq!(p.mode, Mode::LayerOffload);
     assert!(
@@ -539,5 +540,76 @@ fn a_70b_on_a_22_gib_gpu_with_8_gib_of_ram_splits_by_layer() {
     assert_eq!(
         p.bytes_per_token.nvme,
         p.placement.groups.iter().map(|g| g.len as u64).sum::<u64>()
+    );
+}
+
+/// The seed's MoE scenario on a GPU: a Mixtral-8x7B-shaped model (Q5_K experts, ~30 GiB) with a
+/// 22 GiB device budget and 8 GiB of RAM: non-expert weights on the device, experts through a
+/// device cache that takes the rest of the device budget and a host cache that takes the RAM.
+#[test]
+fn a_mixtral_on_a_22_gib_gpu_streams_experts_through_device_and_host_caches() {
+    let cfg = ModelConfig {
+        n_embd: 4096,
+        n_layer: 32,
+        n_ff: 14336,
+        n_head: 32,
+        n_head_kv: 8,
+        head_dim: 128,
+        rope_dim: 128,
+        n_expert: 8,
+        n_expert_used: 2,
+        ..config(32)
+    };
+    let t = moe_inventory(&cfg, TensorType::Q5_K);
+    let total: u64 = t.iter().map(|x| x.n_bytes).sum();
+    assert!(total > 28 << 30, "{total}");
+    let (device, ram) = (22u64 << 30, 8u64 << 30);
+    let p = plan(&gpu_input(&t, &cfg, ram, device)).unwrap();
+    assert_eq!(p.mode, Mode::ExpertStreaming);
+    for x in &t {
+        let want = if x.name.contains("_exps.") {
+            TierKind::Nvme
+        } else if x.name.starts_with("token_embd") {
+            TierKind::Ram
+        } else {
+            TierKind::Device
+        };
+        assert_eq!(p.placement.tier(&x.name), want, "{}", x.name);
+    }
+    let c = p.placement.expert_cache;
+    let unit = expert_bytes(&t, cfg.n_expert);
+    eprintln!(
+        "Mixtral ({:.1} GiB): device cache {} + host cache {} of 256 experts × {:.0} MiB; device {:.2} GiB, RAM {:.2} GiB; {}",
+        total as f64 / (1u64 << 30) as f64,
+        c.device_slots,
+        c.slots,
+        unit as f64 / (1u64 << 20) as f64,
+        p.device_needed_bytes as f64 / (1u64 << 30) as f64,
+        p.ram_needed_bytes as f64 / (1u64 << 30) as f64,
+        p.decisions.join("; ")
+    );
+    assert!(p.device_needed_bytes <= device && p.ram_needed_bytes <= ram);
+    // Both caches take what their budget leaves: one more slot would not fit either.
+    assert!(
+        p.device_needed_bytes + unit > device,
+        "room for another device slot"
+    );
+    assert!(
+        p.ram_needed_bytes + p.expert_slot_bytes > ram,
+        "room for another host slot"
+    );
+    assert!(c.device_slots > 100 && c.slots > 30, "{c:?}");
+    // Uniform routing: a used expert is on the device with probability device_slots / 256, so
+    // per token 64 × (1 − that) experts cross the bus.
+    let used = 32.0 * 2.0 * unit as f64;
+    let want_upload = used * (1.0 - c.device_slots as f64 / 256.0);
+    assert!((p.bytes_per_token.ram as f64 - want_upload).abs() / want_upload < 0.01);
+    // Too small a device for two experts next to the resident weights: refused, with the minimum.
+    let err = plan(&gpu_input(&t, &cfg, ram, 1 << 30))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("device budget of 1.00 GiB is too small"),
+        "{err}"
     );
 }

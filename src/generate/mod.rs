@@ -61,8 +61,25 @@ impl GenerationStats {
 /// Continues the model's KV cache with `prompt`, then samples up to `max_new_tokens`, calling
 /// `on_token` with each one. The first token is sampled from the prompt's last logits; each
 /// further token costs one forward pass of one token.
+///
+/// Every sampled token is fed back into the cache, except the one that ends generation: an
+/// end-of-generation token, the `max_new_tokens`-th token, or the token whose callback broke.
 pub fn generate(
     model: &mut dyn LanguageModel,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    sampler: &mut Sampler,
+    on_token: &mut dyn FnMut(u32) -> Result<ControlFlow<()>>,
+) -> Result<GenerationStats> {
+    generate_after(model, &[], prompt, opts, sampler, on_token)
+}
+
+/// [`generate`] for a cache that already holds `cached` (the tokens of earlier calls, e.g. the
+/// previous turns of a chat): the repetition penalty sees them as history, as if the whole
+/// sequence had been given at once.
+pub fn generate_after(
+    model: &mut dyn LanguageModel,
+    cached: &[u32],
     prompt: &[u32],
     opts: &GenerateOptions,
     sampler: &mut Sampler,
@@ -85,7 +102,7 @@ pub fn generate(
         logits = Some(model.forward(chunk, Logits::Last)?);
     }
     let prompt_seconds = t0.elapsed().as_secs_f64();
-    let mut history = prompt.to_vec();
+    let mut history = [cached, prompt].concat();
     let mut logits: Vec<f32> = match logits {
         Some(l) => l.flatten_all()?.to_vec1()?,
         None => unreachable!("the prompt is not empty"),

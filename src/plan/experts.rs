@@ -113,6 +113,7 @@ pub(super) fn plan_expert_streaming(
         policy,
         prefetch: !input.experts.no_prefetch,
         io_threads: 2,
+        device_slots: 0,
     };
     p.ram_needed_bytes += slots as u64 * slot_bytes;
     p.expert_slot_bytes = slot_bytes;

@@ -10,21 +10,53 @@
 //! **Rules, in order:**
 //! 1. user overrides, first match wins;
 //! 2. if every weight, the KV cache and the scratch fit the device budget: full-resident;
-//! 3. otherwise layer offload: `output`/norms stay on the device, `token_embd` stays mapped (a
+//! 3. otherwise, for MoE models, expert-streaming on the GPU ([`super::gpu_experts`]): every
+//!    non-expert tensor on the device, experts through a device expert cache (the rest of the
+//!    device budget) backed by a host expert cache (the RAM budget) and the disk;
+//! 4. otherwise layer offload: `output`/norms stay on the device, `token_embd` stays mapped (a
 //!    token reads one row), then whole layers go to the device in order while they fit; the rest
 //!    stay in RAM (the mapped file) while the RAM budget allows, and stream from disk after that;
-//! 4. if even the fixed part (KV cache, scratch, output) does not fit the device: refuse, naming
+//! 5. if even the fixed part (KV cache, scratch, output) does not fit the device: refuse, naming
 //!    the smallest device budget that would work.
 
 use std::collections::HashMap;
 
-use super::placement::{layer_of, Placement, TierKind};
+use super::placement::{is_expert_tensor, layer_of, Placement, TierKind};
 use super::planner::{gib, is_embedding, BytesPerToken, Mode, Plan, PlanInput};
 use crate::error::{Error, Result};
 use crate::gguf::TensorEntry;
 
 /// Host memory a GPU run needs beyond its RAM-tier weights and stream pool (runtime, allocator).
-const HOST_OVERHEAD: u64 = 256 << 20;
+pub(super) const HOST_OVERHEAD: u64 = 256 << 20;
+
+/// Most layers uploads run ahead of the compute: each costs a layer of device memory, and with
+/// two in flight the copy engine is never idle (a layer's upload starts as the previous ends).
+const MAX_UPLOAD_LOOKAHEAD: usize = 2;
+
+/// Layers uploaded ahead of the compute (`--lookahead` overrides): enough that the compute of the
+/// layers in between covers one layer's copy, `ceil(t_copy / t_compute)` with a layer computed at
+/// device bandwidth and copied at the slower of the bus and (for streamed layers) the disk; at
+/// least 1, at most [`MAX_UPLOAD_LOOKAHEAD`]. Off-device layers are always slower to bring than
+/// to compute, so this is the maximum in practice.
+fn upload_lookahead(input: &PlanInput) -> usize {
+    input.lookahead.unwrap_or_else(|| {
+        let r = &input.rates;
+        let copy_bps = r.upload_bps.min(r.disk_read_bps.max(1.0)).max(1.0);
+        let ratio = r.device_read_bps.max(1.0) / copy_bps;
+        (ratio.ceil() as usize).clamp(1, MAX_UPLOAD_LOOKAHEAD)
+    })
+}
+
+/// Device slots the uploader keeps for off-device layers: the one in use and those ahead.
+fn upload_slots(input: &PlanInput) -> u64 {
+    upload_lookahead(input) as u64 + 1
+}
+
+/// Stream-pool buffers on a GPU: the reads ahead, plus the slabs of the two layers whose uploads
+/// may still be reading from the pool (see `storage::upload`).
+pub fn gpu_pool_slots(p: &Placement) -> usize {
+    p.lookahead + 2 * p.max_groups_per_layer
+}
 
 pub(super) fn plan_gpu(
     input: &PlanInput,
@@ -58,7 +90,23 @@ pub(super) fn plan_gpu(
         return Ok(finish(p, Mode::FullResident, decisions));
     }
 
-    // Rule 3: fixed part on the device (norms and biases of every layer too: they are tiny and
+    if input.config.is_moe() {
+        decisions.push(format!(
+            "full-resident needs {} > {} device budget → stream experts through device and host caches",
+            gib(p.device_needed_bytes),
+            gib(device_budget)
+        ));
+        return super::gpu_experts::plan_gpu_experts(
+            input,
+            device_budget,
+            &fixed,
+            kv_bytes,
+            scratch_bytes,
+            decisions,
+        );
+    }
+
+    // Rule 4: fixed part on the device (norms and biases of every layer too: they are tiny and
     // read at load time), then whole layers in order.
     let movable = |t: &TensorEntry| layer_of(&t.name).is_some() && t.dims.len() > 1;
     let mut tiers = fixed.clone();
@@ -72,13 +120,14 @@ pub(super) fn plan_gpu(
         }
     }
     dev_used += fixed_device_bytes(input.tensors, &fixed);
-    // Room for the temporary device copy of the largest weight left off the device.
-    dev_used += free
-        .iter()
-        .filter(|t| movable(t))
-        .map(|t| t.n_bytes)
-        .max()
-        .unwrap_or(0);
+    // Room for the upload slots of layers left off the device.
+    let mut layer_bytes: HashMap<usize, u64> = HashMap::new();
+    for t in free.iter().filter(|t| movable(t)) {
+        *layer_bytes
+            .entry(layer_of(&t.name).unwrap_or(0))
+            .or_insert(0) += t.n_bytes;
+    }
+    dev_used += upload_slots(input) * layer_bytes.values().copied().max().unwrap_or(0);
     if dev_used > device_budget {
         return Err(Error::InvalidRequest(format!(
             "a device budget of {} is too small for this model: the KV cache ({} for {} tokens), scratch ({}) and \
@@ -138,7 +187,14 @@ pub(super) fn plan_gpu(
     };
     // The pool's size is known once some layer streams: assign again with it reserved (twice at
     // most: the largest group does not change).
-    let mut chosen = assign(0);
+    // Start by reserving the pool a streamed layer would need (if none streams, the RAM
+    // layers' bytes stay within the budget anyway).
+    let largest = layers.iter().map(|l| l.1).max().unwrap_or(0);
+    let pool_guess = (upload_lookahead(input) as u64 + 2) * (largest + 2 * 4096);
+    let mut chosen = assign(pool_guess);
+    if !chosen.iter().any(|c| c.1 == TierKind::Nvme) {
+        chosen = assign(0);
+    }
     let mut p = place(&chosen);
     for _ in 0..2 {
         if p.ram_needed_bytes <= input.budgets.ram_bytes {
@@ -170,6 +226,25 @@ pub(super) fn plan_gpu(
         gib(dev_fixed + fixed_device_bytes(input.tensors, &fixed) + free.iter().map(|t| t.n_bytes).sum::<u64>()),
         gib(device_budget)
     ));
+    if n_ram > 0 {
+        // Where RAM-tier layers are computed: on the GPU after an upload, or on the host where
+        // they lie. Only the first is implemented; say what the rates predict.
+        let (up, host) = (input.rates.upload_bps, input.rates.mem_read_bps);
+        decisions.push(if up >= host {
+            format!(
+                "RAM-tier layers are uploaded to the GPU per use: host→device {:.1} GB/s ≥ host memory {:.1} GB/s",
+                up / 1e9,
+                host / 1e9
+            )
+        } else {
+            format!(
+                "RAM-tier layers are uploaded to the GPU per use, although host memory ({:.1} GB/s) outpaces \
+                 host→device copies ({:.1} GB/s): computing them on the host is not implemented",
+                host / 1e9,
+                up / 1e9
+            )
+        });
+    }
     Ok(finish(p, Mode::LayerOffload, decisions))
 }
 
@@ -183,13 +258,13 @@ fn fixed_device_bytes(tensors: &[TensorEntry], fixed: &HashMap<String, TierKind>
 }
 
 /// Embedding rows a context's worth of tokens can touch.
-fn embedding_touched(input: &PlanInput, t: &TensorEntry) -> u64 {
+pub(super) fn embedding_touched(input: &PlanInput, t: &TensorEntry) -> u64 {
     let per_row = t.n_bytes / input.config.n_vocab.max(1) as u64;
     t.n_bytes.min(per_row * input.n_ctx as u64)
 }
 
 /// Costs of one placement on a GPU.
-fn evaluate(
+pub(super) fn evaluate(
     input: &PlanInput,
     tiers: HashMap<String, TierKind>,
     kv_bytes: u64,
@@ -220,7 +295,7 @@ fn evaluate(
         }
     }
     // Two reads ahead: the upload of a group and the read of the next overlap.
-    let mut placement = Placement::from_tensors(input.tensors, tiers, input.lookahead.unwrap_or(2));
+    let mut placement = Placement::from_tensors(input.tensors, tiers, upload_lookahead(input));
     bpt.nvme = placement.groups.iter().map(|g| g.len as u64).sum();
     let slot = placement
         .groups
@@ -231,18 +306,21 @@ fn evaluate(
     let pool_slots = if placement.groups.is_empty() {
         0
     } else {
-        placement.lookahead + placement.max_groups_per_layer
+        gpu_pool_slots(&placement)
     };
-    // Per-use uploads make a temporary device copy of the largest off-device weight (embeddings
+    // Off-device matrices are uploaded a layer at a time into reused device slots (embeddings
     // upload only the rows used).
-    let transient = input
-        .tensors
-        .iter()
-        .filter(|t| placement.tier(&t.name) != TierKind::Device && !is_embedding(&t.name))
-        .map(|t| t.n_bytes)
-        .max()
-        .unwrap_or(0);
-    dev += transient;
+    let mut off_device: HashMap<Option<usize>, u64> = HashMap::new();
+    for t in input.tensors.iter().filter(|t| {
+        placement.tier(&t.name) != TierKind::Device
+            && !is_embedding(&t.name)
+            && !(is_expert_tensor(&t.name) && placement.streams_experts())
+    }) {
+        *off_device.entry(layer_of(&t.name)).or_insert(0) += t.n_bytes;
+    }
+    if let Some(&largest) = off_device.values().max() {
+        dev += upload_slots(input) * largest;
+    }
     placement.lookahead = placement.lookahead.max(1);
     let r = &input.rates;
     let t_gpu = bpt.device as f64 / r.device_read_bps.max(1.0)
@@ -266,7 +344,7 @@ fn evaluate(
     }
 }
 
-fn finish(mut p: Plan, mode: Mode, decisions: Vec<String>) -> Plan {
+pub(super) fn finish(mut p: Plan, mode: Mode, decisions: Vec<String>) -> Plan {
     p.mode = mode;
     p.decisions = decisions;
     p

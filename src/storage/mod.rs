@@ -9,8 +9,12 @@ mod aligned;
 mod direct;
 pub mod experts;
 #[cfg(feature = "cuda")]
+mod gpu_tier;
+#[cfg(feature = "cuda")]
 mod pinned;
 mod stream;
+#[cfg(feature = "cuda")]
+mod upload;
 mod weight;
 
 use std::borrow::Cow;
@@ -29,6 +33,8 @@ pub use experts::{
 #[cfg(feature = "cuda")]
 pub use pinned::{cuda_error, PinnedBuf};
 pub use stream::{Slab, StreamGroup, StreamStats, Streamer, STREAM_IO_THREADS};
+#[cfg(feature = "cuda")]
+pub use upload::{UploadStats, Uploader};
 pub use weight::{set_transient_chunk_bytes, Weight};
 
 use crate::error::{Error, Result};
@@ -48,6 +54,12 @@ pub struct WeightStore {
     streamer: Option<Arc<Streamer>>,
     experts: Option<Arc<ExpertCache>>,
     on_read: Option<Box<dyn Fn(u64) + Send + Sync>>,
+    /// GPU builds: uploads of off-device weights, made on first use (after `on_read` is set).
+    #[cfg(feature = "cuda")]
+    uploads: std::sync::Mutex<Option<Arc<gpu_tier::Uploads>>>,
+    /// GPU builds: the device expert cache, in front of `experts`.
+    #[cfg(feature = "cuda")]
+    device_experts: Option<Arc<experts::DeviceExperts>>,
 }
 
 impl WeightStore {
@@ -64,6 +76,10 @@ impl WeightStore {
         device: &Device,
         placement: Placement,
     ) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            crate::backend::configure_cuda();
+        }
         let mut maps = Vec::with_capacity(files.paths.len());
         for path in &files.paths {
             let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, 0, e))?;
@@ -76,7 +92,12 @@ impl WeightStore {
         let streamer = if placement.groups.is_empty() {
             None
         } else {
-            let slots = placement.lookahead + placement.max_groups_per_layer;
+            // On a GPU, uploads may still read the slabs of two layers (see `upload`).
+            let slots = if device.is_cuda() {
+                crate::plan::gpu_pool_slots(&placement)
+            } else {
+                placement.lookahead + placement.max_groups_per_layer
+            };
             Some(Streamer::new(
                 &files.paths,
                 placement.groups.clone(),
@@ -90,6 +111,9 @@ impl WeightStore {
             .map(|p| DirectFile::open(p))
             .collect::<Result<Vec<_>>>()?;
         let experts = expert_cache(&files, &placement)?;
+        #[cfg(feature = "cuda")]
+        let device_experts =
+            gpu_tier::device_experts(&files, &placement, device, experts.as_ref())?;
         Ok(WeightStore {
             files,
             maps,
@@ -99,6 +123,10 @@ impl WeightStore {
             streamer,
             experts,
             on_read: None,
+            #[cfg(feature = "cuda")]
+            uploads: std::sync::Mutex::new(None),
+            #[cfg(feature = "cuda")]
+            device_experts,
         })
     }
 
@@ -117,6 +145,19 @@ impl WeightStore {
 
     pub fn placement(&self) -> &Placement {
         &self.placement
+    }
+
+    /// GPU builds: the uploader of off-device weights, once a weight has used it.
+    #[cfg(feature = "cuda")]
+    pub fn uploader(&self) -> Option<Arc<Uploader>> {
+        let u = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
+        u.as_ref().map(|u| u.uploader.clone())
+    }
+
+    /// GPU builds: the device expert cache, when the plan has one.
+    #[cfg(feature = "cuda")]
+    pub fn device_experts(&self) -> Option<&Arc<experts::DeviceExperts>> {
+        self.device_experts.as_ref()
     }
 
     /// The streaming engine, when some tensors are on NVMe.
@@ -228,13 +269,13 @@ impl WeightStore {
         if let (true, Some(cache)) = (streamed, &self.experts) {
             cache.register_layer(layer, [specs[0], specs[1], specs[2]]);
             let meta = [metas[0].clone(), metas[1].clone(), metas[2].clone()];
-            return Ok(ExpertSet::cached(
-                layer,
-                n_expert,
-                cache.clone(),
-                meta,
-                &self.device,
-            ));
+            let set = ExpertSet::cached(layer, n_expert, cache.clone(), meta, &self.device);
+            #[cfg(feature = "cuda")]
+            let set = match &self.device_experts {
+                Some(d) => set.with_device_cache(d.clone()),
+                None => set,
+            };
+            return Ok(set);
         }
         let g = self.get_experts(names[0], n_expert, shapes[0][0], shapes[0][1])?;
         let u = self.get_experts(names[1], n_expert, shapes[1][0], shapes[1][1])?;
@@ -269,6 +310,10 @@ impl WeightStore {
         shape: &[usize],
     ) -> Result<Weight> {
         let shape = Shape::from(shape);
+        #[cfg(feature = "cuda")]
+        if let Some(w) = self.uploaded_weight(name, e, &part, &shape)? {
+            return Ok(w);
+        }
         match self.placement.tier(&e.name) {
             TierKind::Device => {
                 // Copy from the mapped file, then let go of those pages: the weight is owned on

@@ -76,6 +76,9 @@ struct State {
 
 /// The streaming engine for one model.
 pub struct Streamer {
+    /// GPU builds: the pool buffers' page-locked registrations (dropped before the buffers).
+    #[cfg(feature = "cuda")]
+    pins: Mutex<Vec<super::pinned::HostRegistration>>,
     groups: Vec<StreamGroup>,
     lookahead: usize,
     to_io: Mutex<Sender<Request>>,
@@ -124,6 +127,8 @@ impl Streamer {
             .spawn(move || io_thread(files, io_groups, io_rx, io_tx))
             .map_err(|e| Error::InvalidRequest(format!("cannot start the I/O thread: {e}")))?;
         Ok(Arc::new(Streamer {
+            #[cfg(feature = "cuda")]
+            pins: Mutex::new(Vec::new()),
             groups,
             lookahead,
             to_io: Mutex::new(to_io),
@@ -137,6 +142,27 @@ impl Streamer {
                 lent: Vec::new(),
             }),
         }))
+    }
+
+    /// GPU builds: registers the pool's buffers as page-locked, so uploads from them to the
+    /// device are asynchronous. Buffers in flight are left pageable (still correct, slower).
+    #[cfg(feature = "cuda")]
+    pub fn pin_pool(
+        &self,
+        ctx: &Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+    ) -> Result<()> {
+        let st = self.lock();
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        if !pins.is_empty() {
+            return Ok(());
+        }
+        for b in &st.free {
+            let s = b.as_slice();
+            // SAFETY: pool buffers live as long as the streamer, and `pins` is declared before
+            // `state`, so every registration is dropped before the buffers are freed.
+            pins.push(unsafe { super::pinned::HostRegistration::new(ctx, s.as_ptr(), s.len())? });
+        }
+        Ok(())
     }
 
     pub fn groups(&self) -> &[StreamGroup] {

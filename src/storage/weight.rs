@@ -60,6 +60,14 @@ pub(crate) enum Tier {
         group: usize,
         range: Range<usize>,
     },
+    /// GPU builds: kept in RAM or on NVMe (`home`) and uploaded to a device slot ahead of use.
+    #[cfg(feature = "cuda")]
+    Uploaded {
+        uploader: Arc<super::Uploader>,
+        group: usize,
+        item: usize,
+        home: crate::plan::TierKind,
+    },
 }
 
 /// A weight's bytes for the duration of one use.
@@ -148,6 +156,8 @@ impl Weight {
             Tier::Device { .. } => "device",
             Tier::Mapped { .. } => "ram",
             Tier::Streamed { .. } | Tier::Cached { .. } => "nvme",
+            #[cfg(feature = "cuda")]
+            Tier::Uploaded { home, .. } => home.name(),
         }
     }
 
@@ -156,6 +166,8 @@ impl Weight {
         Ok(match &self.inner.tier {
             Tier::Device { q: Some(q), .. } => Some(Bytes::Cow(q.data()?)),
             Tier::Device { .. } => None,
+            #[cfg(feature = "cuda")]
+            Tier::Uploaded { .. } => None,
             Tier::Mapped { map, range } => Some(Bytes::Borrowed(&map[range.clone()])),
             Tier::Cached { data, which } => Some(Bytes::Borrowed(data.slice(*which))),
             Tier::Streamed {
@@ -181,11 +193,27 @@ impl Weight {
         // dropped, as for the other tiers. Every tier and plan computes exactly the same numbers.
         // hypura's kernels are CPU code: a GPU runs every product through candle.
         let kernels = self.inner.ty.is_quantized() && m == 1 && x.device().is_cpu();
+        #[cfg(feature = "cuda")]
+        if let Tier::Uploaded {
+            uploader,
+            group,
+            item,
+            ..
+        } = &self.inner.tier
+        {
+            let qt = uploader.acquire(*group, *item)?;
+            if m > 1 && self.inner.ty.is_quantized() {
+                return gpu_batch(&qt, x);
+            }
+            return Ok(QMatMul::from_arc(qt)?.forward(&x.contiguous()?)?);
+        }
         if !kernels {
             if let Tier::Device { mm, q } = &self.inner.tier {
-                if let (QMatMul::QTensor(qt), false, true) =
-                    (mm, x.device().is_cpu(), m > 1 && self.inner.ty.is_quantized())
-                {
+                if let (QMatMul::QTensor(qt), false, true) = (
+                    mm,
+                    x.device().is_cpu(),
+                    m > 1 && self.inner.ty.is_quantized(),
+                ) {
                     return gpu_batch(qt, x);
                 }
                 if !self.inner.transient_repack || q.is_none() {
@@ -302,6 +330,15 @@ impl Weight {
                 mm: QMatMul::TensorF16(t),
                 ..
             } => Ok(t.to_dtype(candle_core::DType::F32)?),
+            #[cfg(feature = "cuda")]
+            Tier::Uploaded {
+                uploader,
+                group,
+                item,
+                ..
+            } => Ok(uploader
+                .acquire(*group, *item)?
+                .dequantize(&self.inner.device)?),
             _ => {
                 let bytes = self
                     .bytes()?

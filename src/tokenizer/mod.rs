@@ -50,6 +50,7 @@ enum Kind {
 }
 
 /// A model's tokenizer.
+#[derive(Clone)]
 pub struct Tokenizer {
     /// Special tokens in text become the special token.
     parse_special: tokenizers::Tokenizer,

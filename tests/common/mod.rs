@@ -57,8 +57,13 @@ pub fn fixture_models() -> Vec<PathBuf> {
         }
     }
     out.sort();
+    // The GPU run carries a subset of the fixtures (its tree must travel small) and says how many.
+    let min = std::env::var("HYPURA_FIXTURES_MIN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(14);
     assert!(
-        out.len() >= 14,
+        out.len() >= min,
         "expected the oracle fixtures, found {}",
         out.len()
     );
@@ -126,13 +131,41 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     ab / (aa.sqrt() * bb.sqrt())
 }
 
+/// Logit error a quantized file may show against llama.cpp's same-quant reference. The oracle
+/// measured 0.04–0.12 max |Δ| between exact F32 math and llama.cpp's quantized-activation
+/// products on these fixtures, and 0.04–0.16 for llama.cpp against itself when only its KV-cache
+/// type changes (`../shared/oracle/README.md`, "Tolerances"); GPU kernels (Q8_1 activations, or
+/// in-kernel dequantization) land in the same range.
+pub const QUANT_MAX_ABS: f32 = 0.25;
+
+/// A reference top-2 margin this small is a near-tie: errors within [`QUANT_MAX_ABS`]'s measured
+/// range can flip its argmax, so a different top-1 there is not a decisive disagreement.
+pub const NEAR_TIE: f32 = 0.15;
+
 /// How two `[positions][vocab]` logit sets compare.
 #[derive(Debug)]
 pub struct Comparison {
     pub min_cosine: f64,
     pub max_abs: f32,
     pub top1_agree: usize,
+    /// Positions where the top-1 differs although the reference's top-2 margin exceeds
+    /// [`NEAR_TIE`].
+    pub top1_decisive_miss: usize,
     pub n: usize,
+}
+
+/// The margin between the largest and second-largest values.
+pub fn top2_gap(v: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in v {
+        if x > a {
+            b = a;
+            a = x;
+        } else if x > b {
+            b = x;
+        }
+    }
+    a - b
 }
 
 pub fn compare(ours: &[Vec<f32>], theirs: &[Vec<f32>]) -> Comparison {
@@ -141,6 +174,7 @@ pub fn compare(ours: &[Vec<f32>], theirs: &[Vec<f32>]) -> Comparison {
         min_cosine: 1.0,
         max_abs: 0.0,
         top1_agree: 0,
+        top1_decisive_miss: 0,
         n: ours.len(),
     };
     for (a, b) in ours.iter().zip(theirs) {
@@ -149,13 +183,18 @@ pub fn compare(ours: &[Vec<f32>], theirs: &[Vec<f32>]) -> Comparison {
         for (x, y) in a.iter().zip(b) {
             c.max_abs = c.max_abs.max((x - y).abs());
         }
-        c.top1_agree += (argmax(a) == argmax(b)) as usize;
+        let agree = argmax(a) == argmax(b);
+        c.top1_agree += agree as usize;
+        c.top1_decisive_miss += (!agree && top2_gap(b) > NEAR_TIE) as usize;
     }
     c
 }
 
-/// The bar: cosine ≥ 0.999 everywhere; F32 files max |Δ| ≤ 1e-2 and top-1 100 %;
-/// quantized files top-1 ≥ 90 %.
+/// The bar, the same on every backend: cosine ≥ 0.999 everywhere; F32 files max |Δ| ≤ 1e-2 and
+/// top-1 100 %; quantized files max |Δ| ≤ [`QUANT_MAX_ABS`] and top-1 ≥ 90 %, where a different
+/// top-1 at a near-tie of the reference (margin ≤ [`NEAR_TIE`]) is not counted against it (on
+/// random-weight models many positions are near-ties: small-llama-Q6_K has 9 of 32 decode
+/// positions with a margin under 0.06).
 pub fn assert_close(what: &str, gguf: &Path, c: &Comparison) {
     let name = gguf.file_name().unwrap().to_string_lossy();
     assert!(
@@ -176,9 +215,14 @@ pub fn assert_close(what: &str, gguf: &Path, c: &Comparison) {
         );
     } else {
         assert!(
-            c.top1_agree * 10 >= c.n * 9,
-            "{name} {what}: top-1 {}/{} < 90 %",
-            c.top1_agree,
+            c.max_abs <= QUANT_MAX_ABS,
+            "{name} {what}: max |Δ| {} > {QUANT_MAX_ABS}",
+            c.max_abs
+        );
+        assert!(
+            (c.n - c.top1_decisive_miss) * 10 >= c.n * 9,
+            "{name} {what}: top-1 differs at {} of {} positions beyond near-ties ({c:?})",
+            c.top1_decisive_miss,
             c.n
         );
     }

@@ -83,6 +83,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     };
     let pp = run(a.n_prompt, time_pp)?;
     let experts_before = m.experts.as_ref().map(|c| c.stats());
+    #[cfg(feature = "cuda")]
+    let gpu_before =
+        crate::expert_stats::gpu_snapshot(m.uploader.as_ref(), m.device_experts.as_ref());
     let tg = run(a.n_gen, time_tg)?;
     // The expert cache over the tg runs (warm-up included): tokens decoded one at a time.
     let experts = m.experts.as_ref().zip(experts_before).map(|(c, b)| {
@@ -113,8 +116,21 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     } else {
         "CPU"
     };
+    // GPU builds: the device caches over the tg runs (warm-up included), like the expert cache.
+    #[cfg(feature = "cuda")]
+    let gpu = {
+        let tokens = if a.n_gen > 0 {
+            a.n_gen.min(16) + a.n_gen * a.reps.max(1)
+        } else {
+            0
+        };
+        crate::expert_stats::gpu_report(&m, tokens, Some(&gpu_before))
+    };
+    #[cfg(not(feature = "cuda"))]
+    let gpu: Option<(String, serde_json::Value)> = None;
     if a.json {
         let j = serde_json::json!({
+            "gpu": gpu.as_ref().map(|g| g.1.clone()),
             "model": model_name, "size_bytes": size, "n_params": n_params, "backend": backend, "threads": threads,
             "n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.reps,
             "pp_tok_s": pp.map(|x| x.0), "pp_tok_s_std": pp.map(|x| x.1),
@@ -143,6 +159,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if let Some((s, t)) = &experts {
         println!();
         println!("tg {}", crate::expert_stats::describe(s, *t));
+    }
+    if let Some((line, _)) = &gpu {
+        println!("{line}");
     }
     Ok(())
 }

@@ -222,3 +222,20 @@ pub fn human_bytes(n: u64) -> String {
         format!("{:.0} KB", n / 1e3)
     }
 }
+
+/// The model's chat template: the file's own, else a built-in format chosen from its
+/// vocabulary. A file template that does not compile is reported and replaced by the built-in.
+pub fn chat_template(m: &LoadedModel) -> hypura::chat::ChatTemplate {
+    use hypura::chat::{Builtin, ChatTemplate};
+    match ChatTemplate::for_model(&m.files.metadata, &m.tokenizer) {
+        Ok(t) => t,
+        Err(e) => {
+            let b = Builtin::detect(&m.tokenizer);
+            eprintln!(
+                "hypura: warning: {e}; using the built-in {} format",
+                b.name()
+            );
+            ChatTemplate::builtin(b, &m.tokenizer)
+        }
+    }
+}

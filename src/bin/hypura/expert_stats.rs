@@ -44,3 +44,75 @@ pub fn compare_policies(trace: &[TraceEntry], slots: usize) -> String {
         r(EvictionPolicy::Lfu)
     )
 }
+
+/// GPU builds: the device caches' counters at one moment.
+#[cfg(feature = "cuda")]
+#[derive(Clone, Default)]
+pub struct GpuSnapshot {
+    uploads: Option<hypura::storage::UploadStats>,
+    device: Option<hypura::storage::experts::DeviceExpertStats>,
+}
+
+#[cfg(feature = "cuda")]
+pub fn gpu_snapshot(
+    uploader: Option<&std::sync::Arc<hypura::storage::Uploader>>,
+    device: Option<&std::sync::Arc<hypura::storage::experts::DeviceExperts>>,
+) -> GpuSnapshot {
+    GpuSnapshot {
+        uploads: uploader.map(|u| u.stats()),
+        device: device.map(|d| d.stats()),
+    }
+}
+
+/// GPU builds: what the device caches did since `since` (or load) over `tokens` tokens (uploads
+/// of off-device layers, the device expert cache), as one line and as JSON; `None` when the run
+/// uses neither.
+#[cfg(feature = "cuda")]
+pub fn gpu_report(
+    m: &hypura::loader::LoadedModel,
+    tokens: usize,
+    since: Option<&GpuSnapshot>,
+) -> Option<(String, serde_json::Value)> {
+    let n = tokens.max(1) as f64;
+    let mib = |b: u64| b as f64 / n / (1u64 << 20) as f64;
+    let base = since.cloned().unwrap_or_default();
+    let mut parts = Vec::new();
+    let mut j = serde_json::Map::new();
+    if let Some(u) = &m.uploader {
+        let mut s = u.stats();
+        if let Some(b) = &base.uploads {
+            s.bytes_uploaded -= b.bytes_uploaded;
+            s.uploads -= b.uploads;
+            s.read_wait -= b.read_wait;
+        }
+        parts.push(format!(
+            "uploads of off-device layers: {:.1} MiB per token ({} layer uploads, lookahead {}), \
+             {:.1} ms per token waiting for disk reads",
+            mib(s.bytes_uploaded),
+            s.uploads,
+            u.lookahead(),
+            s.read_wait.as_secs_f64() * 1e3 / n
+        ));
+        j.insert("uploads".into(), serde_json::json!(s));
+    }
+    if let Some(d) = &m.device_experts {
+        let s = match &base.device {
+            Some(b) => d.stats().since(b),
+            None => d.stats(),
+        };
+        parts.push(format!(
+            "device expert cache: {} slots, hit rate {:.1} % ({} of {} experts asked for), {:.1} MiB \
+             uploaded per token",
+            d.slots(),
+            s.hit_rate() * 100.0,
+            s.hits,
+            s.requests,
+            mib(s.bytes_uploaded)
+        ));
+        j.insert(
+            "device_expert_cache".into(),
+            serde_json::json!({"stats": s, "slots": d.slots(), "hit_rate": s.hit_rate()}),
+        );
+    }
+    (!parts.is_empty()).then(|| (parts.join("; "), serde_json::Value::Object(j)))
+}

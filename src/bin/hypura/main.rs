@@ -1,6 +1,7 @@
 //! `hypura`: run GGUF models that may not fit in memory.
 
 mod bench;
+mod chat_repl;
 mod check_cmds;
 mod common;
 mod expert_stats;
@@ -9,6 +10,8 @@ mod iobench_cmd;
 mod optimize_cmd;
 mod plan_cmds;
 mod run;
+#[cfg(feature = "server")]
+mod serve_cmd;
 mod synth_cmd;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +26,8 @@ reference ORG/REPO:FILE.gguf, downloaded into the standard Hub cache and found t
 Examples:
   hypura run -m model.gguf -p \"The capital of France is\" -n 32
   hypura run -m bartowski/Llama-3.2-1B-Instruct-GGUF:Llama-3.2-1B-Instruct-Q4_K_M.gguf -p Hi
+  hypura run -m model.gguf --interactive
+  hypura serve -m model.gguf --port 8080
   hypura perplexity -m model.gguf -f wiki.test.raw -c 512
   hypura bench -m model.gguf -p 128 -n 64 -t 2
   hypura inspect -m model.gguf
@@ -38,8 +43,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate text from a prompt, streamed to stdout (timings on stderr).
+    /// Generate text from a prompt, streamed to stdout (timings on stderr); --interactive chats.
     Run(run::RunArgs),
+    /// Serve the model over HTTP: Ollama's API (/api/chat, ...) and OpenAI's (/v1/chat/completions, ...).
+    #[cfg(feature = "server")]
+    Serve(serve_cmd::ServeArgs),
     /// Print the token ids of a text as a JSON array (like llama-tokenize).
     Tokenize(check_cmds::TokenizeArgs),
     /// Write the logits of one forward pass over given token ids to a .npy file.
@@ -66,6 +74,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run::run(a),
+        #[cfg(feature = "server")]
+        Command::Serve(a) => serve_cmd::serve(a),
         Command::Tokenize(a) => check_cmds::tokenize(a),
         Command::Logits(a) => check_cmds::logits(a),
         Command::Perplexity(a) => check_cmds::perplexity(a),

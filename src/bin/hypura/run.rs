@@ -17,16 +17,29 @@ With no -m, hypura uses a well-known small model from the Hugging Face Hub if it
 be downloaded, and otherwise the tiny bundled model (random weights: it runs, but writes gibberish).
 
 Sampling happens in llama.cpp's order: repetition penalty, top-k, top-p, min-p, temperature.
---temp 0 is greedy decoding. Only the generated text goes to stdout; timings go to stderr.")]
+--temp 0 is greedy decoding. Only the generated text goes to stdout; timings go to stderr.
+
+--interactive chats: each line you type is a message, formatted with the model's chat template
+(the file's tokenizer.chat_template, or a built-in Llama-3 / ChatML / Llama-2 format). The KV
+cache is kept between turns, so each turn computes only its new tokens. /reset forgets the
+conversation, /exit or Ctrl-D quits. Example:
+  hypura run -m model.gguf --interactive --system \"You are terse.\"")]
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt.
-    #[arg(short = 'p', long, default_value = "Once upon a time")]
-    pub prompt: String,
+    /// The prompt (default "Once upon a time"). With --interactive: the first message.
+    #[arg(short = 'p', long)]
+    pub prompt: Option<String>,
     /// Tokens to generate (stops earlier at end-of-generation or when the context is full).
-    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
-    pub n_predict: usize,
+    /// Default 128; with --interactive, per reply, default: no limit but the context.
+    #[arg(short = 'n', long = "n-predict")]
+    pub n_predict: Option<usize>,
+    /// Chat on stdin/stdout with the model's chat template, keeping the KV cache across turns.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// With --interactive: the system prompt.
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
     /// Temperature; 0 = greedy.
     #[arg(long, default_value_t = 0.8)]
     pub temp: f32,
@@ -56,25 +69,41 @@ pub struct RunArgs {
     pub stats: bool,
 }
 
+impl RunArgs {
+    /// The sampler's parameters from the options.
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Every end-of-generation token of the vocabulary.
+pub fn stop_ids(tok: &hypura::tokenizer::Tokenizer) -> Vec<u32> {
+    (0..tok.n_vocab() as u32)
+        .filter(|&id| tok.is_end_of_generation(id))
+        .collect()
+}
+
 pub fn run(a: RunArgs) -> Result<()> {
     let mut m = a.model.load(true, None)?;
-    let prompt = m.tokenizer.encode(&a.prompt, true, true)?;
-    let params = SamplingParams {
-        temperature: a.temp,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repeat_penalty: a.repeat_penalty,
-        repeat_last_n: a.repeat_last_n,
-        seed: a.seed,
-    };
-    let mut sampler = Sampler::new(params);
-    let stop_ids: Vec<u32> = (0..m.config.n_vocab as u32)
-        .filter(|&id| m.tokenizer.is_end_of_generation(id))
-        .collect();
+    if a.interactive {
+        let r = crate::chat_repl::chat(&a, &mut m);
+        m.save_learned()?;
+        return r;
+    }
+    let text = a.prompt.as_deref().unwrap_or("Once upon a time");
+    let prompt = m.tokenizer.encode(text, true, true)?;
+    let mut sampler = Sampler::new(a.sampling());
     let opts = GenerateOptions {
-        max_new_tokens: a.n_predict,
-        stop_ids,
+        max_new_tokens: a.n_predict.unwrap_or(128),
+        stop_ids: stop_ids(&m.tokenizer),
         batch_size: a.batch_size.max(1),
     };
     let before = m.streamer.as_ref().map(|s| s.stats());
@@ -114,6 +143,14 @@ pub fn run(a: RunArgs) -> Result<()> {
                 compare_policies(&c.trace(), c.config().slots)
             );
         }
+    }
+    #[cfg(feature = "cuda")]
+    if let Some((line, _)) = crate::expert_stats::gpu_report(
+        &m,
+        stats.n_prompt + stats.n_generated.saturating_sub(1),
+        None,
+    ) {
+        eprintln!("hypura: {line}");
     }
     if a.stats && m.experts.is_none() {
         print_stream_stats(&m, before.as_ref(), passes);

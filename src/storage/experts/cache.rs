@@ -4,13 +4,13 @@
 //! A forward pass calls [`ExpertCache::serve`] once per MoE layer with the router's choices.
 //! Cached experts are handed to the compute at once; missing ones are read into slots freed by
 //! the eviction policy (all of a step's slices together, those adjacent in the file merged into
-//! one read: see [`super::reads`]), and handed over as each expert's reads complete. Then the co-activation statistics predict the next layer's experts, and reads for
-//! the likeliest ones that are not cached start while this layer computes (speculative
-//! prefetch). A slot in use by the compute (its data `Arc` held) is never evicted.
+//! one read: see [`super::reads`]), and handed over as each expert's reads complete. Then the
+//! co-activation statistics predict the next layer's experts, and reads for the likeliest ones
+//! that are not cached start while this layer computes (speculative prefetch). A slot in use by the compute (its data `Arc` held) is never evicted.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -36,8 +36,8 @@ pub(crate) struct SliceSpec {
 
 /// One cached expert's bytes: gate, up and down, each in its own aligned buffer.
 pub struct ExpertData {
-    bufs: [AlignedBuf; 3],
-    ranges: [Range<usize>; 3],
+    pub(super) bufs: [AlignedBuf; 3],
+    pub(super) ranges: [Range<usize>; 3],
 }
 
 impl ExpertData {
@@ -57,6 +57,8 @@ pub struct ExpertCacheConfig {
     pub prefetch: bool,
     /// Threads issuing reads (the queue depth the disk sees).
     pub io_threads: usize,
+    /// GPU builds: experts held in device memory in front of this cache (0: none).
+    pub device_slots: usize,
 }
 
 impl Default for ExpertCacheConfig {
@@ -66,11 +68,12 @@ impl Default for ExpertCacheConfig {
             policy: EvictionPolicy::default(),
             prefetch: true,
             io_threads: 2,
+            device_slots: 0,
         }
     }
 }
 
-enum SlotData {
+pub(super) enum SlotData {
     Free([AlignedBuf; 3]),
     /// Being read: the slices read so far, with where their bytes lie.
     Loading(Box<Pending>),
@@ -78,9 +81,9 @@ enum SlotData {
 }
 
 #[derive(Default)]
-struct Pending {
-    parts: [Option<(AlignedBuf, Range<usize>)>; 3],
-    error: Option<Error>,
+pub(super) struct Pending {
+    pub(super) parts: [Option<(AlignedBuf, Range<usize>)>; 3],
+    pub(super) error: Option<Error>,
 }
 
 /// A slot taken for an expert about to be read.
@@ -91,40 +94,43 @@ struct Claim {
     prefetch: bool,
 }
 
-struct Slot {
-    key: Option<ExpertKey>,
-    data: SlotData,
+pub(super) struct Slot {
+    pub(super) key: Option<ExpertKey>,
+    pub(super) data: SlotData,
     last_use: u64,
 }
 
-struct State {
-    slots: Vec<Slot>,
+pub(super) struct State {
+    pub(super) slots: Vec<Slot>,
     /// Keys being read or ready → their slot.
-    index: HashMap<ExpertKey, usize>,
+    pub(super) index: HashMap<ExpertKey, usize>,
     /// Read errors, kept for the request that needs the expert.
-    failed: HashMap<ExpertKey, Error>,
+    pub(super) failed: HashMap<ExpertKey, Error>,
     /// Prefetched experts not used yet.
-    prefetched: HashSet<ExpertKey>,
+    pub(super) prefetched: HashSet<ExpertKey>,
     freq: HashMap<ExpertKey, u64>,
     tick: u64,
-    stats: ExpertStats,
+    pub(super) stats: ExpertStats,
     learn: CoActivation,
     trace: Option<Vec<TraceEntry>>,
 }
 
-struct Shared {
+pub(super) struct Shared {
     state: Mutex<State>,
-    done: Condvar,
+    pub(super) done: Condvar,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 /// The expert cache of one model.
 pub struct ExpertCache {
+    /// GPU builds: the slot buffers' page-locked registrations (dropped before the buffers).
+    #[cfg(feature = "cuda")]
+    pins: Mutex<Vec<crate::storage::pinned::HostRegistration>>,
     config: ExpertCacheConfig,
     shared: Arc<Shared>,
     to_io: Mutex<Sender<Vec<Dest>>>,
@@ -184,10 +190,12 @@ impl ExpertCache {
             let (rx, files, shared) = (rx.clone(), files.clone(), shared.clone());
             std::thread::Builder::new()
                 .name(format!("hypura-expert-io-{i}"))
-                .spawn(move || io_thread(&files, &rx, &shared))
+                .spawn(move || reads::io_thread(&files, &rx, &shared))
                 .map_err(|e| Error::InvalidRequest(format!("cannot start an I/O thread: {e}")))?;
         }
         Ok(Arc::new(ExpertCache {
+            #[cfg(feature = "cuda")]
+            pins: Mutex::new(Vec::new()),
             config,
             shared,
             to_io: Mutex::new(to_io),
@@ -195,6 +203,34 @@ impl ExpertCache {
             n_expert,
             n_expert_used,
         }))
+    }
+
+    /// GPU builds: registers the slot buffers as page-locked, so uploads from them to the device
+    /// are asynchronous. Buffers being read are left pageable (still correct, slower).
+    #[cfg(feature = "cuda")]
+    pub fn pin_buffers(
+        &self,
+        ctx: &Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+    ) -> Result<()> {
+        let st = self.shared.lock();
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        if !pins.is_empty() {
+            return Ok(());
+        }
+        for slot in &st.slots {
+            if let SlotData::Free(bufs) = &slot.data {
+                for b in bufs {
+                    let s = b.as_slice();
+                    // SAFETY: slot buffers are never freed while the cache lives (they cycle
+                    // between slots and reads), and `pins` drops with the cache, before the
+                    // buffers, which the shared state and I/O threads release after it.
+                    pins.push(unsafe {
+                        crate::storage::pinned::HostRegistration::new(ctx, s.as_ptr(), s.len())?
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &ExpertCacheConfig {
@@ -252,6 +288,21 @@ impl ExpertCache {
         per_token: &[Vec<usize>],
         visit: &mut dyn FnMut(usize, Arc<ExpertData>) -> Result<()>,
     ) -> Result<()> {
+        self.serve_some(layer, per_token, None, &|_| false, visit)
+    }
+
+    /// Like [`serve`](Self::serve), for a cache behind another one (the GPU's): the routing of
+    /// `per_token` is learned and traced whole, but only the experts `want` names (all used ones
+    /// if `None`) are fetched and visited, and prefetch skips experts `held_above` says the cache
+    /// above already holds.
+    pub fn serve_some(
+        &self,
+        layer: usize,
+        per_token: &[Vec<usize>],
+        want: Option<&[usize]>,
+        held_above: &dyn Fn(ExpertKey) -> bool,
+        visit: &mut dyn FnMut(usize, Arc<ExpertData>) -> Result<()>,
+    ) -> Result<()> {
         let mut used: Vec<usize> = per_token.iter().flatten().copied().collect();
         used.sort_unstable();
         used.dedup();
@@ -262,7 +313,6 @@ impl ExpertCache {
             )));
         }
         let slices = self.slices(layer)?;
-        let keys: Vec<ExpertKey> = used.iter().map(|&e| (layer, e)).collect();
         let mut st = self.shared.lock();
         st.tick += 1;
         st.learn.observe(layer, per_token);
@@ -272,6 +322,10 @@ impl ExpertCache {
                 experts: used.clone(),
             });
         }
+        if let Some(want) = want {
+            used.retain(|e| want.contains(e));
+        }
+        let keys: Vec<ExpertKey> = used.iter().map(|&e| (layer, e)).collect();
         st.stats.requests += keys.len() as u64;
         let mut claims = Vec::new();
         for &key in &keys {
@@ -294,7 +348,7 @@ impl ExpertCache {
         }
         self.dispatch(&mut st, &slices, claims);
         if self.config.prefetch && self.config.slots > keys.len() {
-            self.prefetch(&mut st, layer, per_token, &keys);
+            self.prefetch(&mut st, layer, per_token, &keys, held_above);
         }
         let mut todo = keys;
         while !todo.is_empty() {
@@ -358,6 +412,7 @@ impl ExpertCache {
         layer: usize,
         per_token: &[Vec<usize>],
         current: &[ExpertKey],
+        held_above: &dyn Fn(ExpertKey) -> bool,
     ) {
         let n_layers = self.layers.lock().unwrap_or_else(|p| p.into_inner()).len();
         let next = if layer + 1 < n_layers { layer + 1 } else { 0 };
@@ -372,6 +427,7 @@ impl ExpertCache {
             .into_iter()
             .filter(|&(_, p)| p >= PREFETCH_MIN_PROBABILITY)
             .map(|(e, _)| (next, e))
+            .filter(|&k| !held_above(k))
             .collect();
         let mut protect: Vec<ExpertKey> = current.to_vec();
         protect.extend(&predicted);
@@ -485,77 +541,8 @@ impl ExpertCache {
             if let Err(std::sync::mpsc::SendError(job)) = sent {
                 // The I/O threads are gone: record the failure for whoever needs these experts.
                 let e = || Error::InvalidRequest("the expert I/O threads stopped".into());
-                complete(st, job, Err(e()));
+                reads::complete(st, job, Err(e()));
             }
         }
-    }
-}
-
-/// Hands the buffers of a finished read back to their slots; an expert whose three slices are
-/// all back becomes ready (or, if a read failed, its slot is freed and the error kept).
-fn complete(st: &mut State, job: Vec<Dest>, result: Result<Vec<Range<usize>>>) {
-    let (ranges, error) = match result {
-        Ok(r) => (r, None),
-        Err(e) => (Vec::new(), Some(e.to_string())),
-    };
-    if error.is_none() {
-        let bytes: u64 = job.iter().map(|d| d.part.len as u64).sum();
-        let prefetch: u64 = job
-            .iter()
-            .filter(|d| d.prefetch)
-            .map(|d| d.part.len as u64)
-            .sum();
-        st.stats.bytes_read += bytes;
-        st.stats.prefetch_bytes += prefetch;
-        st.stats.reads += 1;
-    }
-    for (i, d) in job.into_iter().enumerate() {
-        let slot = &mut st.slots[d.slot];
-        let SlotData::Loading(p) = &mut slot.data else {
-            continue; // not reachable: a loading slot is never evicted
-        };
-        match (&error, ranges.get(i)) {
-            (None, Some(r)) => p.parts[d.which] = Some((d.buf, r.clone())),
-            _ => {
-                p.parts[d.which] = Some((d.buf, 0..0));
-                let why = error.clone().unwrap_or_else(|| "scatter read".into());
-                p.error.get_or_insert(Error::InvalidRequest(format!(
-                    "reading expert {} of layer {}: {why}",
-                    d.key.1, d.key.0
-                )));
-            }
-        }
-        if p.parts.iter().all(Option::is_some) {
-            let error = p.error.take();
-            let [Some(g), Some(u), Some(dn)] = std::mem::take(&mut p.parts) else {
-                continue; // checked just above
-            };
-            let (bufs, ranges) = ([g.0, u.0, dn.0], [g.1, u.1, dn.1]);
-            match error {
-                None => slot.data = SlotData::Ready(Arc::new(ExpertData { bufs, ranges })),
-                Some(e) => {
-                    slot.data = SlotData::Free(bufs);
-                    slot.key = None;
-                    st.index.remove(&d.key);
-                    st.prefetched.remove(&d.key);
-                    st.failed.insert(d.key, e);
-                }
-            }
-        }
-    }
-}
-
-fn io_thread(files: &[DirectFile], rx: &Mutex<Receiver<Vec<Dest>>>, shared: &Shared) {
-    loop {
-        let mut job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-            Ok(j) => j,
-            Err(_) => return,
-        };
-        let (result, elapsed) = reads::perform(files, &mut job);
-        let mut st = shared.lock();
-        st.stats.io_busy += elapsed;
-        complete(&mut st, job, result);
-        drop(st);
-        shared.done.notify_all();
     }
 }

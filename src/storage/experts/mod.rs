@@ -8,6 +8,8 @@
 
 mod cache;
 mod coact;
+#[cfg(feature = "cuda")]
+mod device;
 mod policy;
 mod reads;
 mod stats;
@@ -19,6 +21,8 @@ use candle_core::{Device, Shape};
 pub(crate) use cache::SliceSpec;
 pub use cache::{ExpertCache, ExpertCacheConfig, ExpertData};
 pub use coact::CoActivation;
+#[cfg(feature = "cuda")]
+pub use device::{DeviceExpertStats, DeviceExperts};
 pub use policy::{simulate, EvictionPolicy, ExpertKey, SimResult, TraceEntry};
 pub use reads::{merged_reads, ReadPart, MAX_READ_BYTES, MAX_READ_PARTS};
 pub use stats::ExpertStats;
@@ -50,6 +54,9 @@ enum Source {
         meta: [SliceMeta; 3],
         /// The compute device the weights are used on.
         device: Device,
+        /// GPU builds: the device expert cache in front of the host one.
+        #[cfg(feature = "cuda")]
+        gpu: Option<Arc<DeviceExperts>>,
     },
 }
 
@@ -83,8 +90,19 @@ impl ExpertSet {
                 cache,
                 meta,
                 device: device.clone(),
+                #[cfg(feature = "cuda")]
+                gpu: None,
             },
         }
+    }
+
+    /// The same set, with the device expert cache `gpu` in front of the host cache.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn with_device_cache(mut self, gpu: Arc<DeviceExperts>) -> Self {
+        if let Source::Cached { gpu: g, .. } = &mut self.source {
+            *g = Some(gpu);
+        }
+        self
     }
 
     pub fn n_expert(&self) -> usize {
@@ -117,10 +135,34 @@ impl ExpertSet {
                 }
                 Ok(())
             }
+            #[cfg(feature = "cuda")]
+            Source::Cached {
+                cache,
+                meta,
+                gpu: Some(gpu),
+                ..
+            } => {
+                let mut used: Vec<usize> = per_token.iter().flatten().copied().collect();
+                used.sort_unstable();
+                used.dedup();
+                let (hit, miss) = gpu.lookup(self.layer, &used);
+                for &e in &hit {
+                    visit(e, &gpu.weights(self.layer, e, meta)?)?;
+                }
+                // The host cache learns from the whole routing, fetches only what the device
+                // lacks, and prefetches nothing the device already holds.
+                let layer = self.layer;
+                let held = |k: ExpertKey| gpu.contains(k);
+                cache.serve_some(layer, per_token, Some(&miss), &held, &mut |e, data| {
+                    let w = gpu.insert(layer, e, data, meta, &used)?;
+                    visit(e, &w)
+                })
+            }
             Source::Cached {
                 cache,
                 meta,
                 device,
+                ..
             } => cache.serve(self.layer, per_token, &mut |e, data| {
                 let w = |i: usize| {
                     let m = &meta[i];

@@ -3,11 +3,16 @@
 //! that lie back to back become **one read**: one `preadv` straight into the slots' buffers (no
 //! copy). Experts adjacent in the file — e.g. after `hypura optimize` put co-activated experts
 //! side by side and aligned the tensors to blocks — cost one read per tensor instead of one each.
-//! Each read is one job for the I/O threads, so one expert's three slices are read in parallel.
+//! Each read is one job for the I/O threads, so one expert's three slices are read in parallel;
+//! when a job completes, its buffers go back to their slots ([`complete`]).
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+
+use super::cache::{ExpertData, Shared, SlotData, State};
 use super::policy::ExpertKey;
 use crate::error::{Error, Result};
 use crate::storage::aligned::AlignedBuf;
@@ -117,6 +122,75 @@ pub(super) fn perform(
         },
     };
     (r, start.elapsed())
+}
+
+/// Hands the buffers of a finished read back to their slots; an expert whose three slices are
+/// all back becomes ready (or, if a read failed, its slot is freed and the error kept).
+pub(super) fn complete(st: &mut State, job: Vec<Dest>, result: Result<Vec<Range<usize>>>) {
+    let (ranges, error) = match result {
+        Ok(r) => (r, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    if error.is_none() {
+        let bytes: u64 = job.iter().map(|d| d.part.len as u64).sum();
+        let prefetch: u64 = job
+            .iter()
+            .filter(|d| d.prefetch)
+            .map(|d| d.part.len as u64)
+            .sum();
+        st.stats.bytes_read += bytes;
+        st.stats.prefetch_bytes += prefetch;
+        st.stats.reads += 1;
+    }
+    for (i, d) in job.into_iter().enumerate() {
+        let slot = &mut st.slots[d.slot];
+        let SlotData::Loading(p) = &mut slot.data else {
+            continue; // not reachable: a loading slot is never evicted
+        };
+        match (&error, ranges.get(i)) {
+            (None, Some(r)) => p.parts[d.which] = Some((d.buf, r.clone())),
+            _ => {
+                p.parts[d.which] = Some((d.buf, 0..0));
+                let why = error.clone().unwrap_or_else(|| "scatter read".into());
+                p.error.get_or_insert(Error::InvalidRequest(format!(
+                    "reading expert {} of layer {}: {why}",
+                    d.key.1, d.key.0
+                )));
+            }
+        }
+        if p.parts.iter().all(Option::is_some) {
+            let error = p.error.take();
+            let [Some(g), Some(u), Some(dn)] = std::mem::take(&mut p.parts) else {
+                continue; // checked just above
+            };
+            let (bufs, ranges) = ([g.0, u.0, dn.0], [g.1, u.1, dn.1]);
+            match error {
+                None => slot.data = SlotData::Ready(Arc::new(ExpertData { bufs, ranges })),
+                Some(e) => {
+                    slot.data = SlotData::Free(bufs);
+                    slot.key = None;
+                    st.index.remove(&d.key);
+                    st.prefetched.remove(&d.key);
+                    st.failed.insert(d.key, e);
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn io_thread(files: &[DirectFile], rx: &Mutex<Receiver<Vec<Dest>>>, shared: &Shared) {
+    loop {
+        let mut job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        let (result, elapsed) = perform(files, &mut job);
+        let mut st = shared.lock();
+        st.stats.io_busy += elapsed;
+        complete(&mut st, job, result);
+        drop(st);
+        shared.done.notify_all();
+    }
 }
 
 #[cfg(test)]

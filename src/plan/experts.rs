@@ -36,20 +36,18 @@ pub fn expert_bytes(tensors: &[TensorEntry], n_expert: usize) -> u64 {
     per_layer.values().copied().max().unwrap_or(0)
 }
 
-/// Plans expert-streaming on top of the user's `fixed` tiers (overrides).
-pub(super) fn plan_expert_streaming(
+/// Expert-streaming's tiers on top of the user's `fixed` ones: experts on NVMe (served by the
+/// expert caches), token embeddings mapped (a token reads one row), everything else on the device.
+pub(super) fn expert_streaming_tiers(
     input: &PlanInput,
     fixed: &HashMap<String, TierKind>,
-    kv_bytes: u64,
-    overhead_bytes: u64,
-    mut decisions: Vec<String>,
-) -> Result<Plan> {
-    let cfg = input.config;
+) -> HashMap<String, TierKind> {
     let mut tiers = fixed.clone();
-    for t in input.tensors {
-        if fixed.contains_key(&t.name) {
-            continue;
-        }
+    for t in input
+        .tensors
+        .iter()
+        .filter(|t| !fixed.contains_key(&t.name))
+    {
         let tier = if is_expert_tensor(&t.name) {
             TierKind::Nvme
         } else if t.name.starts_with("token_embd") {
@@ -59,6 +57,19 @@ pub(super) fn plan_expert_streaming(
         };
         tiers.insert(t.name.clone(), tier);
     }
+    tiers
+}
+
+/// Plans expert-streaming on top of the user's `fixed` tiers (overrides).
+pub(super) fn plan_expert_streaming(
+    input: &PlanInput,
+    fixed: &HashMap<String, TierKind>,
+    kv_bytes: u64,
+    overhead_bytes: u64,
+    mut decisions: Vec<String>,
+) -> Result<Plan> {
+    let cfg = input.config;
+    let tiers = expert_streaming_tiers(input, fixed);
     let base = evaluate_with(input, tiers, kv_bytes, overhead_bytes, Some(1));
     let streamed_layers = {
         let mut ls: Vec<usize> = input

@@ -16,10 +16,10 @@
 
 use std::collections::HashMap;
 
-use super::experts::expert_bytes;
+use super::experts::{expert_bytes, expert_streaming_tiers};
 use super::gpu::{evaluate, finish, HOST_OVERHEAD};
 use super::placement::{is_expert_tensor, layer_of, TierKind};
-use super::planner::{gib, is_embedding, mib, Mode, Plan, PlanInput};
+use super::planner::{gib, mib, Mode, Plan, PlanInput};
 use crate::error::{Error, Result};
 use crate::storage::{ExpertCacheConfig, DIRECT_IO_ALIGN};
 
@@ -32,20 +32,7 @@ pub(super) fn plan_gpu_experts(
     mut decisions: Vec<String>,
 ) -> Result<Plan> {
     let cfg = input.config;
-    let mut tiers = fixed.clone();
-    for t in input.tensors {
-        if fixed.contains_key(&t.name) {
-            continue;
-        }
-        let tier = if is_expert_tensor(&t.name) {
-            TierKind::Nvme
-        } else if is_embedding(&t.name) {
-            TierKind::Ram
-        } else {
-            TierKind::Device
-        };
-        tiers.insert(t.name.clone(), tier);
-    }
+    let tiers = expert_streaming_tiers(input, fixed);
     let base = evaluate(input, tiers, kv_bytes, scratch_bytes);
     let mut layers: Vec<usize> = input
         .tensors

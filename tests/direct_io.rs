@@ -60,7 +60,8 @@ fn check_ranges(f: &DirectFile, data: &[u8]) {
 
 #[test]
 fn direct_reads_of_unaligned_ranges_on_disk() {
-    let dir = disk_dir();
+    // Each test its own folder: tests run in parallel, and each removes what it made.
+    let dir = disk_dir().join("unaligned");
     // A size that is not a multiple of the block size.
     let (p, data) = pattern_file(&dir, "odd.bin", 3 * 4096 * 7 + 1234);
     let f = DirectFile::open(&p).unwrap();

@@ -18,7 +18,7 @@ use crate::storage::{Weight, WeightStore};
 
 pub enum FeedForward {
     Dense(Mlp),
-    Moe(Moe),
+    Moe(Box<Moe>),
 }
 
 pub struct Block {
@@ -93,11 +93,11 @@ impl Transformer {
                     cfg.n_expert,
                     [[ff, d], [ff, d], [d, ff]],
                 )?;
-                FeedForward::Moe(Moe {
+                FeedForward::Moe(Box::new(Moe {
                     router: linear("ffn_gate_inp", cfg.n_expert, d)?,
                     experts,
                     n_expert_used: cfg.n_expert_used,
-                })
+                }))
             } else {
                 FeedForward::Dense(Mlp {
                     gate: linear("ffn_gate", ff, d)?,

@@ -51,7 +51,7 @@ enum Source {
     Resident(Vec<ExpertWeights>),
     Cached {
         cache: Arc<ExpertCache>,
-        meta: [SliceMeta; 3],
+        meta: Box<[SliceMeta; 3]>,
         /// The compute device the weights are used on.
         device: Device,
         /// GPU builds: the device expert cache in front of the host one.
@@ -88,7 +88,7 @@ impl ExpertSet {
             n_expert,
             source: Source::Cached {
                 cache,
-                meta,
+                meta: Box::new(meta),
                 device: device.clone(),
                 #[cfg(feature = "cuda")]
                 gpu: None,

@@ -4,7 +4,7 @@
 #   scripts/gpu.sh pack [DEST]     on the development machine: build the CUDA `hypura` binary and
 #                                  the fidelity / tiers / perplexity / experts test binaries (CUDA
 #                                  cases), strip and xz them into DEST (default: .gpu, which
-#                                  .git/info/exclude must ignore) with this script.
+#                                  .gitignore ignores) with this script.
 #   scripts/gpu.sh fixtures [DEST] pack the fixtures the GPU tests read into DEST/fixtures.txz:
 #                                  the tree travels only under 64 MiB, so a subset (every
 #                                  architecture, tokenizer and most quant types; no large F32 files

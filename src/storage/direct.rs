@@ -127,34 +127,7 @@ impl DirectFile {
             let pos = start + done as u64;
             // Direct reads need aligned lengths, even for the tail of the file.
             let chunk = &mut buf.as_mut_slice()[done..aligned_len];
-            match self.pread(chunk, pos) {
-                Ok(0) => {
-                    return Err(Error::io(
-                        "read",
-                        &self.path,
-                        pos,
-                        std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "file ended early (truncated while open?)",
-                        ),
-                    ))
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EINVAL)
-                        && self.mode() == ReadMode::Direct =>
-                {
-                    // The filesystem accepted O_DIRECT at open but refuses the read.
-                    if !self.fell_back.swap(true, Ordering::Relaxed) {
-                        eprintln!(
-                            "hypura: {}: direct I/O refused by the filesystem; using buffered reads that drop the page cache",
-                            self.path.display()
-                        );
-                    }
-                }
-                Err(e) => return Err(Error::io("read", &self.path, pos, e)),
-            }
+            done += self.advance(self.pread(chunk, pos), pos)?;
         }
         if self.mode() == ReadMode::BufferedDropCache {
             drop_cache(&self.file, start, want);
@@ -247,33 +220,7 @@ impl DirectFile {
                 ));
                 skip = 0;
             }
-            match self.preadv(&mut iov, pos) {
-                Ok(0) => {
-                    return Err(Error::io(
-                        "read",
-                        &self.path,
-                        pos,
-                        std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "file ended early (truncated while open?)",
-                        ),
-                    ))
-                }
-                Ok(n) => done += n as u64,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EINVAL)
-                        && self.mode() == ReadMode::Direct =>
-                {
-                    if !self.fell_back.swap(true, Ordering::Relaxed) {
-                        eprintln!(
-                            "hypura: {}: direct I/O refused by the filesystem; using buffered reads that drop the page cache",
-                            self.path.display()
-                        );
-                    }
-                }
-                Err(e) => return Err(Error::io("read", &self.path, pos, e)),
-            }
+            done += self.advance(self.preadv(&mut iov, pos), pos)? as u64;
         }
         if self.mode() == ReadMode::BufferedDropCache {
             drop_cache(&self.file, start, want);
@@ -293,6 +240,35 @@ impl DirectFile {
             preadv(&*buffered_file(&self.path)?, iov, pos)
         } else {
             preadv(&self.file, iov, pos)
+        }
+    }
+
+    /// Bytes one read at `pos` made (0 when it is to be retried: interrupted, or direct I/O
+    /// refused by the filesystem after open, which switches to buffered reads and says so once);
+    /// an error naming the file and offset for anything else, a read at the end of file included.
+    fn advance(&self, r: std::io::Result<usize>, pos: u64) -> Result<usize> {
+        match r {
+            Ok(0) => Err(Error::io(
+                "read",
+                &self.path,
+                pos,
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file ended early (truncated while open?)",
+                ),
+            )),
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(0),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && self.mode() == ReadMode::Direct => {
+                if !self.fell_back.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "hypura: {}: direct I/O refused by the filesystem; using buffered reads that drop the page cache",
+                        self.path.display()
+                    );
+                }
+                Ok(0)
+            }
+            Err(e) => Err(Error::io("read", &self.path, pos, e)),
         }
     }
 

@@ -14,8 +14,6 @@ use hypura::models::{LanguageModel, Logits, Transformer};
 use hypura::plan::{is_expert_tensor, Placement, TierKind};
 use hypura::storage::{EvictionPolicy, ExpertCacheConfig, ExpertStats, WeightStore};
 
-type Logit = Vec<Vec<f32>>;
-
 /// Prompt logits, decode logits for a few greedy tokens (run twice), and the cache's stats.
 fn run(gguf: &Path, placement: Placement) -> (Logit, Logit, Option<ExpertStats>) {
     run_on(gguf, &Device::Cpu, placement)
@@ -31,24 +29,7 @@ fn run_on(
     let store = WeightStore::with_placement(files, device, placement).unwrap();
     let mut model = Transformer::load(&store, &cfg, 64).unwrap();
     let r = reference(gguf);
-    let prompt = ids(&r["fixed_prompt"]["ids"]);
-    let greedy = ids(&r["fixed_prompt"]["greedy_ids"]);
-    let mut pass = || {
-        model.reset();
-        let p: Logit = model
-            .forward(&prompt, Logits::All)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
-        let d: Logit = greedy[..8]
-            .iter()
-            .map(|&id| {
-                let l = model.forward(&[id], Logits::Last).unwrap();
-                l.to_vec2::<f32>().unwrap().remove(0)
-            })
-            .collect();
-        (p, d)
-    };
+    let mut pass = || prompt_then_decode(&mut model, &r, 8);
     let first = pass();
     let second = pass();
     assert_eq!(first, second, "a second pass over a warm cache differs");

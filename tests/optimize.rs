@@ -10,14 +10,12 @@ use std::sync::Arc;
 use candle_core::Device;
 use common::*;
 use hypura::gguf::ModelFiles;
-use hypura::models::{LanguageModel, Logits, Transformer};
+use hypura::models::Transformer;
 use hypura::optimize::{plan_rewrite, write, OrderStrategy, ALIGNMENT, ORDER_KEY};
 use hypura::plan::{is_expert_tensor, Placement, TierKind};
 use hypura::storage::experts::CoActivation;
 use hypura::storage::{EvictionPolicy, ExpertCacheConfig, ExpertStats, WeightStore};
 use hypura::tokenizer::Tokenizer;
-
-type Logit = Vec<Vec<f32>>;
 
 /// Prompt logits and decode logits for 8 greedy tokens, plus the expert cache's stats and what
 /// it learned (when `cache` is given, the experts stream through a cache of that many slots).
@@ -54,21 +52,7 @@ fn run_with(
     };
     let store = WeightStore::with_placement(files, &Device::Cpu, placement).unwrap();
     let mut model = Transformer::load(&store, &cfg, 64).unwrap();
-    let r = reference(&fixture_of(gguf));
-    let prompt = ids(&r["fixed_prompt"]["ids"]);
-    let greedy = ids(&r["fixed_prompt"]["greedy_ids"]);
-    let p: Logit = model
-        .forward(&prompt, Logits::All)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let d: Logit = greedy[..8]
-        .iter()
-        .map(|&id| {
-            let l = model.forward(&[id], Logits::Last).unwrap();
-            l.to_vec2::<f32>().unwrap().remove(0)
-        })
-        .collect();
+    let (p, d) = prompt_then_decode(&mut model, &reference(&fixture_of(gguf)), 8);
     let stats = store.expert_cache().map(|c| (c.stats(), c.learned()));
     (p, d, stats)
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use hypura::gguf::ModelFiles;
-use hypura::models::Transformer;
+use hypura::models::{LanguageModel, Logits, Transformer};
 use hypura::storage::WeightStore;
 
 /// Runs `$body(&Device)` as one test per compiled backend: CPU always, CUDA with `--features cuda`,
@@ -226,4 +226,33 @@ pub fn assert_close(what: &str, gguf: &Path, c: &Comparison) {
             c.n
         );
     }
+}
+
+/// `[positions][vocab]` logits.
+pub type Logit = Vec<Vec<f32>>;
+
+/// From an empty KV cache: the logits of the reference's fixed prompt (one batch), then of its
+/// first `n_decode` greedy tokens fed one at a time (the KV-cache path). `reference` is the
+/// `.ref.json` of the fixture the model was made from.
+pub fn prompt_then_decode(
+    model: &mut Transformer,
+    reference: &serde_json::Value,
+    n_decode: usize,
+) -> (Logit, Logit) {
+    let prompt = ids(&reference["fixed_prompt"]["ids"]);
+    let greedy = ids(&reference["fixed_prompt"]["greedy_ids"]);
+    model.reset();
+    let p: Logit = model
+        .forward(&prompt, Logits::All)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let d: Logit = greedy[..n_decode]
+        .iter()
+        .map(|&id| {
+            let l = model.forward(&[id], Logits::Last).unwrap();
+            l.to_vec2::<f32>().unwrap().remove(0)
+        })
+        .collect();
+    (p, d)
 }

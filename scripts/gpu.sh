@@ -47,7 +47,7 @@ pack() {
   export RUSTFLAGS=${HYPURA_CUDA_RUSTFLAGS:--C target-cpu=x86-64-v3}
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$here/target/cuda}
   cargo build --release --features cuda --bin hypura
-  local tests=${HYPURA_CUDA_TESTS:---test fidelity --test tiers --test perplexity --test experts}
+  local tests=${HYPURA_CUDA_TESTS:---test fidelity --test tiers --test perplexity --test experts --test fused}
   # shellcheck disable=SC2086
   cargo test --release --features cuda --no-run $tests
   rm -f "$dest"/*.xz
@@ -150,11 +150,13 @@ run() {
   for w in "${what[@]}"; do
     case $w in
       tests)
-        for t in fidelity tiers perplexity experts; do
-          [ -x "$bin/$t" ] && step "test-$t" "$bin/$t" cuda --test-threads=1
+        for t in fused fidelity tiers perplexity experts; do
+          [ -x "$bin/$t" ] && step "test-$t" "$bin/$t" cuda --test-threads=1 --nocapture
         done
-        # The other mat-vec kernels (see hypura::backend::configure_cuda).
-        HYPURA_CUDA_MATVEC=exact step test-fidelity-exact "$bin/fidelity" cuda --test-threads=1 ;;
+        # candle's ops for single-token steps, with its other mat-vec kernels
+        # (see hypura::backend::configure_cuda and hypura::backend::FusedDecode).
+        HYPURA_CUDA_DECODE=candle HYPURA_CUDA_MATVEC=exact step test-fidelity-candle-exact \
+          "$bin/fidelity" cuda --test-threads=1 ;;
       profile)
         step profile "$bin/hypura" profile --dir "$M" --reprofile
         "$bin/hypura" profile --dir "$M" --json >"$OUT/profile.json" ;;
@@ -173,16 +175,32 @@ run() {
         [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
         "$bin/hypura" plan -m "$M/l8b.gguf" -c 512 --json >"$OUT/plan8b.json"
         step plan8b "$bin/hypura" plan -m "$M/l8b.gguf" -c 512
-        for mv in q8 exact; do
-          HYPURA_CUDA_MATVEC=$mv step "bench8b-$mv" "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 512 -n 128 -r 3 --json
+        # Single-token steps: the fused kernels from a CUDA graph (the default), the fused kernels
+        # launched one by one, candle's ops.
+        for mv in fused direct candle; do
+          case $mv in
+            fused) e=HYPURA_CUDA_DECODE=fused ;; direct) e=HYPURA_CUDA_GRAPH=0 ;; candle) e=HYPURA_CUDA_DECODE=candle ;;
+          esac
+          ( export "${e?}"; TAIL=3 step "bench8b-$mv" "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 512 -n 128 -r 3 --json )
           grep '^{' "$OUT/bench8b-$mv.log" | tail -n 1 >"$OUT/bench8b.json" || true
-          echo -n "mat-vec $mv: " | tee -a "$OUT/log"
+          echo -n "decode $mv: " | tee -a "$OUT/log"
           bound "$OUT/plan8b.json" "$OUT/bench8b.json" "$OUT/profile.json" | tee -a "$OUT/log" || true
         done
         if [ -x /tmp/lcpp/build/bin/llama-bench ]; then
           step llama-bench8b /tmp/lcpp/build/bin/llama-bench -m "$M/l8b.gguf" -p 512 -n 128 -r 3 -ngl 99 -o md
         else
           echo "llama-bench not built yet"; tail -n 3 "$OUT/lcpp-build.log" 2>/dev/null || true
+        fi ;;
+      prof8b) # per-kernel GPU time of one fused decode step (positions 8 and 100), and ncu's view
+        [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
+        for p in 8 100; do
+          HYPURA_CUDA_PROFILE=$p TAIL=40 step "prof8b-$p" "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 16 -n 128 -r 1
+        done
+        if command -v ncu >/dev/null || [ -x /usr/local/cuda/bin/ncu ]; then
+          HYPURA_CUDA_GRAPH=0 TAIL=60 step ncu8b timeout 240 /usr/local/cuda/bin/ncu \
+            --metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
+            -k regex:'^(matvec|attention|rms_norm)' --launch-skip 400 -c 14 --csv \
+            "$bin/hypura" bench -m "$M/l8b.gguf" -c 256 -p 8 -n 4 -r 1
         fi ;;
       llama8b)
         [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"

@@ -25,6 +25,9 @@ fn logits_with(
     let cfg = files.config().unwrap();
     let store = WeightStore::with_placement(files, device, placement).unwrap();
     let mut model = Transformer::load(&store, &cfg, 64).unwrap();
+    // Off-device tiers run candle's ops; so does full-resident here, for bit-identical results
+    // (tests/fused.rs checks the fused CUDA decoder against candle's ops).
+    model.disable_fused_decode();
     let r = reference(gguf);
     let prompt = ids(&r["fixed_prompt"]["ids"]);
     let greedy = ids(&r["fixed_prompt"]["greedy_ids"]);

@@ -15,6 +15,9 @@ use candle_core::quantized::GgmlDType;
 #[cfg(target_arch = "x86_64")]
 mod q8_0_x86;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 /// Why a kernel call was refused.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelError(pub String);

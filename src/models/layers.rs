@@ -2,7 +2,6 @@
 //! with a KV cache, and the SwiGLU feed-forward.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::kv_cache::KvCache;
 
 use crate::error::Result;
 use crate::gguf::RopeStyle;
@@ -20,6 +19,14 @@ impl RmsNorm {
             weight: weight.dense()?,
             eps,
         })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f32 {
+        self.eps
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -47,6 +54,14 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.add_bias(self.weight.matmul_t(x)?)
+    }
+
+    pub fn weight(&self) -> &Weight {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
@@ -99,6 +114,19 @@ impl Rope {
         })
     }
 
+    /// The angle tables, `[n_ctx, rope_dim / 2]` each.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
+    pub fn style(&self) -> RopeStyle {
+        self.style
+    }
+
+    pub fn rope_dim(&self) -> usize {
+        self.rope_dim
+    }
+
     /// Rotates `x` `[1, n_head, t, head_dim]` whose first token is at position `pos`.
     pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let (_, _, t, head_dim) = x.dims4()?;
@@ -118,6 +146,67 @@ impl Rope {
         let rotated = rotate(&x.narrow(D::Minus1, 0, self.rope_dim)?)?;
         let rest = x.narrow(D::Minus1, self.rope_dim, head_dim - self.rope_dim)?;
         Ok(Tensor::cat(&[&rotated, &rest], D::Minus1)?)
+    }
+}
+
+/// Keys and values of the tokens seen so far, `[1, n_head_kv, n_ctx, head_dim]` each, allocated
+/// once: appends write in place, so other kernels (the fused CUDA decoder) can share the buffers.
+pub struct KvCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_head_kv: usize, n_ctx: usize, head_dim: usize, device: &Device) -> Result<Self> {
+        let shape = (1, n_head_kv, n_ctx, head_dim);
+        Ok(KvCache {
+            k: Tensor::zeros(shape, DType::F32, device)?,
+            v: Tensor::zeros(shape, DType::F32, device)?,
+            len: 0,
+        })
+    }
+
+    /// Writes `k`, `v` `[1, n_head_kv, t, head_dim]` after the cached tokens; returns the
+    /// cached keys and values including them, `[1, n_head_kv, len + t, head_dim]` each.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let n_ctx = self.k.dim(2)?;
+        if self.len + t > n_ctx {
+            return Err(crate::error::Error::InvalidRequest(format!(
+                "KV cache full: {} cached + {t} new exceed {n_ctx}",
+                self.len
+            )));
+        }
+        self.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        self.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += t;
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
+    }
+
+    /// The whole buffers (`n_ctx` positions; the first [`len`](Self::len) hold tokens).
+    pub fn buffers(&self) -> (&Tensor, &Tensor) {
+        (&self.k, &self.v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Records that positions `..len` hold tokens (after another kernel wrote them).
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len;
+    }
+
+    pub fn reset(&mut self) {
+        self.len = 0;
     }
 }
 

@@ -30,5 +30,6 @@ mod layers;
 mod moe;
 mod transformer;
 
+pub use layers::{Attention, KvCache, Linear, Mlp, RmsNorm, Rope};
 pub use moe::{router_softmax, Moe, Routing};
 pub use transformer::{Block, FeedForward, Transformer};

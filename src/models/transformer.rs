@@ -6,15 +6,13 @@
 //!
 //! Shapes: `t` = tokens in this call, `d` = n_embd, `V` = n_vocab.
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::kv_cache::KvCache;
-
-use super::layers::{Attention, Linear, Mlp, RmsNorm, Rope, RopeParams};
+use super::layers::{Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParams};
 use super::moe::Moe;
 use super::{LanguageModel, Logits};
 use crate::error::{Error, Result};
 use crate::gguf::ModelConfig;
 use crate::storage::{Weight, WeightStore};
+use candle_core::{DType, Device, Tensor};
 
 pub enum FeedForward {
     Dense(Mlp),
@@ -38,6 +36,9 @@ pub struct Transformer {
     n_ctx: usize,
     n_past: usize,
     device: Device,
+    /// Single-token steps on hypura's fused CUDA kernels, when the model is eligible.
+    #[cfg(feature = "cuda")]
+    fused: Option<crate::backend::FusedDecode>,
 }
 
 impl Transformer {
@@ -80,7 +81,7 @@ impl Transformer {
                 n_head: h,
                 n_head_kv: h_kv,
                 head_dim: hd,
-                cache: KvCache::new(2, n_ctx),
+                cache: KvCache::new(h_kv, n_ctx, hd, store.device())?,
             };
             let ffn = if cfg.is_moe() {
                 let experts = store.get_expert_set(
@@ -112,7 +113,7 @@ impl Transformer {
                 ffn,
             });
         }
-        Ok(Transformer {
+        let model = Transformer {
             config: cfg.clone(),
             embed,
             blocks,
@@ -122,7 +123,69 @@ impl Transformer {
             n_ctx,
             n_past: 0,
             device: store.device().clone(),
-        })
+            #[cfg(feature = "cuda")]
+            fused: None,
+        };
+        #[cfg(feature = "cuda")]
+        let model = {
+            let mut model = model;
+            model.fused = Some(crate::backend::FusedDecode::for_model(&model)?);
+            model
+        };
+        Ok(model)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn embed(&self) -> &Weight {
+        &self.embed
+    }
+
+    pub fn output(&self) -> &Weight {
+        &self.output
+    }
+
+    pub fn norm(&self) -> &RmsNorm {
+        &self.norm
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// Which kernels run single-token steps (for logs).
+    pub fn decode_path(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(f) = &self.fused {
+            return f.describe();
+        }
+        "candle ops".into()
+    }
+
+    /// Runs every later step on candle's ops (tests compare the fused CUDA path against them).
+    pub fn disable_fused_decode(&mut self) {
+        #[cfg(feature = "cuda")]
+        {
+            self.fused = None;
+        }
+    }
+
+    /// One token through the fused CUDA decoder, if the model has one.
+    fn fused_step(&mut self, token: u32, pos: usize) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Some(f) = &mut self.fused {
+            let Some(logits) = f.step(token, pos)? else {
+                return Ok(None);
+            };
+            for b in &mut self.blocks {
+                b.attn.cache.set_len(pos + 1);
+            }
+            return Ok(Some(logits));
+        }
+        let _ = (token, pos);
+        Ok(None)
     }
 }
 
@@ -150,6 +213,12 @@ impl LanguageModel for Transformer {
             )));
         }
         let pos = self.n_past;
+        if t == 1 {
+            if let Some(logits) = self.fused_step(tokens[0], pos)? {
+                self.n_past += 1;
+                return Ok(logits);
+            }
+        }
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.rows(&ids)?; // [t, d]
         for block in &mut self.blocks {

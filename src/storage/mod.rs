@@ -6,6 +6,8 @@
 //! direct-I/O buffers ([`Streamer`]).
 
 mod aligned;
+#[cfg(feature = "cuda")]
+pub(crate) mod device_view;
 mod direct;
 pub mod experts;
 #[cfg(feature = "cuda")]

@@ -161,6 +161,32 @@ impl Weight {
         }
     }
 
+    /// The weight as a matrix in CUDA memory for hypura's fused CUDA kernels: `None` unless it
+    /// is device-resident on a GPU in a format those kernels read.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_matrix(&self) -> Result<Option<hypura_kernels::cuda::DeviceMatrix>> {
+        use candle_core::quantized::GgmlDType;
+        use hypura_kernels::cuda::{supported, DeviceMatrix};
+        let Tier::Device { mm, .. } = &self.inner.tier else {
+            return Ok(None);
+        };
+        let &[rows, cols] = self.inner.shape.dims() else {
+            return Ok(None);
+        };
+        let (bytes, ty) = match mm {
+            QMatMul::QTensor(q) if supported(q.dtype()) => {
+                (super::device_view::quantized_bytes(q)?, q.dtype())
+            }
+            // Float weights are kept as F32 tensors (candle dequantizes F16/BF16 at load).
+            QMatMul::Tensor(t) => (super::device_view::f32_bytes(t)?, GgmlDType::F32),
+            _ => return Ok(None),
+        };
+        let Some(bytes) = bytes else { return Ok(None) };
+        DeviceMatrix::new(bytes, ty, rows, cols)
+            .map(Some)
+            .map_err(|e| self.kernel_error(e))
+    }
+
     /// The weight's bytes in ggml block layout, when the CPU kernels can use them directly.
     fn bytes(&self) -> Result<Option<Bytes<'_>>> {
         Ok(match &self.inner.tier {

@@ -131,6 +131,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.json {
         let j = serde_json::json!({
             "gpu": gpu.as_ref().map(|g| g.1.clone()),
+            "decode": m.model.decode_path(),
             "model": model_name, "size_bytes": size, "n_params": n_params, "backend": backend, "threads": threads,
             "n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.reps,
             "pp_tok_s": pp.map(|x| x.0), "pp_tok_s_std": pp.map(|x| x.1),
@@ -156,8 +157,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             );
         }
     }
+    println!();
+    println!("single-token steps: {}", m.model.decode_path());
     if let Some((s, t)) = &experts {
-        println!();
         println!("tg {}", crate::expert_stats::describe(s, *t));
     }
     if let Some((line, _)) = &gpu {

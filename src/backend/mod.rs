@@ -2,6 +2,11 @@
 
 use candle_core::Device;
 
+#[cfg(feature = "cuda")]
+mod fused;
+#[cfg(feature = "cuda")]
+pub use fused::FusedDecode;
+
 use crate::error::Result;
 
 /// Picks the compute device: CUDA device 0 or Metal when compiled in and present, else the CPU.

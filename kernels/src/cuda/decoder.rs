@@ -1,0 +1,499 @@
+//! [`Decoder`]: one decode step as a fixed kernel sequence, replayed from a CUDA graph.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
+    LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+
+use super::{DecodeSpec, DeviceMatrix, RopePairs};
+use crate::KernelError;
+
+/// decode.cu compiled by build.rs: machine code for the build's compute capability, plus PTX.
+const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin"));
+/// Rows (one warp each) per matvec block; `MV_WARPS` in decode.cu.
+const MV_WARPS: u32 = 4;
+/// Warps per attention block; `ATT_WARPS` in decode.cu.
+const ATT_WARPS: u32 = 32;
+
+fn driver(what: &str) -> impl Fn(DriverError) -> KernelError + '_ {
+    move |e| KernelError(format!("CUDA {what}: {e}"))
+}
+
+/// Launches kernel `$name` of `$self` with `cfg` and the listed arguments, in order.
+/// While profiling, each launch is bracketed by a pair of timing events under a label.
+macro_rules! launch {
+    ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {
+        launch!(@labelled $self, $name, || $name.to_string(), $cfg, $($arg),+)
+    };
+    (@labelled $self:expr, $name:expr, $label:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let name: &str = $name;
+        let mut b = $self.stream.launch_builder($self.func(name)?);
+        $( b.arg($arg); )+
+        let start = $self.profile_event()?;
+        // SAFETY: every argument is a device address of a buffer this decoder owns or borrows
+        // through `DeviceBytes` (alive as long as the decoder), sized as `DecodeSpec::validate`
+        // checked, or a scalar; the kernel signatures in decode.cu take exactly these arguments
+        // in this order.
+        unsafe { b.launch($cfg) }.map_err(driver(name))?;
+        if let Some(start) = start {
+            let end = $self.profile_event()?.expect("profiling");
+            if let Some(p) = $self.prof.borrow_mut().as_mut() {
+                p.push(($label(), start, end));
+            }
+        }
+        Ok::<(), KernelError>(())
+    }};
+}
+
+/// A buffer the decoder owns, with its address cached (the graph bakes addresses in).
+struct Buf<T> {
+    slice: CudaSlice<T>,
+    ptr: u64,
+}
+
+impl<T> Buf<T> {
+    fn new(slice: CudaSlice<T>, stream: &CudaStream) -> Self {
+        let ptr = slice.device_ptr(stream).0;
+        Buf { slice, ptr }
+    }
+}
+
+struct Layer {
+    attn_norm: Buf<f32>,
+    ffn_norm: Buf<f32>,
+    biases: [Option<Buf<f32>>; 3], // q, k, v
+    k_cache: u64,
+    v_cache: u64,
+}
+
+/// A captured graph. cudarc's `CudaGraph` holds raw CUDA handles and so is not `Send`.
+struct Graph(CudaGraph);
+
+// SAFETY: a CUDA graph exec may be launched from any thread; the only requirement is that calls
+// on it are not concurrent. The graph lives inside a `Decoder` and is used only through
+// `&mut Decoder`, so every call on it is serialized.
+unsafe impl Send for Graph {}
+
+/// The fused single-token decoder of one model (see the module docs).
+pub struct Decoder {
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    funcs: HashMap<&'static str, CudaFunction>,
+    spec: DecodeSpec,
+    layers: Vec<Layer>,
+    out_norm: Buf<f32>,
+    rope_cos: Buf<f32>,
+    rope_sin: Buf<f32>,
+    step: Buf<u32>, // [token, pos]
+    x: Buf<f32>,    // [n_embd] the residual stream
+    xn: Buf<f32>,   // [n_embd] normed
+    q: Buf<f32>,    // [n_head * head_dim]
+    k: Buf<f32>,    // [n_head_kv * head_dim]
+    v: Buf<f32>,    // [n_head_kv * head_dim]
+    att: Buf<f32>,  // [n_head * head_dim]
+    ffn: Buf<f32>,  // [n_ff] silu(gate · xn) * (up · xn)
+    // The current mat-vec input quantized to int8 blocks of 32 (for Q4_K rows).
+    xq: Buf<i8>,      // [max(n_embd, n_ff, n_head * head_dim)]
+    xd: Buf<f32>,     // [that / 32] block scales
+    xs: Buf<f32>,     // [that / 32] scale · Σq per block
+    logits: Buf<f32>, // [n_vocab]
+    graph: Option<Graph>,
+    use_graph: bool,
+    /// Set only inside [`Decoder::profile_step`].
+    prof: RefCell<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
+}
+
+/// GPU time of one kernel label over a profiled step.
+#[derive(Debug, Clone)]
+pub struct KernelTime {
+    pub label: String,
+    pub launches: usize,
+    pub total_us: f64,
+}
+
+const KERNELS: &[&str] = &[
+    "matvec",
+    "matvec_qkv",
+    "matvec_swiglu",
+    "embed_q4_k",
+    "embed_q6_k",
+    "embed_q8_0",
+    "embed_f32",
+    "rms_norm",
+    "rope_kv",
+    "attention",
+    "quantize_q8",
+];
+
+impl Decoder {
+    /// Loads the kernels and allocates the step's buffers. With `use_graph`, the first
+    /// [`step`](Self::step) captures the kernel sequence into a CUDA graph; without it (or if
+    /// capture fails) every step launches the kernels one by one. Same results either way.
+    pub fn new(
+        stream: Arc<CudaStream>,
+        spec: DecodeSpec,
+        use_graph: bool,
+    ) -> Result<Self, KernelError> {
+        spec.validate()?;
+        let module = stream
+            .context()
+            .load_module(Ptx::from_binary(FATBIN.to_vec()))
+            .map_err(driver("loading the decode kernels"))?;
+        let mut funcs = HashMap::new();
+        for &name in KERNELS {
+            let f = module.load_function(name).map_err(driver(name))?;
+            funcs.insert(name, f);
+        }
+        let up = |v: &[f32]| -> Result<Buf<f32>, KernelError> {
+            let s = stream.clone_htod(v).map_err(driver("upload"))?;
+            Ok(Buf::new(s, &stream))
+        };
+        let zeros = |n: usize| -> Result<Buf<f32>, KernelError> {
+            let s = stream
+                .alloc_zeros::<f32>(n.max(1))
+                .map_err(driver("alloc"))?;
+            Ok(Buf::new(s, &stream))
+        };
+        let mut layers = Vec::with_capacity(spec.layers.len());
+        for l in &spec.layers {
+            let bias = |b: &Option<Vec<f32>>| b.as_deref().map(up).transpose();
+            layers.push(Layer {
+                attn_norm: up(&l.attn_norm)?,
+                ffn_norm: up(&l.ffn_norm)?,
+                biases: [bias(&l.q_bias)?, bias(&l.k_bias)?, bias(&l.v_bias)?],
+                k_cache: l.k_cache.ptr,
+                v_cache: l.v_cache.ptr,
+            });
+        }
+        let (qd, kvd) = (spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim);
+        let step = stream.alloc_zeros::<u32>(2).map_err(driver("alloc"))?;
+        let widest = spec.n_embd.max(spec.n_ff).max(qd);
+        Ok(Decoder {
+            out_norm: up(&spec.out_norm)?,
+            rope_cos: up(&spec.rope_cos)?,
+            rope_sin: up(&spec.rope_sin)?,
+            step: Buf::new(step, &stream),
+            x: zeros(spec.n_embd)?,
+            xn: zeros(spec.n_embd)?,
+            q: zeros(qd)?,
+            k: zeros(kvd)?,
+            v: zeros(kvd)?,
+            att: zeros(qd)?,
+            ffn: zeros(spec.n_ff)?,
+            xq: Buf::new(
+                stream.alloc_zeros::<i8>(widest).map_err(driver("alloc"))?,
+                &stream,
+            ),
+            xd: zeros(widest / 32)?,
+            xs: zeros(widest / 32)?,
+            logits: zeros(spec.n_vocab)?,
+            layers,
+            spec,
+            funcs,
+            _module: module,
+            stream,
+            graph: None,
+            use_graph,
+            prof: RefCell::new(None),
+        })
+    }
+
+    /// Whether steps replay a captured CUDA graph (false until the first step, or if capture
+    /// was refused).
+    pub fn graph_captured(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    /// Runs one token at position `pos` (its k and v land in the cache at `pos`); returns the
+    /// `[n_vocab]` logits.
+    pub fn step(&mut self, token: u32, pos: usize) -> Result<Vec<f32>, KernelError> {
+        if pos >= self.spec.n_ctx || token as usize >= self.spec.n_vocab {
+            return Err(KernelError(format!(
+                "fused decode of token {token} at position {pos}: outside n_vocab {} / n_ctx {}",
+                self.spec.n_vocab, self.spec.n_ctx
+            )));
+        }
+        self.stream
+            .memcpy_htod(&[token, pos as u32], &mut self.step.slice)
+            .map_err(driver("step upload"))?;
+        if self.use_graph && self.graph.is_none() {
+            self.capture();
+        }
+        match &self.graph {
+            Some(g) => g.0.launch().map_err(driver("graph launch"))?,
+            None => self.record()?,
+        }
+        let mut out = vec![0f32; self.spec.n_vocab];
+        self.stream
+            .memcpy_dtoh(&self.logits.slice, &mut out)
+            .map_err(driver("logits download"))?;
+        self.stream.synchronize().map_err(driver("synchronize"))?;
+        Ok(out)
+    }
+
+    /// Like [`step`](Self::step), but launches the kernels one by one, each between two timing
+    /// events; also returns the GPU time per kernel label (kernel and shape), largest first.
+    pub fn profile_step(
+        &mut self,
+        token: u32,
+        pos: usize,
+    ) -> Result<(Vec<f32>, Vec<KernelTime>), KernelError> {
+        let graph = self.graph.take();
+        let use_graph = std::mem::replace(&mut self.use_graph, false);
+        *self.prof.borrow_mut() = Some(Vec::new());
+        let out = self.step(token, pos);
+        let events = self.prof.borrow_mut().take().unwrap_or_default();
+        self.graph = graph;
+        self.use_graph = use_graph;
+        let out = out?;
+        let mut by: Vec<KernelTime> = Vec::new();
+        for (label, start, end) in events {
+            let us = start.elapsed_ms(&end).map_err(driver("event timing"))? as f64 * 1e3;
+            match by.iter_mut().find(|k| k.label == label) {
+                Some(k) => {
+                    k.launches += 1;
+                    k.total_us += us;
+                }
+                None => by.push(KernelTime {
+                    label,
+                    launches: 1,
+                    total_us: us,
+                }),
+            }
+        }
+        by.sort_by(|a, b| b.total_us.total_cmp(&a.total_us));
+        Ok((out, by))
+    }
+
+    fn profile_event(&self) -> Result<Option<CudaEvent>, KernelError> {
+        if self.prof.borrow().is_none() {
+            return Ok(None);
+        }
+        let flags = CUevent_flags::CU_EVENT_DEFAULT;
+        let e = self
+            .stream
+            .record_event(Some(flags))
+            .map_err(driver("event"))?;
+        Ok(Some(e))
+    }
+
+    /// Captures [`record`](Self::record) into a graph; on any failure, steps stay direct.
+    fn capture(&mut self) {
+        let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        if self.stream.begin_capture(mode).is_err() {
+            self.use_graph = false;
+            return;
+        }
+        let recorded = self.record();
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        match (recorded, graph) {
+            (Ok(()), Ok(Some(g))) => self.graph = Some(Graph(g)),
+            _ => self.use_graph = false,
+        }
+    }
+
+    /// Issues one step's kernels on the stream, in order.
+    fn record(&self) -> Result<(), KernelError> {
+        let s = &self.spec;
+        let (d, hd) = (s.n_embd as i32, s.head_dim as i32);
+        let in_kernel_quant = s.head_dim.is_multiple_of(32);
+        launch!(
+            self,
+            &format!("embed_{}", s.embed.kernel_suffix()),
+            grid1(s.n_embd as u32, 256),
+            &s.embed.bytes.ptr,
+            &self.step.ptr,
+            &self.x.ptr,
+            &d
+        )?;
+        for (l, spec) in self.layers.iter().zip(&s.layers) {
+            self.rms_norm(self.x.ptr, l.attn_norm.ptr, self.xn.ptr)?;
+            self.qkv(l, spec)?;
+            let (nh, rd) = (s.n_head as i32, s.rope_dim as i32);
+            let style: i32 = match s.rope_pairs {
+                RopePairs::Interleaved => 0,
+                RopePairs::HalfSplit => 1,
+            };
+            let n_ctx = s.n_ctx as i32;
+            let cfg = LaunchConfig {
+                grid_dim: ((s.n_head + s.n_head_kv) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(
+                self,
+                "rope_kv",
+                cfg,
+                &self.q.ptr,
+                &self.k.ptr,
+                &self.v.ptr,
+                &l.k_cache,
+                &l.v_cache,
+                &self.rope_cos.ptr,
+                &self.rope_sin.ptr,
+                &self.step.ptr,
+                &nh,
+                &hd,
+                &rd,
+                &style,
+                &n_ctx
+            )?;
+            let nkv = s.n_head_kv as i32;
+            let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+            let cfg = LaunchConfig {
+                grid_dim: (s.n_head as u32, 1, 1),
+                block_dim: (32, ATT_WARPS, 1),
+                shared_mem_bytes: 0,
+            };
+            // The output in int8 blocks straight from the kernel when heads are whole blocks.
+            let (oq, od, os) = if in_kernel_quant {
+                (self.xq.ptr, self.xd.ptr, self.xs.ptr)
+            } else {
+                (0, 0, 0)
+            };
+            launch!(
+                self,
+                "attention",
+                cfg,
+                &self.q.ptr,
+                &l.k_cache,
+                &l.v_cache,
+                &self.att.ptr,
+                &self.step.ptr,
+                &nh,
+                &nkv,
+                &hd,
+                &n_ctx,
+                &scale,
+                &oq,
+                &od,
+                &os
+            )?;
+            if !in_kernel_quant {
+                self.quantize(self.att.ptr, s.n_head * s.head_dim)?;
+            }
+            self.matvec(&spec.o, self.att.ptr, self.x.ptr, 0, self.x.ptr)?;
+            self.rms_norm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr)?;
+            self.swiglu(spec)?;
+            self.quantize(self.ffn.ptr, s.n_ff)?;
+            self.matvec(&spec.down, self.ffn.ptr, self.x.ptr, 0, self.x.ptr)?;
+        }
+        self.rms_norm(self.x.ptr, self.out_norm.ptr, self.xn.ptr)?;
+        self.matvec(&s.output, self.xn.ptr, self.logits.ptr, 0, 0)
+    }
+
+    fn rms_norm(&self, x: u64, w: u64, out: u64) -> Result<(), KernelError> {
+        let (n, eps) = (self.spec.n_embd as i32, self.spec.rms_eps);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (q, d, qs) = (self.xq.ptr, self.xd.ptr, self.xs.ptr);
+        launch!(self, "rms_norm", cfg, &x, &w, &out, &n, &eps, &q, &d, &qs)
+    }
+
+    /// q, k and v from `xn` in one launch (each with its bias, if any).
+    fn qkv(&self, l: &Layer, spec: &super::LayerSpec) -> Result<(), KernelError> {
+        let (q, k, v) = (&spec.q, &spec.k, &spec.v);
+        let bias = |i: usize| l.biases[i].as_ref().map_or(0u64, |b| b.ptr);
+        let (bq, bk, bv) = (bias(0), bias(1), bias(2));
+        let (tq, tk, tv) = (q.type_id(), k.type_id(), v.type_id());
+        let (rq, rk, rv) = (q.rows as i32, k.rows as i32, v.rows as i32);
+        let cols = q.cols as i32;
+        let cfg = rows_cfg(q.rows + k.rows + v.rows);
+        let label = || {
+            format!(
+                "matvec_qkv {:?}/{:?}/{:?} [{}, {cols}]",
+                q.ty,
+                k.ty,
+                v.ty,
+                rq + rk + rv
+            )
+        };
+        launch!(@labelled self, "matvec_qkv", label, cfg, &self.xn.ptr, &self.xq.ptr,
+            &self.xd.ptr, &self.xs.ptr, &cols,
+            &q.bytes.ptr, &tq, &self.q.ptr, &bq, &rq,
+            &k.bytes.ptr, &tk, &self.k.ptr, &bk, &rk,
+            &v.bytes.ptr, &tv, &self.v.ptr, &bv, &rv)
+    }
+
+    /// `ffn = silu(gate · xn) * (up · xn)` in one launch.
+    fn swiglu(&self, spec: &super::LayerSpec) -> Result<(), KernelError> {
+        let (g, u) = (&spec.gate, &spec.up);
+        let (tg, tu) = (g.type_id(), u.type_id());
+        let (rows, cols) = (g.rows as i32, g.cols as i32);
+        let label = || format!("matvec_swiglu {:?}/{:?} [{rows}, {cols}]", g.ty, u.ty);
+        launch!(@labelled self, "matvec_swiglu", label, rows_cfg(g.rows), &self.xn.ptr,
+            &self.xq.ptr, &self.xd.ptr, &self.xs.ptr, &cols,
+            &g.bytes.ptr, &tg, &u.bytes.ptr, &tu, &self.ffn.ptr, &rows)
+    }
+
+    /// `y = m · x (+ bias) (+ res)`; `bias`/`res` are 0 for none, `res` may equal `y`. Q4_K
+    /// rows read `x` from the int8 buffers, which must hold it.
+    fn matvec(
+        &self,
+        m: &DeviceMatrix,
+        x: u64,
+        y: u64,
+        bias: u64,
+        res: u64,
+    ) -> Result<(), KernelError> {
+        let (rows, cols, ty) = (m.rows as i32, m.cols as i32, m.type_id());
+        let label = || format!("matvec {:?} [{rows}, {cols}]", m.ty);
+        let (xq, xd, xs) = (self.xq.ptr, self.xd.ptr, self.xs.ptr);
+        launch!(@labelled self, "matvec", label, rows_cfg(m.rows), &m.bytes.ptr, &ty, &x, &xq,
+            &xd, &xs, &y, &rows, &cols, &bias, &res)
+    }
+
+    /// `src [n]` → the int8 activation buffers (`xq`, `xd`, `xs`) the next mat-vecs read.
+    fn quantize(&self, src: u64, n: usize) -> Result<(), KernelError> {
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = n as i32;
+        launch!(
+            self,
+            "quantize_q8",
+            cfg,
+            &src,
+            &self.xq.ptr,
+            &self.xd.ptr,
+            &self.xs.ptr,
+            &n
+        )
+    }
+
+    fn func(&self, name: &str) -> Result<&CudaFunction, KernelError> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| KernelError(format!("no kernel {name}")))
+    }
+}
+
+/// One warp per row, `MV_WARPS` rows per block.
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((rows as u32).div_ceil(MV_WARPS), 1, 1),
+        block_dim: (32, MV_WARPS, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn grid1(n: u32, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(block).clamp(1, 1024), 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

@@ -1,0 +1,246 @@
+//! The fused single-token CUDA decoder (`--features cuda`).
+//!
+//! candle runs one decode step of an 8B Llama as ~800 small kernels, each with the CPU cost of a
+//! tensor op; at ~8 µs each the GPU waits on the CPU. [`Decoder`] runs the same step as 9
+//! kernels per layer (`cuda/decode.cu`) over buffers allocated once, and reads the token id and
+//! position from device memory, so the whole step is captured into one CUDA graph and replayed
+//! for every token: the CPU cost of a token is one graph launch and two small copies.
+//!
+//! What it borrows, it borrows by device address: the weights (candle's quantized or F32 device
+//! tensors) and the KV cache (the model's own tensors, which candle's batch path also writes). A
+//! [`DeviceBytes`] keeps its owner alive; making one is the only `unsafe` a caller writes.
+//! Small tensors (norm weights, biases, RoPE tables) are copied in.
+
+mod decoder;
+
+use std::any::Any;
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+
+pub use decoder::{Decoder, KernelTime};
+
+use crate::KernelError;
+
+/// Device memory someone else owns, kept alive by `keep`.
+pub struct DeviceBytes {
+    ptr: u64,
+    len: usize,
+    _keep: Arc<dyn Any + Send + Sync>,
+}
+
+impl DeviceBytes {
+    /// # Safety
+    /// `ptr` must be the address of `len` bytes of device memory in the CUDA context the
+    /// [`Decoder`] runs in, which stay allocated (and are not moved) while `keep` lives, and
+    /// which nothing else writes while a decoder step runs (other than on the decoder's stream).
+    pub unsafe fn from_raw(ptr: u64, len: usize, keep: Arc<dyn Any + Send + Sync>) -> Self {
+        DeviceBytes {
+            ptr,
+            len,
+            _keep: keep,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A weight matrix `[rows, cols]` on the device, in ggml block layout (`F32`: plain floats).
+pub struct DeviceMatrix {
+    bytes: DeviceBytes,
+    ty: GgmlDType,
+    rows: usize,
+    cols: usize,
+}
+
+/// The weight formats the decoder's kernels read.
+pub fn supported(ty: GgmlDType) -> bool {
+    matches!(
+        ty,
+        GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8_0 | GgmlDType::F32
+    )
+}
+
+impl DeviceMatrix {
+    /// Checks the format is supported and `bytes` holds `rows × cols` of it.
+    pub fn new(
+        bytes: DeviceBytes,
+        ty: GgmlDType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, KernelError> {
+        if !supported(ty) {
+            return Err(KernelError(format!("no fused CUDA kernel for {ty:?}")));
+        }
+        let block = ty.block_size();
+        if !cols.is_multiple_of(block)
+            || (ty == GgmlDType::F32 && (!cols.is_multiple_of(4) || !bytes.ptr.is_multiple_of(16)))
+        {
+            return Err(KernelError(format!(
+                "{ty:?} matrix of {cols} columns at {:#x}: columns not a multiple of {block} \
+                 (F32: of 4, 16-byte aligned)",
+                bytes.ptr
+            )));
+        }
+        let need = rows * (cols / block) * ty.type_size();
+        if bytes.len < need {
+            return Err(KernelError(format!(
+                "{ty:?} [{rows}, {cols}] needs {need} bytes, the buffer has {}",
+                bytes.len
+            )));
+        }
+        Ok(DeviceMatrix {
+            bytes,
+            ty,
+            rows,
+            cols,
+        })
+    }
+
+    /// Lower-case type name, as the embedding kernels are named.
+    fn kernel_suffix(&self) -> &'static str {
+        match self.ty {
+            GgmlDType::Q4K => "q4_k",
+            GgmlDType::Q6K => "q6_k",
+            GgmlDType::Q8_0 => "q8_0",
+            _ => "f32",
+        }
+    }
+
+    /// The ggml type id the matvec kernels switch on (`T_*` in decode.cu).
+    fn type_id(&self) -> i32 {
+        match self.ty {
+            GgmlDType::Q4K => 12,
+            GgmlDType::Q6K => 14,
+            GgmlDType::Q8_0 => 8,
+            _ => 0,
+        }
+    }
+}
+
+/// How RoPE pairs dimensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopePairs {
+    /// `(2i, 2i + 1)`: Llama (GGUF's permuted q/k weights).
+    Interleaved,
+    /// `(i, i + rope_dim / 2)`: NEOX, Qwen2.
+    HalfSplit,
+}
+
+/// One transformer block: weights borrowed from the device, small vectors copied in.
+pub struct LayerSpec {
+    pub attn_norm: Vec<f32>,
+    pub q: DeviceMatrix,
+    pub k: DeviceMatrix,
+    pub v: DeviceMatrix,
+    pub o: DeviceMatrix,
+    pub q_bias: Option<Vec<f32>>,
+    pub k_bias: Option<Vec<f32>>,
+    pub v_bias: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    pub gate: DeviceMatrix,
+    pub up: DeviceMatrix,
+    pub down: DeviceMatrix,
+    /// `[n_head_kv, n_ctx, head_dim]` F32, shared with whoever else runs this model.
+    pub k_cache: DeviceBytes,
+    pub v_cache: DeviceBytes,
+}
+
+/// A dense decoder-only model, as the fused decoder runs it.
+pub struct DecodeSpec {
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub n_vocab: usize,
+    pub n_ctx: usize,
+    pub rope_dim: usize,
+    pub rope_pairs: RopePairs,
+    pub rms_eps: f32,
+    /// `[n_ctx, rope_dim / 2]` each: the angles the model's own RoPE uses.
+    pub rope_cos: Vec<f32>,
+    pub rope_sin: Vec<f32>,
+    pub embed: DeviceMatrix, // [n_vocab, n_embd]
+    pub layers: Vec<LayerSpec>,
+    pub out_norm: Vec<f32>,
+    pub output: DeviceMatrix, // [n_vocab, n_embd]
+}
+
+impl DecodeSpec {
+    /// Every shape the kernels rely on, checked once.
+    fn validate(&self) -> Result<(), KernelError> {
+        let (d, hd) = (self.n_embd, self.head_dim);
+        let bad = |what: String| Err(KernelError(format!("fused CUDA decoder: {what}")));
+        if hd == 0 || hd > 256 || self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv)
+        {
+            return bad(format!(
+                "head_dim {hd} (max 256), n_head {} / n_head_kv {}",
+                self.n_head, self.n_head_kv
+            ));
+        }
+        if d % 32 != 0 || !self.n_ff.is_multiple_of(32) || !(self.n_head * hd).is_multiple_of(32) {
+            return bad(format!(
+                "n_embd {d}, n_ff {} and n_head·head_dim must be multiples of 32",
+                self.n_ff
+            ));
+        }
+        if self.rope_dim > hd || !self.rope_dim.is_multiple_of(2) {
+            return bad(format!("rope_dim {} with head_dim {hd}", self.rope_dim));
+        }
+        let half = self.rope_dim / 2;
+        if self.rope_cos.len() != self.n_ctx * half || self.rope_sin.len() != self.n_ctx * half {
+            return bad("RoPE tables are not [n_ctx, rope_dim / 2]".into());
+        }
+        let (qd, kvd) = (self.n_head * hd, self.n_head_kv * hd);
+        let shape = |m: &DeviceMatrix, rows: usize, cols: usize, name: &str| {
+            if m.rows == rows && m.cols == cols {
+                Ok(())
+            } else {
+                bad(format!(
+                    "{name} is [{}, {}], expected [{rows}, {cols}]",
+                    m.rows, m.cols
+                ))
+            }
+        };
+        shape(&self.embed, self.n_vocab, d, "token_embd")?;
+        shape(&self.output, self.n_vocab, d, "output")?;
+        let vec_len = |v: &[f32], n: usize, name: &str| {
+            if v.len() == n {
+                Ok(())
+            } else {
+                bad(format!("{name} has {} values, expected {n}", v.len()))
+            }
+        };
+        vec_len(&self.out_norm, d, "output_norm")?;
+        let cache_bytes = self.n_head_kv * self.n_ctx * hd * 4;
+        for (i, l) in self.layers.iter().enumerate() {
+            shape(&l.q, qd, d, &format!("blk.{i}.attn_q"))?;
+            shape(&l.k, kvd, d, &format!("blk.{i}.attn_k"))?;
+            shape(&l.v, kvd, d, &format!("blk.{i}.attn_v"))?;
+            shape(&l.o, d, qd, &format!("blk.{i}.attn_output"))?;
+            shape(&l.gate, self.n_ff, d, &format!("blk.{i}.ffn_gate"))?;
+            shape(&l.up, self.n_ff, d, &format!("blk.{i}.ffn_up"))?;
+            shape(&l.down, d, self.n_ff, &format!("blk.{i}.ffn_down"))?;
+            vec_len(&l.attn_norm, d, "attn_norm")?;
+            vec_len(&l.ffn_norm, d, "ffn_norm")?;
+            for (b, n) in [(&l.q_bias, qd), (&l.k_bias, kvd), (&l.v_bias, kvd)] {
+                if let Some(b) = b {
+                    vec_len(b, n, "bias")?;
+                }
+            }
+            if l.k_cache.len < cache_bytes || l.v_cache.len < cache_bytes {
+                return bad(format!(
+                    "blk.{i} KV cache holds fewer than {cache_bytes} bytes"
+                ));
+            }
+        }
+        Ok(())
+    }
+}

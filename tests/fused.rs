@@ -1,0 +1,92 @@
+//! The fused CUDA decoder (`hypura::backend::FusedDecode`): single-token steps on hypura's own
+//! kernels replayed from a CUDA graph, against candle's ops on the same GPU and against
+//! llama.cpp. CUDA builds only (there is no fused path elsewhere).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::Device;
+use common::*;
+use hypura::gguf::{ModelFiles, TensorType};
+
+/// Whether the fused decoder must take this file: a dense model whose matrices are all in a
+/// format its kernels read (float weights run as F32).
+fn eligible(gguf: &std::path::Path) -> bool {
+    let files = ModelFiles::open(gguf).unwrap();
+    let cfg = files.config().unwrap();
+    !cfg.is_moe()
+        && files.tensors.iter().filter(|t| t.dims.len() == 2).all(|t| {
+            matches!(
+                t.ty,
+                TensorType::F32
+                    | TensorType::F16
+                    | TensorType::BF16
+                    | TensorType::Q4_K
+                    | TensorType::Q6_K
+                    | TensorType::Q8_0
+            )
+        })
+}
+
+const N_DECODE: usize = 8;
+
+#[test]
+fn cuda_fused_decode_matches_candle_and_llama_cpp() {
+    let device = Device::new_cuda(0).expect("CUDA device 0");
+    let mut n_fused = 0;
+    for gguf in fixture_models() {
+        let name = gguf.file_name().unwrap().to_string_lossy().to_string();
+        let r = reference(&gguf);
+        let mut model = load(&gguf, &device, 256);
+        let expect = eligible(&gguf);
+        assert_eq!(
+            model.decode_path().starts_with("fused"),
+            expect,
+            "{name}: decode path '{}'",
+            model.decode_path()
+        );
+        if !expect {
+            continue;
+        }
+        let (_, fused) = prompt_then_decode(&mut model, &r, N_DECODE);
+        assert!(
+            model.decode_path().contains("graph"),
+            "{name}: no CUDA graph ({})",
+            model.decode_path()
+        );
+        // A second pass replays the graph over a reset cache: the same numbers.
+        let (_, again) = prompt_then_decode(&mut model, &r, N_DECODE);
+        assert_eq!(fused, again, "{name}: a replayed pass differs");
+
+        // The same steps launched one by one (no graph): bit-identical.
+        std::env::set_var("HYPURA_CUDA_GRAPH", "0");
+        let mut direct = load(&gguf, &device, 256);
+        std::env::remove_var("HYPURA_CUDA_GRAPH");
+        let (_, d) = prompt_then_decode(&mut direct, &r, N_DECODE);
+        assert!(!direct.decode_path().contains("graph"));
+        assert_eq!(
+            fused, d,
+            "{name}: graph replay differs from direct launches"
+        );
+
+        // candle's ops on the same GPU: within the fixture tolerance.
+        let mut plain = load(&gguf, &device, 256);
+        plain.disable_fused_decode();
+        let (_, ops) = prompt_then_decode(&mut plain, &r, N_DECODE);
+        let c = compare(&fused, &ops);
+        eprintln!("{name}: fused vs candle {c:?}");
+        assert_close("fused vs candle decode", &gguf, &c);
+
+        // llama.cpp's decode logits, where the fixture has them.
+        let path = sibling(&gguf, "ref.decode_logits.npy");
+        if path.exists() {
+            let theirs = read_npy_2d(&path);
+            let n = theirs.len().min(N_DECODE);
+            let c = compare(&fused[..n], &theirs[..n]);
+            eprintln!("{name}: fused vs llama.cpp {c:?}");
+            assert_close("fused decode vs llama.cpp", &gguf, &c);
+        }
+        n_fused += 1;
+    }
+    assert!(n_fused >= 3, "only {n_fused} fixtures ran fused");
+}

@@ -25,6 +25,8 @@
 #                 and 8 GiB RAM budget: plan, run once (learns co-activation), then bench (tg
 #                 tok/s with the expert caches' hit rates over the tg runs)
 #       l70       synth llama-3-70b Q4_K_M (~40 GB); same budgets: plan, run with --stats
+#       prof8b    GPU time per kernel of one fused decode step of the 8B (and ncu's view)
+#       ramc8b    the 8B under a 3 GiB device budget: RAM-tier layers uploaded vs on the host
 #       clean     delete the synthetic models (the machine's disk holds one big model at a time)
 #
 # The device tool call (it copies the working tree, whose tests/fixtures the tests read; the
@@ -202,6 +204,13 @@ run() {
             -k regex:'^(matvec|attention|rms_norm)' --launch-skip 400 -c 14 --csv \
             "$bin/hypura" bench -m "$M/l8b.gguf" -c 256 -p 8 -n 4 -r 1
         fi ;;
+      ramc8b) # layer offload of the 8B (3 GiB device budget): RAM-tier layers uploaded vs on the host
+        [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
+        step plan-ramc "$bin/hypura" plan -m "$M/l8b.gguf" -c 512 --device-budget 3GiB
+        for rc in gpu host; do
+          TAIL=4 step "bench-ramc-$rc" "$bin/hypura" bench -m "$M/l8b.gguf" -c 512 --device-budget 3GiB \
+            --ram-compute "$rc" -p 64 -n 32 -r 2
+        done ;;
       llama8b)
         [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
         for _ in $(seq 60); do [ -x /tmp/lcpp/build/bin/llama-bench ] && break; sleep 5; done

@@ -32,6 +32,8 @@ pub struct TierOptions {
     pub experts: ExpertOptions,
     /// Neither load nor save the co-activation statistics learned per model (MoE).
     pub no_learn: bool,
+    /// GPU builds: where RAM-tier matrices are multiplied; `None` = from the profile's rates.
+    pub ram_compute: Option<crate::plan::RamCompute>,
 }
 
 /// How to load a model.
@@ -200,6 +202,7 @@ fn plan_model_with(
         overrides: &tiers.overrides,
         lookahead: tiers.lookahead,
         experts: tiers.experts,
+        ram_compute: tiers.ram_compute,
     };
     let p = plan::plan(&input(rates(&cached)))?;
     let Some(progress) = measure.filter(|_| !p.placement.groups.is_empty() && cached.is_none())

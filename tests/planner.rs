@@ -2,7 +2,8 @@
 
 use hypura::gguf::{Arch, ModelConfig, RopeStyle, TensorEntry, TensorType};
 use hypura::plan::{
-    expert_bytes, plan, Budgets, ExpertOptions, Mode, Override, PlanInput, Rates, TierKind,
+    expert_bytes, plan, Budgets, ExpertOptions, Mode, Override, PlanInput, RamCompute, Rates,
+    TierKind,
 };
 
 const MIB: u64 = 1 << 20;
@@ -94,6 +95,7 @@ fn input<'a>(
         overrides,
         lookahead: None,
         experts: ExpertOptions::default(),
+        ram_compute: None,
     }
 }
 
@@ -468,6 +470,49 @@ fn a_small_gpu_holds_the_first_layers_and_the_rest_go_to_ram_then_disk() {
         assert!(tiers.contains(&k), "no layer on {k:?}: {tiers:?}");
     }
     assert!(p.bytes_per_token.nvme > 0 && p.bytes_per_token.ram > 0);
+}
+
+/// RAM-tier layers on a GPU are multiplied where their bytes move faster: uploaded when the bus
+/// outpaces host memory, on the host when host memory is faster; `--ram-compute` overrides.
+#[test]
+fn ram_tier_layers_are_computed_where_the_rates_say_and_the_plan_says_so() {
+    let cfg = config(16);
+    let t = inventory(&cfg, TensorType::Q8_0);
+    let total: u64 = t.iter().map(|x| x.n_bytes).sum();
+    // Room in RAM for every layer the device cannot hold: nothing streams from disk, so the
+    // prediction is the bus or host memory, not the disk.
+    let (device, ram) = (total * 3 / 4, total * 2);
+    let decided = |p: &hypura::plan::Plan| {
+        p.decisions
+            .iter()
+            .find(|d| d.starts_with("RAM-tier layers are"))
+            .cloned()
+            .unwrap_or_default()
+    };
+    // RATES: the bus (50 GB/s) outpaces host memory (20 GB/s).
+    let p = plan(&gpu_input(&t, &cfg, ram, device)).unwrap();
+    assert!(p.bytes_per_token.ram > 0 && p.bytes_per_token.nvme == 0);
+    assert_eq!(p.placement.ram_compute, RamCompute::Upload);
+    assert!(decided(&p).contains("uploaded"), "{}", decided(&p));
+
+    let mut fast_host = gpu_input(&t, &cfg, ram, device);
+    fast_host.rates.mem_read_bps = 80e9;
+    let host = plan(&fast_host).unwrap();
+    assert_eq!(host.placement.ram_compute, RamCompute::Host);
+    assert!(decided(&host).contains("on the host"), "{}", decided(&host));
+    // The same tiers either way; only the RAM bytes' rate changes, so the prediction improves.
+    assert_eq!(host.placement.tiers, p.placement.tiers);
+    assert!(host.predicted_tok_s > p.predicted_tok_s);
+
+    fast_host.ram_compute = Some(RamCompute::Upload);
+    let forced = plan(&fast_host).unwrap();
+    assert_eq!(forced.placement.ram_compute, RamCompute::Upload);
+    assert!(decided(&forced).contains("--ram-compute"));
+
+    // Nothing in RAM: nothing to decide.
+    let fits = plan(&gpu_input(&t, &cfg, total, total * 2)).unwrap();
+    assert_eq!(fits.placement.ram_compute, RamCompute::Upload);
+    assert!(decided(&fits).is_empty());
 }
 
 #[test]

@@ -129,6 +129,46 @@ on_every_backend!(
     every_placement
 );
 
+/// GPU builds: RAM-tier layers multiplied on the host (`RamCompute::Host`: hypura's CPU kernels
+/// over the mapped file, the activations copied across) give full-resident CUDA's decode logits
+/// within the fixture tolerance (other kernels, so not bit for bit) and upload nothing for them;
+/// prompt batches are still uploaded, so their logits stay bit-identical.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_ram_layers_computed_on_the_host_match_full_resident() {
+    let device = Device::new_cuda(0).expect("CUDA device 0");
+    for rel in [
+        "small-llama/small-llama-Q4_K_M.gguf",
+        "small-llama/small-llama-Q8_0.gguf",
+        "small-qwen2/small-qwen2-F32.gguf",
+    ] {
+        let gguf = fixtures_dir().join(rel);
+        let files = ModelFiles::open(&gguf).unwrap();
+        let (want_prompt, want_decode, _) = logits_with(&gguf, &device, Placement::default());
+        for (name, mut placement) in [
+            ("all-ram", Placement::all(&files, TierKind::Ram, 2)),
+            ("mixed", mixed(&files)),
+        ] {
+            placement.ram_compute = hypura::plan::RamCompute::Host;
+            let (prompt, decode, _) = logits_with(&gguf, &device, placement);
+            assert!(prompt == want_prompt, "{rel} {name}: prompt logits differ");
+            let c = compare(&decode, &want_decode);
+            eprintln!("{rel} {name} host-computed RAM layers: {c:?}");
+            assert_close("host-computed RAM layers vs full-resident", &gguf, &c);
+        }
+        // Nothing of an all-RAM, host-computed model goes through the uploader.
+        let mut placement = Placement::all(&files, TierKind::Ram, 2);
+        placement.ram_compute = hypura::plan::RamCompute::Host;
+        let cfg = files.config().unwrap();
+        let store = WeightStore::with_placement(files, &device, placement).unwrap();
+        let mut model = Transformer::load(&store, &cfg, 64).unwrap();
+        model.forward(&[1, 2, 3], Logits::Last).unwrap();
+        model.forward(&[4], Logits::Last).unwrap();
+        let uploads = store.uploader().map_or(0, |u| u.stats().uploads);
+        assert_eq!(uploads, 0, "{rel}: host-computed RAM layers were uploaded");
+    }
+}
+
 #[test]
 fn streamed_model_reads_each_layer_once_per_token() {
     let gguf = fixtures_dir().join("small-llama/small-llama-Q8_0.gguf");

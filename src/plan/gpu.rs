@@ -16,12 +16,14 @@
 //! 4. otherwise layer offload: `output`/norms stay on the device, `token_embd` stays mapped (a
 //!    token reads one row), then whole layers go to the device in order while they fit; the rest
 //!    stay in RAM (the mapped file) while the RAM budget allows, and stream from disk after that;
+//!    RAM-tier layers are multiplied on the host where host memory outpaces host→device copies
+//!    (`--ram-compute` overrides), else uploaded per use;
 //! 5. if even the fixed part (KV cache, scratch, output) does not fit the device: refuse, naming
 //!    the smallest device budget that would work.
 
 use std::collections::HashMap;
 
-use super::placement::{is_expert_tensor, layer_of, Placement, TierKind};
+use super::placement::{is_expert_tensor, layer_of, Placement, RamCompute, TierKind};
 use super::planner::{gib, is_embedding, BytesPerToken, Mode, Plan, PlanInput};
 use crate::error::{Error, Result};
 use crate::gguf::TensorEntry;
@@ -221,29 +223,40 @@ pub(super) fn plan_gpu(
         )));
     }
     decisions.push(format!(
-        "full-resident needs {} > {} device budget → layer offload: {n_dev} layers on the GPU, {n_ram} in RAM \
-         (copied to the GPU per use), {n_nvme} streamed from disk",
+        "full-resident needs {} > {} device budget → layer offload: {n_dev} layers on the GPU, {n_ram} in RAM, \
+         {n_nvme} streamed from disk",
         gib(dev_fixed + fixed_device_bytes(input.tensors, &fixed) + free.iter().map(|t| t.n_bytes).sum::<u64>()),
         gib(device_budget)
     ));
     if n_ram > 0 {
-        // Where RAM-tier layers are computed: on the GPU after an upload, or on the host where
-        // they lie. Only the first is implemented; say what the rates predict.
+        // Where RAM-tier layers are multiplied: on the GPU after an upload, or on the host where
+        // they lie, whichever moves their bytes faster (a decode step reads each once).
         let (up, host) = (input.rates.upload_bps, input.rates.mem_read_bps);
-        decisions.push(if up >= host {
-            format!(
-                "RAM-tier layers are uploaded to the GPU per use: host→device {:.1} GB/s ≥ host memory {:.1} GB/s",
-                up / 1e9,
-                host / 1e9
-            )
+        let choice = input.ram_compute.unwrap_or(if host > up {
+            RamCompute::Host
         } else {
-            format!(
-                "RAM-tier layers are uploaded to the GPU per use, although host memory ({:.1} GB/s) outpaces \
-                 host→device copies ({:.1} GB/s): computing them on the host is not implemented",
+            RamCompute::Upload
+        });
+        let why = match input.ram_compute {
+            Some(_) => "--ram-compute".to_string(),
+            None if host > up => format!(
+                "host memory {:.1} GB/s > host→device {:.1} GB/s",
                 host / 1e9,
                 up / 1e9
-            )
+            ),
+            None => format!(
+                "host→device {:.1} GB/s ≥ host memory {:.1} GB/s",
+                up / 1e9,
+                host / 1e9
+            ),
+        };
+        decisions.push(match choice {
+            RamCompute::Upload => format!("RAM-tier layers are uploaded to the GPU per use ({why})"),
+            RamCompute::Host => format!(
+                "RAM-tier layers are multiplied on the host where they lie, prompt batches uploaded ({why})"
+            ),
         });
+        p = with_ram_compute(input, p, choice);
     }
     Ok(finish(p, Mode::LayerOffload, decisions))
 }
@@ -342,6 +355,22 @@ pub(super) fn evaluate(
         bytes_per_token: bpt,
         predicted_tok_s: 1.0 / t_gpu.max(t_io).max(1e-9),
     }
+}
+
+/// `p` with RAM-tier matrices multiplied per `choice`: on the host, their bytes move at host
+/// memory speed instead of the bus's, and they need no upload slots on the device.
+fn with_ram_compute(input: &PlanInput, mut p: Plan, choice: RamCompute) -> Plan {
+    p.placement.ram_compute = choice;
+    if choice == RamCompute::Host {
+        let r = &input.rates;
+        let bpt = &p.bytes_per_token;
+        let t = bpt.device as f64 / r.device_read_bps.max(1.0)
+            + bpt.ram as f64 / r.mem_read_bps.max(1.0)
+            + bpt.nvme as f64 / r.upload_bps.max(1.0);
+        let t_io = bpt.nvme as f64 / r.disk_read_bps.max(1.0);
+        p.predicted_tok_s = 1.0 / t.max(t_io).max(1e-9);
+    }
+    p
 }
 
 pub(super) fn finish(mut p: Plan, mode: Mode, decisions: Vec<String>) -> Plan {

@@ -9,7 +9,7 @@ mod planner;
 
 pub use experts::{expert_bytes, ExpertOptions};
 pub use gpu::gpu_pool_slots;
-pub use placement::{is_expert_tensor, layer_of, Placement, TierKind};
+pub use placement::{is_expert_tensor, layer_of, Placement, RamCompute, TierKind};
 pub use planner::{
     gib, mib, parse_bytes, plan, Budgets, BytesPerToken, Mode, Override, Plan, PlanInput, Rates,
 };

@@ -7,6 +7,26 @@ use std::ops::Range;
 use crate::gguf::{ModelFiles, TensorEntry};
 use crate::storage::{ExpertCacheConfig, StreamGroup};
 
+/// Where a GPU build multiplies the matrices of RAM-tier layers: on the GPU after a host→device
+/// copy per use, or on the host over the mapped file (activations cross the bus instead).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum RamCompute {
+    #[default]
+    Upload,
+    Host,
+}
+
+impl RamCompute {
+    /// `gpu` (or `upload`) or `host`, as `--ram-compute` takes them.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "gpu" | "upload" => Some(RamCompute::Upload),
+            "host" | "cpu" => Some(RamCompute::Host),
+            _ => None,
+        }
+    }
+}
+
 /// A tier a tensor can live on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum TierKind {
@@ -57,6 +77,9 @@ pub struct Placement {
     /// How expert tensors on NVMe are served (MoE): through an expert cache of this size,
     /// never through stream groups.
     pub expert_cache: ExpertCacheConfig,
+    /// GPU builds: where RAM-tier matrices are multiplied (single-token products; batches are
+    /// always uploaded).
+    pub ram_compute: RamCompute,
 }
 
 impl Placement {
@@ -104,6 +127,7 @@ impl Placement {
             max_groups_per_layer,
             transient_repack: false,
             expert_cache: ExpertCacheConfig::default(),
+            ram_compute: RamCompute::default(),
         }
     }
 

@@ -124,6 +124,9 @@ pub struct PlanInput<'a> {
     pub lookahead: Option<usize>,
     /// Expert-cache choices (MoE).
     pub experts: ExpertOptions,
+    /// GPU plans: where RAM-tier matrices are multiplied; `None` = whichever the rates predict
+    /// faster.
+    pub ram_compute: Option<super::RamCompute>,
 }
 
 fn is_ffn(name: &str) -> bool {

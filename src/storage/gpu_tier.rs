@@ -17,7 +17,7 @@ use super::weight::Tier;
 use super::{release_pages, AlignedBuf, Weight, WeightStore, DIRECT_IO_ALIGN};
 use crate::error::{Error, Result};
 use crate::gguf::{ModelFiles, TensorEntry};
-use crate::plan::{is_expert_tensor, layer_of, TierKind};
+use crate::plan::{is_expert_tensor, layer_of, RamCompute, TierKind};
 
 /// The uploader and where each weight (tensor name, byte offset of its part) is in it.
 pub(crate) struct Uploads {
@@ -36,8 +36,11 @@ impl WeightStore {
     /// Whether tensor `e` is served through the uploader on this store's device.
     fn uploads_tensor(&self, e: &TensorEntry) -> bool {
         let tier = self.placement.tier(&e.name);
+        // RAM-tier matrices multiplied on the host stay plain mapped weights.
+        let host = tier == TierKind::Ram && self.placement.ram_compute == RamCompute::Host;
         self.device.is_cuda()
             && tier != TierKind::Device
+            && !host
             && e.dims.len() > 1
             && !e.name.starts_with("token_embd")
             && !(is_expert_tensor(&e.name) && self.placement.streams_experts())

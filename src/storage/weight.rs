@@ -217,8 +217,11 @@ impl Weight {
         // Batches (and float weights): candle's path, which repacks Q4_K/Q8_0 into tiles — kept
         // beside device weights when the plan has room, else made from a temporary copy and
         // dropped, as for the other tiers. Every tier and plan computes exactly the same numbers.
-        // hypura's kernels are CPU code: a GPU runs every product through candle.
-        let kernels = self.inner.ty.is_quantized() && m == 1 && x.device().is_cpu();
+        // hypura's kernels are CPU code: on a GPU they run only the single-row products of
+        // mapped weights (the plan's `RamCompute::Host`: the activations cross the bus, not the
+        // weight); every other product there runs through candle.
+        let on_host = x.device().is_cpu() || matches!(self.inner.tier, Tier::Mapped { .. });
+        let kernels = self.inner.ty.is_quantized() && m == 1 && on_host;
         #[cfg(feature = "cuda")]
         if let Tier::Uploaded {
             uploader,

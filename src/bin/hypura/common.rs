@@ -46,6 +46,11 @@ pub struct TierArgs {
     /// Stream groups read ahead (default: derived from disk and memory bandwidth).
     #[arg(long, value_name = "N", help_heading = "Placement")]
     pub lookahead: Option<usize>,
+    /// GPU builds: where layers placed in RAM are multiplied during decode: gpu (copied to the
+    /// GPU per use) or host (on the CPU over the mapped file; only activations cross the bus).
+    /// Default: whichever the profile's host-memory and host→device rates predict faster.
+    #[arg(long = "ram-compute", value_name = "WHERE", help_heading = "Placement")]
+    pub ram_compute: Option<String>,
     /// MoE models that stream experts: how many experts the expert cache holds (default: as
     /// many as the RAM budget allows).
     #[arg(
@@ -82,6 +87,14 @@ impl TierArgs {
                 .map(|p| Override::parse(p))
                 .collect::<hypura::Result<_>>()?,
             lookahead: self.lookahead,
+            ram_compute: self
+                .ram_compute
+                .as_deref()
+                .map(|s| {
+                    hypura::plan::RamCompute::parse(s)
+                        .with_context(|| format!("--ram-compute '{s}': expected gpu or host"))
+                })
+                .transpose()?,
             experts: ExpertOptions {
                 slots: self.expert_cache,
                 policy: self
@@ -148,10 +161,14 @@ pub fn plan_summary(p: &Plan) -> String {
             )
         }
         Mode::LayerOffload => format!(
-            "mode layer offload: {device}{} of a {} RAM budget; per token {} from RAM and {} streamed cross to the GPU; predicted {:.2} tok/s",
+            "mode layer offload: {device}{} of a {} RAM budget; per token {} from RAM ({}) and {} streamed to the GPU; predicted {:.2} tok/s",
             gib(p.ram_needed_bytes),
             gib(p.budgets.ram_bytes),
             gib(p.bytes_per_token.ram),
+            match p.placement.ram_compute {
+                hypura::plan::RamCompute::Upload => "copied to the GPU",
+                hypura::plan::RamCompute::Host => "multiplied on the host",
+            },
             gib(p.bytes_per_token.nvme),
             p.predicted_tok_s
         ),

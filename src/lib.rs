@@ -18,6 +18,8 @@
 //!                      ▼                  (resident, or storage::ExpertCache: on demand + prefetch,
 //!                                          adjacent experts' slices merged into one read)
 //!               models::Transformer (Llama / Qwen2 / Mixtral forward, KV cache)
+//!                      │   CUDA, all weights on the GPU: single-token steps on
+//!                      │   backend::FusedDecode (hypura_kernels::cuda, one CUDA graph per step)
 //!                      │
 //!   tokenizer::Tokenizer (from GGUF metadata) ── generate (sampling, loop, perplexity) ── CLI
 //!                      │
@@ -36,6 +38,7 @@
 //! | [`plan`] | the planner (pure) and the placement storage carries out |
 //! | [`storage`] | memory maps, direct I/O, the stream pool, the [`storage::Weight`] type |
 //! | [`models`] | the decoder, attention, RoPE, MoE |
+//! | [`backend`] | the compute device; on CUDA, the fused single-token decoder |
 //! | [`tokenizer`] | SentencePiece and byte-level BPE vocabularies from GGUF metadata |
 //! | [`generate`] | sampling, the generation loop, perplexity |
 //! | [`chat`] | chat templates (the GGUF's Jinja, built-in fallbacks), multi-turn conversations |

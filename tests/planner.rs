@@ -99,6 +99,21 @@ fn input<'a>(
     }
 }
 
+/// Expert-streaming's tiers: experts on NVMe (through the cache), the embedding mapped in RAM,
+/// everything else on the device.
+fn assert_experts_stream(p: &hypura::plan::Plan, t: &[TensorEntry]) {
+    for x in t {
+        let want = if x.name.contains("_exps.") {
+            TierKind::Nvme
+        } else if x.name.starts_with("token_embd") {
+            TierKind::Ram
+        } else {
+            TierKind::Device
+        };
+        assert_eq!(p.placement.tier(&x.name), want, "{}", x.name);
+    }
+}
+
 #[test]
 fn a_model_that_fits_is_full_resident() {
     let cfg = config(16);
@@ -328,16 +343,7 @@ fn a_moe_that_does_not_fit_streams_its_experts_through_a_cache() {
     let budget = total / 3;
     let p = plan(&input(&t, &cfg, budget, &[])).unwrap();
     assert_eq!(p.mode, Mode::ExpertStreaming);
-    for x in &t {
-        let want = if x.name.contains("_exps.") {
-            TierKind::Nvme
-        } else if x.name.starts_with("token_embd") {
-            TierKind::Ram
-        } else {
-            TierKind::Device
-        };
-        assert_eq!(p.placement.tier(&x.name), want, "{}", x.name);
-    }
+    assert_experts_stream(&p, &t);
     // Experts never go through stream groups: the cache reads them.
     assert!(p.placement.groups.is_empty());
     let c = p.placement.expert_cache;
@@ -611,16 +617,7 @@ fn a_mixtral_on_a_22_gib_gpu_streams_experts_through_device_and_host_caches() {
     let (device, ram) = (22u64 << 30, 8u64 << 30);
     let p = plan(&gpu_input(&t, &cfg, ram, device)).unwrap();
     assert_eq!(p.mode, Mode::ExpertStreaming);
-    for x in &t {
-        let want = if x.name.contains("_exps.") {
-            TierKind::Nvme
-        } else if x.name.starts_with("token_embd") {
-            TierKind::Ram
-        } else {
-            TierKind::Device
-        };
-        assert_eq!(p.placement.tier(&x.name), want, "{}", x.name);
-    }
+    assert_experts_stream(&p, &t);
     let c = p.placement.expert_cache;
     let unit = expert_bytes(&t, cfg.n_expert);
     eprintln!(

@@ -17,8 +17,16 @@ use crate::storage::Weight;
 
 /// A model's fused decoder, or why it has none.
 pub enum FusedDecode {
-    Ready(Box<Decoder>),
+    Ready {
+        decoder: Box<Decoder>,
+        /// `HYPURA_CUDA_PROFILE`: the position whose step is timed kernel by kernel.
+        profile_at: Option<usize>,
+    },
     Off(String),
+}
+
+fn kernel_error(e: hypura_kernels::KernelError) -> Error {
+    Error::Candle(candle_core::Error::Msg(e.to_string()))
 }
 
 impl FusedDecode {
@@ -35,36 +43,43 @@ impl FusedDecode {
             Err(why) => return Ok(FusedDecode::Off(why)),
         };
         let graph = !std::env::var("HYPURA_CUDA_GRAPH").is_ok_and(|v| v == "0");
-        let decoder = Decoder::new(dev.cuda_stream(), spec, graph)
-            .map_err(|e| Error::Candle(candle_core::Error::Msg(e.to_string())))?;
-        Ok(FusedDecode::Ready(Box::new(decoder)))
+        let decoder = Decoder::new(dev.cuda_stream(), spec, graph).map_err(kernel_error)?;
+        let profile_at = std::env::var("HYPURA_CUDA_PROFILE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok());
+        Ok(FusedDecode::Ready {
+            decoder: Box::new(decoder),
+            profile_at,
+        })
     }
 
     /// One line for logs: which kernels run single-token steps.
     pub fn describe(&self) -> String {
         match self {
-            FusedDecode::Ready(d) if d.graph_captured() => "fused CUDA kernels, CUDA graph".into(),
-            FusedDecode::Ready(_) => "fused CUDA kernels".into(),
+            FusedDecode::Ready { decoder, .. } => match decoder.capture_failure() {
+                _ if decoder.graph_captured() => "fused CUDA kernels, CUDA graph".into(),
+                Some(why) => format!("fused CUDA kernels (CUDA graph refused: {why})"),
+                None => "fused CUDA kernels".into(),
+            },
             FusedDecode::Off(why) => format!("candle ops ({why})"),
         }
     }
 
     /// Runs `token` at position `pos`; the `[1, n_vocab]` logits on the CPU.
     pub fn step(&mut self, token: u32, pos: usize) -> Result<Option<Tensor>> {
-        let FusedDecode::Ready(d) = self else {
+        let FusedDecode::Ready {
+            decoder,
+            profile_at,
+        } = self
+        else {
             return Ok(None);
         };
-        let err =
-            |e: hypura_kernels::KernelError| Error::Candle(candle_core::Error::Msg(e.to_string()));
-        let profile_at = std::env::var("HYPURA_CUDA_PROFILE")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok());
-        let logits = if profile_at == Some(pos) {
-            let (logits, times) = d.profile_step(token, pos).map_err(err)?;
+        let logits = if *profile_at == Some(pos) {
+            let (logits, times) = decoder.profile_step(token, pos).map_err(kernel_error)?;
             print_profile(pos, &times);
             logits
         } else {
-            d.step(token, pos).map_err(err)?
+            decoder.step(token, pos).map_err(kernel_error)?
         };
         let n = logits.len();
         Ok(Some(Tensor::from_vec(logits, (1, n), &Device::Cpu)?))

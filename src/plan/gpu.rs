@@ -335,10 +335,7 @@ pub(super) fn evaluate(
         dev += upload_slots(input) * largest;
     }
     placement.lookahead = placement.lookahead.max(1);
-    let r = &input.rates;
-    let t_gpu = bpt.device as f64 / r.device_read_bps.max(1.0)
-        + (bpt.ram + bpt.nvme) as f64 / r.upload_bps.max(1.0);
-    let t_io = bpt.nvme as f64 / r.disk_read_bps.max(1.0);
+    let predicted_tok_s = predicted_tok_s(&bpt, &input.rates, placement.ram_compute);
     Plan {
         mode: Mode::FullResident,
         placement,
@@ -353,23 +350,29 @@ pub(super) fn evaluate(
         device_needed_bytes: dev,
         expert_slot_bytes: 0,
         bytes_per_token: bpt,
-        predicted_tok_s: 1.0 / t_gpu.max(t_io).max(1e-9),
+        predicted_tok_s,
     }
 }
 
-/// `p` with RAM-tier matrices multiplied per `choice`: on the host, their bytes move at host
-/// memory speed instead of the bus's, and they need no upload slots on the device.
+/// Tokens per second a GPU plan predicts: device weights at device bandwidth, off-device ones at
+/// the bus's (RAM-tier ones at host memory's when multiplied there), or the disk time if that is
+/// longer (the stream reads ahead on its own thread).
+fn predicted_tok_s(bpt: &BytesPerToken, r: &super::Rates, ram_compute: RamCompute) -> f64 {
+    let ram_bps = match ram_compute {
+        RamCompute::Upload => r.upload_bps,
+        RamCompute::Host => r.mem_read_bps,
+    };
+    let t_gpu = bpt.device as f64 / r.device_read_bps.max(1.0)
+        + bpt.ram as f64 / ram_bps.max(1.0)
+        + bpt.nvme as f64 / r.upload_bps.max(1.0);
+    let t_io = bpt.nvme as f64 / r.disk_read_bps.max(1.0);
+    1.0 / t_gpu.max(t_io).max(1e-9)
+}
+
+/// `p` with RAM-tier matrices multiplied per `choice` (and predicted accordingly).
 fn with_ram_compute(input: &PlanInput, mut p: Plan, choice: RamCompute) -> Plan {
     p.placement.ram_compute = choice;
-    if choice == RamCompute::Host {
-        let r = &input.rates;
-        let bpt = &p.bytes_per_token;
-        let t = bpt.device as f64 / r.device_read_bps.max(1.0)
-            + bpt.ram as f64 / r.mem_read_bps.max(1.0)
-            + bpt.nvme as f64 / r.upload_bps.max(1.0);
-        let t_io = bpt.nvme as f64 / r.disk_read_bps.max(1.0);
-        p.predicted_tok_s = 1.0 / t.max(t_io).max(1e-9);
-    }
+    p.predicted_tok_s = predicted_tok_s(&p.bytes_per_token, &input.rates, choice);
     p
 }
 

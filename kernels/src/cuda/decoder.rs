@@ -107,6 +107,8 @@ pub struct Decoder {
     logits: Buf<f32>, // [n_vocab]
     graph: Option<Graph>,
     use_graph: bool,
+    /// Why the graph capture failed, if it did (steps then launch kernels one by one).
+    capture_failure: Option<String>,
     /// Set only inside [`Decoder::profile_step`].
     prof: RefCell<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
 }
@@ -202,6 +204,7 @@ impl Decoder {
             stream,
             graph: None,
             use_graph,
+            capture_failure: None,
             prof: RefCell::new(None),
         })
     }
@@ -210,6 +213,11 @@ impl Decoder {
     /// was refused).
     pub fn graph_captured(&self) -> bool {
         self.graph.is_some()
+    }
+
+    /// Why CUDA refused to capture the step into a graph, if it did.
+    pub fn capture_failure(&self) -> Option<&str> {
+        self.capture_failure.as_deref()
     }
 
     /// Runs one token at position `pos` (its k and v land in the cache at `pos`); returns the
@@ -285,18 +293,29 @@ impl Decoder {
         Ok(Some(e))
     }
 
-    /// Captures [`record`](Self::record) into a graph; on any failure, steps stay direct.
+    /// Captures [`record`](Self::record) into a graph; on any failure, steps stay direct (the
+    /// same kernels, so the same numbers) and [`capture_failure`](Self::capture_failure) says why.
     fn capture(&mut self) {
         let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
-        if self.stream.begin_capture(mode).is_err() {
-            self.use_graph = false;
-            return;
-        }
-        let recorded = self.record();
-        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
-        match (recorded, graph) {
-            (Ok(()), Ok(Some(g))) => self.graph = Some(Graph(g)),
-            _ => self.use_graph = false,
+        let outcome = match self.stream.begin_capture(mode) {
+            Err(e) => Err(format!("begin capture: {e}")),
+            Ok(()) => {
+                let recorded = self.record();
+                let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+                match (recorded, graph) {
+                    (Ok(()), Ok(Some(g))) => Ok(g),
+                    (Err(e), _) => Err(e.to_string()),
+                    (_, Err(e)) => Err(format!("end capture: {e}")),
+                    (_, Ok(None)) => Err("end capture: empty graph".into()),
+                }
+            }
+        };
+        match outcome {
+            Ok(g) => self.graph = Some(Graph(g)),
+            Err(why) => {
+                self.use_graph = false;
+                self.capture_failure = Some(why);
+            }
         }
     }
 

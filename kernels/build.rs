@@ -1,6 +1,7 @@
-//! Build script: with the `cuda` feature, compiles `cuda/decode.cu` with nvcc
-//! (`$CUDA_ROOT/bin/nvcc`, else `nvcc` on PATH) into a fat binary holding machine code for
-//! `CUDA_COMPUTE_CAP` (default 90) and its PTX (so newer GPUs can JIT it; no JIT on the target).
+//! Build script: with the `cuda` feature, compiles `cuda/decode.cu` (and the `quant.cuh` it
+//! includes) with nvcc (`$CUDA_ROOT/bin/nvcc`, else `nvcc` on PATH) into a fat binary holding
+//! machine code for `CUDA_COMPUTE_CAP` (default 90) and its PTX (so newer GPUs can JIT it; no
+//! JIT on the target).
 //! Without the feature it does nothing.
 use std::path::PathBuf;
 use std::process::Command;
@@ -8,6 +9,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=cuda/decode.cu");
+    println!("cargo:rerun-if-changed=cuda/quant.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_ROOT");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

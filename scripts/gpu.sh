@@ -11,12 +11,15 @@
 #                                  but small-qwen2's, which tests/tiers.rs reads). For the call,
 #                                  move tests/fixtures (and models/) out of the working tree;
 #                                  `run` unpacks the subset there. Restore them afterwards.
+#   scripts/gpu.sh kbench [DEST]   build the kernels' micro-benchmark (kernels/cuda/bench.cu) into
+#                                  DEST/kbench.xz (`pack` does this too)
 #   scripts/gpu.sh lcpp [DEST]     pack llama.cpp's sources (from the oracle's llama-cpp-python
 #                                  sdist, pruned to what llama-bench needs) into DEST/lcpp-src.txz
 #   bash .gpu/gpu.sh run [STEP...] on the GPU machine, from the repository root (where the device
 #                                  tool runs): unpack, then run each STEP (default: tests profile
 #                                  bench8b):
 #       tests     the CUDA cases of the fixture suites (--test-threads=1)
+#       kbench    the decode kernels' micro-benchmark: µs, GB/s and error per shape and variant
 #       profile   hypura profile --reprofile (GPU memory, PCIe and device bandwidth, disk)
 #       lcpp      start building llama.cpp with CUDA in the background (log: $OUT/lcpp-build.log)
 #       bench8b   synth llama-3-8b Q4_K_M; plan; hypura bench pp512/tg128 ×3; the bound =
@@ -25,6 +28,8 @@
 #                 and 8 GiB RAM budget: plan, run once (learns co-activation), then bench (tg
 #                 tok/s with the expert caches' hit rates over the tg runs)
 #       l70       synth llama-3-70b Q4_K_M (~40 GB); same budgets: plan, run with --stats
+#       depth8b   synth 8B: hypura bench and llama-bench at depth 4096 (-d: the cache holds 4096
+#                 tokens when each test starts)
 #       prof8b    GPU time per kernel of one fused decode step of the 8B (and ncu's view)
 #       ramc8b    the 8B under a 3 GiB device budget: RAM-tier layers uploaded vs on the host
 #       clean     delete the synthetic models (the machine's disk holds one big model at a time)
@@ -65,9 +70,19 @@ for line in sys.stdin:
       strip -o "$dest/$name" "$exe" && xz -T2 -9 -f "$dest/$name"
     done
   strip -o "$dest/hypura" "$CARGO_TARGET_DIR/release/hypura" && xz -T2 -9 -f "$dest/hypura"
+  kbench "$dest"
   cp scripts/gpu.sh "$dest/gpu.sh"
   readelf -d "$CARGO_TARGET_DIR/release/hypura" | grep NEEDED | sed 's/^/  /'
   du -ch "$dest"/* | tail -n 1
+}
+
+kbench() { # the kernels' micro-benchmark (kernels/cuda/bench.cu), static CUDA runtime
+  local dest=${1:-.gpu}
+  local here; here=$(cd "$(dirname "$0")/.." && pwd)
+  # shellcheck disable=SC1091
+  [ -n "${CUDA_ROOT:-}" ] || source "${HYPURA_CUDA_ENV:-$here/../shared/cuda/env.sh}"
+  nvcc -O3 -std=c++17 -arch="sm_${CUDA_COMPUTE_CAP:-90}" -L"$CUDA_ROOT/lib" -cudart static \
+    -o "$dest/kbench" "$here/kernels/cuda/bench.cu" && xz -T2 -9 -f "$dest/kbench"
 }
 
 lcpp() { # pruned llama.cpp sources for a CUDA llama-bench build on the GPU machine
@@ -159,6 +174,7 @@ run() {
         # (see hypura::backend::configure_cuda and hypura::backend::FusedDecode).
         HYPURA_CUDA_DECODE=candle HYPURA_CUDA_MATVEC=exact step test-fidelity-candle-exact \
           "$bin/fidelity" cuda --test-threads=1 ;;
+      kbench) TAIL=60 step kbench "$bin/kbench" ;;
       profile)
         step profile "$bin/hypura" profile --dir "$M" --reprofile
         "$bin/hypura" profile --dir "$M" --json >"$OUT/profile.json" ;;
@@ -193,6 +209,13 @@ run() {
         else
           echo "llama-bench not built yet"; tail -n 3 "$OUT/lcpp-build.log" 2>/dev/null || true
         fi ;;
+      depth8b) # decode deep into a context: -d 4096 (llama-bench's depth), both engines
+        [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
+        TAIL=4 step bench8b-d4096 "$bin/hypura" bench -m "$M/l8b.gguf" -p 512 -n 128 -d 4096 -r 3
+        if [ -x /tmp/lcpp/build/bin/llama-bench ]; then
+          step llama-bench8b-d4096 /tmp/lcpp/build/bin/llama-bench -m "$M/l8b.gguf" -p 512 -n 128 \
+            -d 4096 -r 3 -ngl 99 -o md
+        fi ;;
       prof8b) # per-kernel GPU time of one fused decode step (positions 8 and 100), and ncu's view
         [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
         for p in 8 100; do
@@ -211,9 +234,9 @@ run() {
           TAIL=4 step "bench-ramc-$rc" "$bin/hypura" bench -m "$M/l8b.gguf" -c 512 --device-budget 3GiB \
             --ram-compute "$rc" -p 64 -n 32 -r 2
         done ;;
-      llama8b)
+      llama8b) # wait for the background llama.cpp build (up to 6 minutes), then llama-bench
         [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
-        for _ in $(seq 60); do [ -x /tmp/lcpp/build/bin/llama-bench ] && break; sleep 5; done
+        for _ in $(seq 72); do [ -x /tmp/lcpp/build/bin/llama-bench ] && break; sleep 5; done
         tail -n 2 "$OUT/lcpp-build.log"
         step llama-bench8b /tmp/lcpp/build/bin/llama-bench -m "$M/l8b.gguf" -p 512 -n 128 -r 3 -ngl 99 -o md ;;
       moe)
@@ -241,6 +264,7 @@ case $cmd in
   pack) pack "$@" ;;
   fixtures) fixtures "$@" ;;
   lcpp) lcpp "$@" ;;
+  kbench) kbench "$@" ;;
   run) run "$@" ;;
-  *) sed -n '2,34p' "$0"; exit 2 ;;
+  *) sed -n '2,40p' "$0"; exit 2 ;;
 esac

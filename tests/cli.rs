@@ -200,6 +200,23 @@ fn bench_prints_a_table_and_json() {
         j["pp_tok_s"].as_f64().unwrap() > 0.0 && j["tg_tok_s"].as_f64().unwrap() > 0.0,
         "{j}"
     );
+    // -d: both tests start deep in a context (the bundled model's cache must hold d + n).
+    let out = hypura(&[
+        "bench",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-d",
+        "40",
+        "-r",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t = text(&out.stdout);
+    assert!(t.contains("pp16 @ d40") && t.contains("tg4 @ d40"), "{t}");
 }
 
 #[test]

@@ -8,6 +8,7 @@ mod common;
 use candle_core::Device;
 use common::*;
 use hypura::gguf::{ModelFiles, TensorType};
+use hypura::models::{LanguageModel, Logits, Transformer};
 
 /// Whether the fused decoder must take this file: a dense model whose matrices are all in a
 /// format its kernels read (float weights run as F32).
@@ -89,4 +90,55 @@ fn cuda_fused_decode_matches_candle_and_llama_cpp() {
         n_fused += 1;
     }
     assert!(n_fused >= 3, "only {n_fused} fixtures ran fused");
+}
+
+/// Decode steps where a head's keys are split over blocks and merged, and where the decoder
+/// switches to its long-context attention (and second graph) past 512 keys: fused steps against
+/// candle's ops on the same GPU, at positions 250..=270 and 500..=520 of a 1024-token context.
+#[test]
+fn cuda_fused_decode_long_contexts_match_candle() {
+    let device = Device::new_cuda(0).expect("CUDA device 0");
+    let gguf = fixture_models()
+        .into_iter()
+        .find(|g| eligible(g) && g.to_string_lossy().contains("small-llama-Q4_K_M"))
+        .expect("the small-llama Q4_K_M fixture");
+    let r = reference(&gguf);
+    let mut fused = load(&gguf, &device, 1024);
+    assert!(
+        fused.decode_path().starts_with("fused"),
+        "{}",
+        fused.decode_path()
+    );
+    let mut plain = load(&gguf, &device, 1024);
+    plain.disable_fused_decode();
+    for n_prompt in [250, 500] {
+        // The fixture's prompt repeated to n_prompt tokens, then 21 of its greedy tokens.
+        let prompt: Vec<u32> = ids(&r["fixed_prompt"]["ids"])
+            .into_iter()
+            .cycle()
+            .take(n_prompt)
+            .collect();
+        let steps: Vec<u32> = ids(&r["fixed_prompt"]["greedy_ids"])
+            .into_iter()
+            .cycle()
+            .take(21)
+            .collect();
+        let run = |model: &mut Transformer| -> Vec<Vec<f32>> {
+            model.reset();
+            model.forward(&prompt, Logits::Last).unwrap();
+            steps
+                .iter()
+                .map(|&id| {
+                    let l = model.forward(&[id], Logits::Last).unwrap();
+                    l.to_vec2::<f32>().unwrap().remove(0)
+                })
+                .collect()
+        };
+        let c = compare(&run(&mut fused), &run(&mut plain));
+        eprintln!(
+            "positions {n_prompt}..={}: fused vs candle {c:?}",
+            n_prompt + 20
+        );
+        assert_close("fused vs candle decode at long contexts", &gguf, &c);
+    }
 }

@@ -4,250 +4,21 @@
 // preallocated buffers; the token id and position are read from device memory (`step`), so the
 // whole step can be captured once into a CUDA graph and replayed for every token.
 //
-// Activations are F32; weights stay in ggml's block layout and are decoded in registers. Q4_K
-// rows (most of a Q4_K_M file) multiply int8 copies of the activations with dp4a, as llama.cpp's
-// CUDA mat-vec kernels do (each kernel that produces a mat-vec input also writes that copy);
-// Q6_K, Q8_0 and F32 rows use the F32 activations. What each kernel costs on an H200, and why
-// it is shaped this way, is in docs/cuda.md.
+// Activations are F32; weights stay in ggml's block layout and are decoded in registers
+// (quant.cuh). Q4_K and Q6_K rows (all of a Q4_K_M file) multiply int8 copies of the
+// activations with dp4a, as llama.cpp's CUDA mat-vec kernels do: each kernel that produces a
+// mat-vec input also writes that copy. Q8_0 and F32 rows use the F32 activations. What each
+// kernel costs on an H200, and why it is shaped this way, is in docs/cuda.md; bench.cu times
+// the variants.
 //
-// Per layer (9 launches): rms_norm, matvec_qkv, rope_kv, attention, matvec (o, + residual),
-// rms_norm, matvec_swiglu, quantize_q8, matvec (down, + residual).
+// Per layer (8 launches): rms_norm, matvec_qkv, attention (with RoPE and the KV-cache write),
+// matvec (o, + residual), rms_norm, matvec_swiglu, quantize_q8, matvec (down, + residual).
 //
 // Conventions: `step[0]` = token id, `step[1]` = position of that token (= tokens already cached).
 // Matrices are row-major `[rows, cols]`, one row per output; `y[r] = dot(W[r], x) (+ bias[r])
 // (+ res[r])`, where `res` may alias `y` (the residual stream updated in place).
 
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-#define WARP 32
-#define MV_WARPS 4 // rows (one warp each) per matvec block
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float f16_at(const uint8_t* p) {
-  return __half2float(*reinterpret_cast<const __half*>(p));
-}
-
-// Integer → float without the (quarter-rate) conversion instruction: byte k of `v` placed in
-// the low mantissa bits of 2^23 gives the float 2^23 + byte, exactly; the caller subtracts 2^23
-// (plus any zero point). `__byte_perm` selector 0x754k builds the bytes [v.k, 0, 0, 0x4B].
-#define BYTE_F(v, k) __int_as_float(__byte_perm((v), 0x4B000000u, 0x7540u + (k)))
-#define TWO23 8388608.f
-
-// ggml type ids the kernels read.
-#define T_F32 0
-#define T_Q8_0 8
-#define T_Q4_K 12
-#define T_Q6_K 14
-
-__device__ __forceinline__ size_t row_bytes(int ty, int cols) {
-  switch (ty) {
-    case T_Q4_K: return (size_t)(cols / 256) * 144;
-    case T_Q6_K: return (size_t)(cols / 256) * 210;
-    case T_Q8_0: return (size_t)(cols / 32) * 34;
-    default: return (size_t)cols * 4;
-  }
-}
-
-// ---- Q4_K: 256 weights in 144 bytes: d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 of nibbles.
-
-__device__ __forceinline__ void q4k_scale_min(int j, const uint8_t* s, float& sc, float& m) {
-  if (j < 4) {
-    sc = s[j] & 63;
-    m = s[j + 4] & 63;
-  } else {
-    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-    m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-  }
-}
-
-// Activations quantized to int8 in blocks of 32, as llama.cpp's CUDA mat-vec kernels use them:
-// value i is q[i] * d[i / 32]; s[i / 32] = d * Σq over the block (for the Q4_K min term).
-struct Q8x {
-  const int8_t* __restrict__ q;
-  const float* __restrict__ d;
-  const float* __restrict__ s;
-};
-
-// Byte k (0..11) of the Q4_K scales held in words y, z, w (header bytes 4..16).
-__device__ __forceinline__ uint32_t q4k_byte(int k, uint32_t y, uint32_t z, uint32_t w) {
-  const uint32_t word = k < 4 ? y : (k < 8 ? z : w);
-  return (word >> (8 * (k & 3))) & 0xFF;
-}
-
-// ggml's get_scale_min_k4 for sub-block k (0..7), from the header words.
-__device__ __forceinline__ void q4k_sm(int k, uint32_t y, uint32_t z, uint32_t w, float& sc,
-                                       float& m) {
-  const uint32_t a = q4k_byte(k < 4 ? k : k - 4, y, z, w); // scales[k] or scales[k-4]
-  const uint32_t b = q4k_byte(k < 4 ? k + 4 : k, y, z, w); // scales[k+4] or scales[k]
-  const uint32_t c = q4k_byte(k + 4 < 12 ? k + 4 : 11, y, z, w); // scales[k+4] (k ≥ 4)
-  sc = k < 4 ? (float)(a & 63) : (float)((c & 0xF) | ((a >> 6) << 4));
-  m = k < 4 ? (float)(b & 63) : (float)((c >> 4) | ((b >> 6) << 4));
-}
-
-// This lane's part of dot(row, x) with int8 activations: 8 lanes per super-block, 4
-// super-blocks per warp iteration. Lane chunk c (16 bytes of nibbles) holds positions
-// 16*(c&1)..+16 of sub-blocks 2j (low nibbles) and 2j+1 (high nibbles), j = c>>1: four dp4a
-// each. Sub-block k lines up with activation block 8b + k.
-__device__ __forceinline__ float dot_q4_k(const uint8_t* __restrict__ wr, Q8x x, int cols) {
-  const int lane = threadIdx.x, c = lane & 7, j = c >> 1, h = c & 1;
-  const int nb = cols / 256;
-  float acc = 0.f;
-#pragma unroll 2
-  for (int b = lane >> 3; b < nb; b += 4) {
-    const uint8_t* blk = wr + (size_t)b * 144;
-    const uint4 hd = *reinterpret_cast<const uint4*>(blk); // d, dmin, scales[12]
-    const uint4 qv = *reinterpret_cast<const uint4*>(blk + 16 + c * 16);
-    const int8_t* xq = x.q + b * 256 + j * 64 + h * 16;
-    const int4 xl = *reinterpret_cast<const int4*>(xq);
-    const int4 xh = *reinterpret_cast<const int4*>(xq + 32);
-    const int xb = b * 8 + 2 * j;
-    const float2 dm = __half22float2(*reinterpret_cast<const __half2*>(&hd.x));
-    float sc0, m0, sc1, m1;
-    q4k_sm(2 * j, hd.y, hd.z, hd.w, sc0, m0);
-    q4k_sm(2 * j + 1, hd.y, hd.z, hd.w, sc1, m1);
-    int dl = 0, dh = 0;
-    dl = __dp4a((int)(qv.x & 0x0F0F0F0Fu), xl.x, dl);
-    dl = __dp4a((int)(qv.y & 0x0F0F0F0Fu), xl.y, dl);
-    dl = __dp4a((int)(qv.z & 0x0F0F0F0Fu), xl.z, dl);
-    dl = __dp4a((int)(qv.w & 0x0F0F0F0Fu), xl.w, dl);
-    dh = __dp4a((int)((qv.x >> 4) & 0x0F0F0F0Fu), xh.x, dh);
-    dh = __dp4a((int)((qv.y >> 4) & 0x0F0F0F0Fu), xh.y, dh);
-    dh = __dp4a((int)((qv.z >> 4) & 0x0F0F0F0Fu), xh.z, dh);
-    dh = __dp4a((int)((qv.w >> 4) & 0x0F0F0F0Fu), xh.w, dh);
-    acc += dm.x * (sc0 * x.d[xb] * (float)dl + sc1 * x.d[xb + 1] * (float)dh);
-    // The min term covers whole sub-blocks: counted once, by the lane with the first half.
-    if (h == 0) acc -= dm.y * (m0 * x.s[xb] + m1 * x.s[xb + 1]);
-  }
-  return acc;
-}
-
-__device__ __forceinline__ float q4k_at(const uint8_t* row, int i) {
-  const uint8_t* blk = row + (size_t)(i / 256) * 144;
-  const int r = i % 256, j = r / 64, l = r % 32, hi = (r % 64) >= 32;
-  float sc, m;
-  q4k_scale_min(2 * j + hi, blk + 4, sc, m);
-  const uint8_t q = blk[16 + 32 * j + l];
-  return f16_at(blk) * sc * (hi ? (q >> 4) : (q & 0xF)) - f16_at(blk + 2) * m;
-}
-
-// ---- Q6_K: 256 weights in 210 bytes: ql[128] low nibbles, qh[64] high 2 bits, int8 scales[16], d.
-
-// One super-block per warp iteration; lane i takes positions 4i..4i+3 of each 128-half n
-// (coalesced x loads). Position 128n + 32q + l: low bits from nibble q/2 of ql byte
-// 64n + 32(q&1) + l, high bits 2q.. of qh byte 32n + l, scale 8n + l/16 + 2q. Super-blocks are
-// only 2-byte aligned: 16-bit loads.
-__device__ __forceinline__ uint32_t ld_u32_a2(const uint8_t* p) {
-  const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
-  return (uint32_t)h[0] | ((uint32_t)h[1] << 16);
-}
-
-__device__ __forceinline__ float dot_q6_k(const uint8_t* __restrict__ wr,
-                                          const float* __restrict__ x, int cols) {
-  const int lane = threadIdx.x, q = lane >> 3, l = 4 * (lane & 7);
-  const int ql = 32 * (q & 1) + l, nib = 4 * (q >> 1), hs = 2 * q;
-  const int si = 192 + (l >> 4) + 2 * q;
-  const int nb = cols / 256;
-  const float Z = TWO23 + 32.f; // 2^23 and the zero point 32
-  float acc = 0.f;
-#pragma unroll 2
-  for (int b = 0; b < nb; ++b) {
-    const uint8_t* blk = wr + (size_t)b * 210;
-    float part = 0.f;
-#pragma unroll
-    for (int n = 0; n < 2; ++n) {
-      const uint32_t lo = (ld_u32_a2(blk + 64 * n + ql) >> nib) & 0x0F0F0F0Fu;
-      const uint32_t hi = ((ld_u32_a2(blk + 128 + 32 * n + l) >> hs) & 0x03030303u) << 4;
-      const uint32_t v = lo | hi;
-      const float4 a = *reinterpret_cast<const float4*>(x + b * 256 + 128 * n + 4 * lane);
-      const float dot = a.x * (BYTE_F(v, 0) - Z) + a.y * (BYTE_F(v, 1) - Z) +
-                        a.z * (BYTE_F(v, 2) - Z) + a.w * (BYTE_F(v, 3) - Z);
-      part += (float)reinterpret_cast<const int8_t*>(blk)[si + 8 * n] * dot;
-    }
-    acc += f16_at(blk + 208) * part;
-  }
-  return acc;
-}
-
-__device__ __forceinline__ float q6k_at(const uint8_t* row, int i) {
-  const uint8_t* blk = row + (size_t)(i / 256) * 210;
-  const int r = i % 256, n = r / 128, quarter = (r % 128) / 32, l = r % 32;
-  const uint8_t lo = blk[64 * n + l + (quarter & 1) * 32];
-  const uint8_t h = blk[128 + 32 * n + l];
-  const int q = ((quarter >= 2 ? (lo >> 4) : (lo & 0xF)) | (((h >> (2 * quarter)) & 3) << 4)) - 32;
-  const int8_t sc = reinterpret_cast<const int8_t*>(blk + 192)[8 * n + l / 16 + 2 * quarter];
-  return f16_at(blk + 208) * sc * q;
-}
-
-// ---- Q8_0: 32 weights in 34 bytes: d (f16), int8 qs[32].
-
-// 8 lanes per block, 4 weights each (two 16-bit loads: blocks are only 2-byte aligned).
-__device__ __forceinline__ float dot_q8_0(const uint8_t* __restrict__ wr,
-                                          const float* __restrict__ x, int cols) {
-  const int lane = threadIdx.x, c = lane & 7;
-  const int nb = cols / 32;
-  const float Z = TWO23 + 128.f; // 2^23 and the offset that makes int8 unsigned
-  float acc = 0.f;
-#pragma unroll 4
-  for (int b = lane >> 3; b < nb; b += 4) {
-    const uint8_t* blk = wr + (size_t)b * 34;
-    const uint16_t* qs = reinterpret_cast<const uint16_t*>(blk + 2 + 4 * c);
-    const uint32_t v = ((uint32_t)qs[0] | ((uint32_t)qs[1] << 16)) ^ 0x80808080u;
-    const float4 a = *reinterpret_cast<const float4*>(x + b * 32 + 4 * c);
-    const float dot = a.x * (BYTE_F(v, 0) - Z) + a.y * (BYTE_F(v, 1) - Z) +
-                      a.z * (BYTE_F(v, 2) - Z) + a.w * (BYTE_F(v, 3) - Z);
-    acc += f16_at(blk) * dot;
-  }
-  return acc;
-}
-
-__device__ __forceinline__ float q8_0_at(const uint8_t* row, int i) {
-  const uint8_t* blk = row + (size_t)(i / 32) * 34;
-  return f16_at(blk) * (float)reinterpret_cast<const int8_t*>(blk + 2)[i % 32];
-}
-
-// ---- F32 (dense weights; `cols` a multiple of 4 and rows 16-byte aligned).
-
-__device__ __forceinline__ float dot_f32(const uint8_t* __restrict__ wr,
-                                         const float* __restrict__ x, int cols) {
-  const float4* w4 = reinterpret_cast<const float4*>(wr);
-  const float4* x4 = reinterpret_cast<const float4*>(x);
-  float acc = 0.f;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < cols / 4; i += WARP) {
-    const float4 a = w4[i], b = x4[i];
-    acc += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
-  }
-  return acc;
-}
-
-// dot(W[row], x) of a matrix of type `ty`, summed over the warp (every lane gets it). Q4_K
-// rows read the int8 activations `xq`, every other type the F32 ones `x`.
-__device__ __forceinline__ float row_dot(const uint8_t* __restrict__ w, int ty, int row,
-                                         const float* __restrict__ x, Q8x xq, int cols) {
-  const uint8_t* wr = w + (size_t)row * row_bytes(ty, cols);
-  float acc;
-  switch (ty) {
-    case T_Q4_K: acc = dot_q4_k(wr, xq, cols); break;
-    case T_Q6_K: acc = dot_q6_k(wr, x, cols); break;
-    case T_Q8_0: acc = dot_q8_0(wr, x, cols); break;
-    default: acc = dot_f32(wr, x, cols); break;
-  }
-  return warp_sum(acc);
-}
-
-#define LEAD (threadIdx.x == 0 && threadIdx.y == 0)
+#include "quant.cuh"
 
 // The warp's 32 values (element i = 32·blk + lane) into int8 block `blk` (see Q8x).
 __device__ __forceinline__ void warp_quantize(float v, int i, int8_t* q, float* d, float* s) {
@@ -270,59 +41,143 @@ extern "C" __global__ void quantize_q8(const float* __restrict__ x, int8_t* __re
   warp_quantize(x[i], i, q, d, s);
 }
 
-// y = W x (+ bias) (+ res); one warp per row.
-extern "C" __global__ void matvec(const uint8_t* __restrict__ w, int ty,
-                                  const float* __restrict__ x, const int8_t* xq,
-                                  const float* xd, const float* xs, float* y, int rows,
-                                  int cols, const float* bias, const float* res) {
-  const int row = blockIdx.x * MV_WARPS + threadIdx.y;
-  if (row >= rows) return;
-  float acc = row_dot(w, ty, row, x, Q8x{xq, xd, xs}, cols);
-  if (threadIdx.x == 0) {
-    if (bias) acc += bias[row];
-    if (res) acc += res[row];
-    y[row] = acc;
+// ---- Mat-vecs. A block is MV_WARPS warps: MV_WARPS / KS groups of KS warps, each group R
+// consecutive rows (the host picks R and KS from the row count: kernels `<name>_<R>_<KS>`).
+
+#define MV_WARPS 4
+
+template <int R, int KS>
+__device__ __forceinline__ int mv_first_row() {
+  return (blockIdx.x * (MV_WARPS / KS) + threadIdx.y / KS) * R;
+}
+
+// Sums each lane's partials over the warp and the group's KS warps. Returns true in lanes
+// i < R of the group's first warp, with row i's total in `total`. Every thread of the block
+// must call it (it synchronizes the block when KS > 1).
+template <int R, int KS>
+__device__ __forceinline__ bool mv_combine(float (&acc)[R], float& total) {
+  __shared__ float red[MV_WARPS][R];
+  const int lane = threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < R; ++i) acc[i] = warp_sum(acc[i]);
+  if (KS == 1) {
+    total = acc[0];
+#pragma unroll
+    for (int i = 1; i < R; ++i)
+      if (lane == i) total = acc[i];
+    return lane < R;
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) red[threadIdx.y][i] = acc[i];
+  }
+  __syncthreads();
+  if (threadIdx.y % KS != 0 || lane >= R) return false;
+  total = 0.f;
+#pragma unroll
+  for (int k = 0; k < KS; ++k) total += red[threadIdx.y + k][lane];
+  return true;
+}
+
+// y = W x (+ bias) (+ res). `rows` is a multiple of R.
+template <int R, int KS>
+__device__ __forceinline__ void matvec_t(const uint8_t* __restrict__ w, int ty,
+                                         const float* __restrict__ x, Q8x xq, float* y,
+                                         int rows, int cols, const float* bias,
+                                         const float* res) {
+  const int row = mv_first_row<R, KS>();
+  float acc[R] = {};
+  if (row < rows) rows_dot<R, KS>(w, ty, row, x, xq, cols, threadIdx.y % KS, acc);
+  float t;
+  if (mv_combine<R, KS>(acc, t) && row < rows) {
+    const int r = row + threadIdx.x;
+    if (bias) t += bias[r];
+    if (res) t += res[r];
+    y[r] = t;
   }
 }
 
-// q, k and v of one token in one launch: rows [0, rq) are q's, then k's, then v's.
-extern "C" __global__ void matvec_qkv(const float* __restrict__ x, const int8_t* xq,
-                                      const float* xd, const float* xs, int cols,
-                                      const uint8_t* __restrict__ wq, int tq, float* yq,
-                                      const float* bq, int rq,
-                                      const uint8_t* __restrict__ wk, int tk, float* yk,
-                                      const float* bk, int rk,
-                                      const uint8_t* __restrict__ wv, int tv, float* yv,
-                                      const float* bv, int rv) {
-  int row = blockIdx.x * MV_WARPS + threadIdx.y;
+// q, k and v of one token in one launch: rows [0, rq) are q's, then k's, then v's (each count
+// a multiple of R).
+template <int R, int KS>
+__device__ __forceinline__ void matvec_qkv_t(const float* __restrict__ x, Q8x xq, int cols,
+                                             const uint8_t* wq, int tq, float* yq,
+                                             const float* bq, int rq, const uint8_t* wk,
+                                             int tk, float* yk, const float* bk, int rk,
+                                             const uint8_t* wv, int tv, float* yv,
+                                             const float* bv, int rv) {
+  int row = mv_first_row<R, KS>();
   const uint8_t* w = wq;
   int ty = tq;
   float* y = yq;
   const float* b = bq;
+  bool live = true;
   if (row >= rq) {
     row -= rq;
     w = wk, ty = tk, y = yk, b = bk;
     if (row >= rk) {
       row -= rk;
       w = wv, ty = tv, y = yv, b = bv;
-      if (row >= rv) return;
+      live = row < rv;
     }
   }
-  float acc = row_dot(w, ty, row, x, Q8x{xq, xd, xs}, cols);
-  if (threadIdx.x == 0) y[row] = b ? acc + b[row] : acc;
+  float acc[R] = {};
+  if (live) rows_dot<R, KS>(w, ty, row, x, xq, cols, threadIdx.y % KS, acc);
+  float t;
+  if (mv_combine<R, KS>(acc, t) && live) {
+    const int r = row + threadIdx.x;
+    y[r] = b ? t + b[r] : t;
+  }
 }
 
-// The SwiGLU hidden state: out[r] = silu(gate[r] · x) * (up[r] · x).
-extern "C" __global__ void matvec_swiglu(const float* __restrict__ x, const int8_t* xq,
-                                         const float* xd, const float* xs, int cols,
-                                         const uint8_t* __restrict__ wg, int tg,
-                                         const uint8_t* __restrict__ wu, int tu,
-                                         float* __restrict__ out, int rows) {
+#define MV_ARGS                                                                             \
+  const uint8_t *__restrict__ w, int ty, const float *__restrict__ x, const int8_t *xq,     \
+      const float *xd, const float *xs, float *y, int rows, int cols, const float *bias,    \
+      const float *res
+#define QKV_ARGS                                                                            \
+  const float *__restrict__ x, const int8_t *xq, const float *xd, const float *xs, int cols, \
+      const uint8_t *wq, int tq, float *yq, const float *bq, int rq, const uint8_t *wk,      \
+      int tk, float *yk, const float *bk, int rk, const uint8_t *wv, int tv, float *yv,      \
+      const float *bv, int rv
+#define MATVEC_KERNELS(R, KS)                                                               \
+  extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS) matvec_##R##_##KS(MV_ARGS) { \
+    matvec_t<R, KS>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res);                   \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)                              \
+      matvec_qkv_##R##_##KS(QKV_ARGS) {                                                     \
+    matvec_qkv_t<R, KS>(x, Q8x{xq, xd, xs}, cols, wq, tq, yq, bq, rq, wk, tk, yk, bk, rk,   \
+                        wv, tv, yv, bv, rv);                                                \
+  }
+
+MATVEC_KERNELS(1, 1)
+MATVEC_KERNELS(1, 2)
+MATVEC_KERNELS(2, 1)
+MATVEC_KERNELS(2, 2)
+
+// The SwiGLU hidden state: out[r] = silu(gate[r] · x) * (up[r] · x); one warp per row. Two Q4_K
+// rows run interleaved, with two warp iterations of loads in flight.
+extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
+    matvec_swiglu(const float* __restrict__ x, const int8_t* xq, const float* xd,
+                  const float* xs, int cols, const uint8_t* __restrict__ wg, int tg,
+                  const uint8_t* __restrict__ wu, int tu, float* __restrict__ out, int rows) {
   const int row = blockIdx.x * MV_WARPS + threadIdx.y;
   if (row >= rows) return;
   const Q8x q8{xq, xd, xs};
-  const float g = row_dot(wg, tg, row, x, q8, cols);
-  const float u = row_dot(wu, tu, row, x, q8, cols);
+  float g, u;
+  if (tg == T_Q4_K && tu == T_Q4_K) {
+    const size_t rb = row_bytes(T_Q4_K, cols);
+    const uint8_t* const rs[2] = {wg + row * rb, wu + row * rb};
+    float acc[2] = {};
+    dot_q4_k<2, 2, 1>(rs, q8, cols / 256, 0, acc);
+    g = warp_sum(acc[0]);
+    u = warp_sum(acc[1]);
+  } else {
+    float a[1] = {}, c[1] = {};
+    rows_dot<1, 1>(wg, tg, row, x, q8, cols, 0, a);
+    rows_dot<1, 1>(wu, tu, row, x, q8, cols, 0, c);
+    g = warp_sum(a[0]);
+    u = warp_sum(c[0]);
+  }
   if (threadIdx.x == 0) out[row] = g / (1.f + expf(-g)) * u;
 }
 
@@ -336,36 +191,31 @@ extern "C" __global__ void matvec_swiglu(const float* __restrict__ x, const int8
       x[i] = AT(row, i);                                                                     \
   }
 
-__device__ __forceinline__ float f32_at(const uint8_t* row, int i) {
-  return reinterpret_cast<const float*>(row)[i];
-}
-
 EMBED(embed_q4_k, (size_t)(cols / 256) * 144, q4k_at)
 EMBED(embed_q6_k, (size_t)(cols / 256) * 210, q6k_at)
 EMBED(embed_q8_0, (size_t)(cols / 32) * 34, q8_0_at)
 EMBED(embed_f32, (size_t)cols * 4, f32_at)
 
-// ---- RMS norm: out = x / sqrt(mean(x²) + eps) * w, and out as int8 blocks. One block of
-// 1024 threads.
+// ---- RMS norm: out = x / sqrt(mean(x²) + eps) * w, and out as int8 blocks (q, d, s; see
+// Q8x). One block: `rms_norm4` (n a multiple of 128) takes a float4 per thread and step, 8
+// lanes per int8 block; `rms_norm` (n a multiple of 32) one float, a warp per int8 block.
 
-// Also writes `out` as int8 blocks (q, d, s; see Q8x): n is a multiple of 32.
+// Σ v over the block, in every thread (`part` holds 32 floats of shared memory).
+__device__ __forceinline__ float block_sum(float v, float* part) {
+  const int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
+  v = warp_sum(v);
+  if (lane == 0) part[wid] = v;
+  __syncthreads();
+  return warp_sum(lane < blockDim.x / WARP ? part[lane] : 0.f);
+}
+
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     float* __restrict__ out, int n, float eps, int8_t* q,
                                     float* d, float* qs) {
   __shared__ float part[32];
   float s = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i] * x[i];
-  s = warp_sum(s);
-  const int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP;
-  if (lane == 0) part[wid] = s;
-  __syncthreads();
-  if (wid == 0) {
-    s = lane < blockDim.x / WARP ? part[lane] : 0.f;
-    s = warp_sum(s);
-    if (lane == 0) part[0] = s;
-  }
-  __syncthreads();
-  const float scale = rsqrtf(part[0] / n + eps);
+  const float scale = rsqrtf(block_sum(s, part) / n + eps);
   for (int i = threadIdx.x; i < n; i += blockDim.x) { // whole warps (n % 32 == 0)
     const float v = x[i] * scale * w[i];
     out[i] = v;
@@ -373,80 +223,170 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
   }
 }
 
-// ---- RoPE on q (in place) and k, and this token's k, v into the cache.
-// Grid: n_head + n_head_kv blocks. Caches are [n_head_kv, n_ctx, hd].
-// style 0: interleaved pairs (2i, 2i+1); style 1: half-split pairs (i, i + rope_dim/2).
-
-extern "C" __global__ void rope_kv(float* q, const float* __restrict__ k,
-                                   const float* __restrict__ v, float* kc, float* vc,
-                                   const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                                   const uint32_t* step, int n_head, int hd, int rope_dim,
-                                   int style, int n_ctx) {
-  const int pos = step[1], half = rope_dim / 2, hh = blockIdx.x;
-  const bool is_q = hh < n_head;
-  const int kvh = hh - n_head;
-  const float* src = is_q ? q + (size_t)hh * hd : k + (size_t)kvh * hd;
-  float* dst = is_q ? q + (size_t)hh * hd : kc + ((size_t)kvh * n_ctx + pos) * hd;
-  const float* cs = cos_t + (size_t)pos * half;
-  const float* sn = sin_t + (size_t)pos * half;
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const int i0 = style == 0 ? 2 * i : i, i1 = style == 0 ? 2 * i + 1 : i + half;
-    const float x0 = src[i0], x1 = src[i1], c = cs[i], s = sn[i];
-    dst[i0] = x0 * c - x1 * s;
-    dst[i1] = x0 * s + x1 * c;
+extern "C" __global__ void rms_norm4(const float* __restrict__ x, const float* __restrict__ w,
+                                     float* __restrict__ out, int n, float eps, int8_t* q,
+                                     float* d, float* qs) {
+  __shared__ float part[32];
+  const float4* x4 = reinterpret_cast<const float4*>(x);
+  const int n4 = n / 4;
+  float s = 0.f;
+  for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+    const float4 v = x4[i];
+    s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
   }
-  if (!is_q) {
-    for (int i = rope_dim + threadIdx.x; i < hd; i += blockDim.x) dst[i] = src[i];
-    float* vd = vc + ((size_t)kvh * n_ctx + pos) * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) vd[i] = v[(size_t)kvh * hd + i];
+  const float scale = rsqrtf(block_sum(s, part) / n + eps);
+  for (int i = threadIdx.x; i < n4; i += blockDim.x) { // whole warps (n4 % 32 == 0)
+    const float4 v = x4[i], g = reinterpret_cast<const float4*>(w)[i];
+    const float4 o = make_float4(v.x * scale * g.x, v.y * scale * g.y, v.z * scale * g.z,
+                                 v.w * scale * g.w);
+    reinterpret_cast<float4*>(out)[i] = o;
+    float amax = fmaxf(fmaxf(fabsf(o.x), fabsf(o.y)), fmaxf(fabsf(o.z), fabsf(o.w)));
+#pragma unroll
+    for (int m = 1; m < 8; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+    const float dq = amax / 127.f;
+    const int q0 = amax == 0.f ? 0 : __float2int_rn(o.x / dq);
+    const int q1 = amax == 0.f ? 0 : __float2int_rn(o.y / dq);
+    const int q2 = amax == 0.f ? 0 : __float2int_rn(o.z / dq);
+    const int q3 = amax == 0.f ? 0 : __float2int_rn(o.w / dq);
+    float sum = (float)(q0 + q1 + q2 + q3);
+#pragma unroll
+    for (int m = 1; m < 8; m <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+    reinterpret_cast<char4*>(q)[i] =
+        make_char4((signed char)q0, (signed char)q1, (signed char)q2, (signed char)q3);
+    if ((threadIdx.x & 7) == 0) {
+      d[i / 8] = dq;
+      qs[i / 8] = dq * sum;
+    }
   }
 }
 
-// ---- Attention for one query token over keys 0..=pos. Grid: n_head blocks of (32, ATT_WARPS).
-// (32 warps: 32 KiB of shared memory for the merge at head_dim 256.)
-// Each warp keeps an online softmax over keys w, w + ATT_WARPS, ...; the warps are merged at the
-// end. head_dim ≤ 256.
+// ---- Attention for one query token over keys 0..=pos, with RoPE. Grid: n_head blocks of
+// (32, ATT_WARPS); caches are [n_head_kv, n_ctx, hd]; head_dim ≤ 256.
+// Each block rotates its head's q and its kv head's k for this position (style 0: interleaved
+// pairs (2i, 2i+1); style 1: half-split pairs (i, i + rope_dim/2); dims ≥ rope_dim unrotated),
+// takes key `pos` from shared memory, and the first block of each kv group stores this token's
+// k and v into the cache (other blocks read only keys < pos there). Each warp keeps an online
+// softmax over runs of ATT_KEYS keys (warp w: keys 4w.., then 4(w + ATT_WARPS).., ...); the
+// warps are merged at the end. (8 warps of 48 registers: 8 blocks per SM, the chunks of a long
+// context in one wave.)
 
-#define ATT_WARPS 32
 #define ATT_MAX_PER_LANE 8
 
-// With `oq` (head_dim a multiple of 32), the output is also written as int8 blocks (Q8x).
-extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ kc,
-                                     const float* __restrict__ vc, float* __restrict__ out,
-                                     const uint32_t* step, int n_head, int n_head_kv, int hd,
-                                     int n_ctx, float scale, int8_t* oq, float* od,
-                                     float* os) {
-  __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
+// Element t of a head after RoPE with cosines `cs` and sines `sn` of this position.
+__device__ __forceinline__ float rope_at(const float* x, int t, int rope_dim, int style,
+                                         const float* cs, const float* sn) {
+  if (t >= rope_dim) return x[t];
+  const int half = rope_dim / 2;
+  const int i = style == 0 ? t / 2 : t % half;
+  const bool first = style == 0 ? (t & 1) == 0 : t < half;
+  const int i0 = style == 0 ? 2 * i : i, i1 = style == 0 ? 2 * i + 1 : i + half;
+  const float x0 = x[i0], x1 = x[i1], c = cs[i], s = sn[i];
+  return first ? x0 * c - x1 * s : x0 * s + x1 * c;
+}
+
+// How many blocks share a head's n_kv keys (each at least `chunk_min` of them, at most
+// `n_split` blocks), and how many keys each takes.
+__device__ __forceinline__ int att_splits(int n_kv, int n_split, int chunk_min, int& chunk) {
+  const int s = min(n_split, (n_kv + chunk_min - 1) / chunk_min);
+  chunk = (n_kv + s - 1) / s;
+  return s;
+}
+
+// Grid (n_head, n_split). Block (h, c) takes keys [c·chunk, (c+1)·chunk) of head h. When one
+// block covers all keys it writes the output; otherwise each writes its softmax partial (max,
+// Σ exp, unnormalized output: `part` [n_head, n_split, hd + 2]) and `attention_merge` combines
+// them. With `oq` (head_dim a multiple of 32), the output is also written as int8 blocks (Q8x).
+#define ATT_ARGS                                                                             \
+  const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,      \
+      float *kc, float *vc, float *__restrict__ out, const float *__restrict__ cos_t,          \
+      const float *__restrict__ sin_t, const uint32_t *step, int n_head, int n_head_kv, int hd, \
+      int rope_dim, int style, int n_ctx, float scale, int8_t *oq, float *od, float *os,       \
+      float *part, int n_split, int chunk_min
+
+// ATT_WARPS warps per block, ATT_KEYS keys per warp iteration (their loads in flight together).
+template <int ATT_WARPS, int ATT_KEYS>
+__device__ __forceinline__ void attention_t(ATT_ARGS) {
+  __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_f[ATT_WARPS];
   __shared__ float sm_acc[ATT_WARPS][WARP * ATT_MAX_PER_LANE];
-  const int h = blockIdx.x, kvh = h / (n_head / n_head_kv);
-  const int lane = threadIdx.x, wid = threadIdx.y;
-  const int n_kv = step[1] + 1;
-  const float* K = kc + (size_t)kvh * n_ctx * hd;
-  const float* V = vc + (size_t)kvh * n_ctx * hd;
+  __shared__ float sm_raw[2][WARP * ATT_MAX_PER_LANE];  // this token's q, k before RoPE
+  __shared__ float sm_new[3][WARP * ATT_MAX_PER_LANE];  // q, k after RoPE; v
+  const int group = n_head / n_head_kv, h = blockIdx.x, kvh = h / group, c = blockIdx.y;
+  const int lane = threadIdx.x, wid = threadIdx.y, t = wid * WARP + lane;
+  const int pos = step[1], n_kv = pos + 1;
+  int chunk;
+  const int splits = att_splits(n_kv, n_split, chunk_min, chunk);
+  if (c >= splits) return; // the whole block
+  const int j0 = c * chunk, j1 = min(n_kv, j0 + chunk);
+  float* K = kc + (size_t)kvh * n_ctx * hd;
+  float* V = vc + (size_t)kvh * n_ctx * hd;
+  if (t < hd) {
+    sm_raw[0][t] = q[(size_t)h * hd + t];
+    sm_raw[1][t] = k[(size_t)kvh * hd + t];
+    sm_new[2][t] = v[(size_t)kvh * hd + t];
+  }
+  __syncthreads();
+  if (t < hd) {
+    const float* cs = cos_t + (size_t)pos * (rope_dim / 2);
+    const float* sn = sin_t + (size_t)pos * (rope_dim / 2);
+    const float kr = rope_at(sm_raw[1], t, rope_dim, style, cs, sn);
+    sm_new[0][t] = rope_at(sm_raw[0], t, rope_dim, style, cs, sn);
+    sm_new[1][t] = kr;
+    if (h % group == 0 && c == 0) {
+      K[(size_t)pos * hd + t] = kr;
+      V[(size_t)pos * hd + t] = sm_new[2][t];
+    }
+  }
+  __syncthreads();
   float qr[ATT_MAX_PER_LANE], acc[ATT_MAX_PER_LANE];
 #pragma unroll
   for (int i = 0; i < ATT_MAX_PER_LANE; ++i) {
     const int d = lane + WARP * i;
-    qr[i] = d < hd ? q[(size_t)h * hd + d] * scale : 0.f;
+    qr[i] = d < hd ? sm_new[0][d] * scale : 0.f;
     acc[i] = 0.f;
   }
   float m = -INFINITY, l = 0.f;
-  for (int j = wid; j < n_kv; j += ATT_WARPS) {
-    const float* kj = K + (size_t)j * hd;
-    float s = 0.f;
+  for (int j = j0 + ATT_KEYS * wid; j < j1; j += ATT_KEYS * ATT_WARPS) {
+    const float* kj[ATT_KEYS];
+    const float* vj[ATT_KEYS];
+    float sc[ATT_KEYS];
 #pragma unroll
-    for (int i = 0; i < ATT_MAX_PER_LANE; ++i) {
-      const int d = lane + WARP * i;
-      if (d < hd) s += qr[i] * kj[d];
+    for (int u = 0; u < ATT_KEYS; ++u) {
+      const int jj = min(j + u, j1 - 1); // past the chunk: a valid row, weighed 0 below
+      kj[u] = jj == pos ? sm_new[1] : K + (size_t)jj * hd;
+      vj[u] = jj == pos ? sm_new[2] : V + (size_t)jj * hd;
+      sc[u] = 0.f;
     }
-    s = warp_sum(s);
-    const float m2 = fmaxf(m, s), c = expf(m - m2), p = expf(s - m2);
-    l = l * c + p;
-    const float* vj = V + (size_t)j * hd;
 #pragma unroll
     for (int i = 0; i < ATT_MAX_PER_LANE; ++i) {
       const int d = lane + WARP * i;
-      if (d < hd) acc[i] = acc[i] * c + p * vj[d];
+      if (d < hd) {
+#pragma unroll
+        for (int u = 0; u < ATT_KEYS; ++u) sc[u] += qr[i] * kj[u][d];
+      }
+    }
+    float m2 = m;
+#pragma unroll
+    for (int u = 0; u < ATT_KEYS; ++u) {
+      sc[u] = j + u < j1 ? warp_sum(sc[u]) : -INFINITY;
+      m2 = fmaxf(m2, sc[u]);
+    }
+    const float cf = expf(m - m2); // 0 on the first run (m = -inf; m2 is finite: key j)
+    float p[ATT_KEYS];
+    l *= cf;
+#pragma unroll
+    for (int u = 0; u < ATT_KEYS; ++u) {
+      p[u] = expf(sc[u] - m2); // 0 past the chunk
+      l += p[u];
+    }
+#pragma unroll
+    for (int i = 0; i < ATT_MAX_PER_LANE; ++i) {
+      const int d = lane + WARP * i;
+      if (d < hd) {
+        float a = acc[i] * cf;
+#pragma unroll
+        for (int u = 0; u < ATT_KEYS; ++u) a += p[u] * vj[u][d];
+        acc[i] = a;
+      }
     }
     m = m2;
   }
@@ -457,19 +397,60 @@ extern "C" __global__ void attention(const float* __restrict__ q, const float* _
 #pragma unroll
   for (int i = 0; i < ATT_MAX_PER_LANE; ++i) sm_acc[wid][lane + WARP * i] = acc[i];
   __syncthreads();
-  if (wid != 0) return;
-  float mm = -INFINITY;
-  for (int w = 0; w < ATT_WARPS; ++w) mm = fmaxf(mm, sm_m[w]);
-  float ll = 0.f;
-  for (int w = 0; w < ATT_WARPS; ++w) ll += sm_l[w] * expf(sm_m[w] - mm);
-#pragma unroll
-  for (int i = 0; i < ATT_MAX_PER_LANE; ++i) {
-    const int d = lane + WARP * i;
-    if (d >= hd) continue;
-    float o = 0.f;
-    for (int w = 0; w < ATT_WARPS; ++w) o += sm_acc[w][d] * expf(sm_m[w] - mm);
-    o /= ll;
-    out[(size_t)h * hd + d] = o;
-    if (oq) warp_quantize(o, h * hd + d, oq, od, os); // d < hd for the whole warp
+  // Merge (lane w < ATT_WARPS of warp 0 weighs warp w's partial softmax), then one thread per
+  // output element. Warp 0 saw key j0, so the block's max is finite.
+  float* pp = part + ((size_t)h * n_split + c) * (hd + 2);
+  if (wid == 0) {
+    const float mw = lane < ATT_WARPS ? sm_m[lane] : -INFINITY, mm = warp_max(mw);
+    const float f = mw == -INFINITY ? 0.f : expf(mw - mm); // warps that saw no key weigh 0
+    const float ll = warp_sum(lane < ATT_WARPS ? sm_l[lane] * f : 0.f);
+    if (lane < ATT_WARPS) sm_f[lane] = splits == 1 ? f / ll : f;
+    if (splits > 1 && lane == 0) {
+      pp[hd] = mm;
+      pp[hd + 1] = ll;
+    }
   }
+  __syncthreads();
+  const int dd = wid * WARP + lane; // ATT_WARPS * WARP ≥ 256 ≥ hd
+  if (dd >= hd) return; // whole warps when hd % 32 == 0 (the int8 copy needs that)
+  float o = 0.f;
+#pragma unroll 8
+  for (int w = 0; w < ATT_WARPS; ++w) o += sm_acc[w][dd] * sm_f[w];
+  if (splits > 1) {
+    pp[dd] = o;
+    return;
+  }
+  out[(size_t)h * hd + dd] = o;
+  if (oq) warp_quantize(o, h * hd + dd, oq, od, os);
+}
+
+#define ATTENTION(W, KEYS)                                                                  \
+  extern "C" __global__ void __launch_bounds__(WARP * W) attention_##W##_##KEYS(ATT_ARGS) {   \
+    attention_t<W, KEYS>(q, k, v, kc, vc, out, cos_t, sin_t, step, n_head, n_head_kv, hd,      \
+                         rope_dim, style, n_ctx, scale, oq, od, os, part, n_split, chunk_min); \
+  }
+ATTENTION(32, 1)
+ATTENTION(8, 4)
+
+// Combines the per-block partials of `attention` when a head's keys were split (else returns
+// at once). Grid: n_head blocks of head_dim threads, rounded up to whole warps.
+extern "C" __global__ void attention_merge(const float* __restrict__ part, float* out,
+                                           const uint32_t* step, int hd, int n_split,
+                                           int chunk_min, int8_t* oq, float* od, float* os) {
+  int chunk;
+  const int splits = att_splits(step[1] + 1, n_split, chunk_min, chunk), h = blockIdx.x,
+            t = threadIdx.x;
+  if (splits == 1 || t >= hd) return; // whole warps when hd % 32 == 0
+  const float* pp = part + (size_t)h * n_split * (hd + 2);
+  float mm = -INFINITY;
+  for (int c = 0; c < splits; ++c) mm = fmaxf(mm, pp[c * (hd + 2) + hd]);
+  float ll = 0.f, o = 0.f;
+  for (int c = 0; c < splits; ++c) {
+    const float f = expf(pp[c * (hd + 2) + hd] - mm);
+    ll += pp[c * (hd + 2) + hd + 1] * f;
+    o += pp[c * (hd + 2) + t] * f;
+  }
+  o /= ll;
+  out[(size_t)h * hd + t] = o;
+  if (oq) warp_quantize(o, h * hd + t, oq, od, os);
 }

@@ -13,16 +13,12 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 
+use super::shapes::{AttShape, MvShape, ATT_LONG_SPLIT, MV_WARPS};
 use super::{DecodeSpec, DeviceMatrix, RopePairs};
 use crate::KernelError;
 
 /// decode.cu compiled by build.rs: machine code for the build's compute capability, plus PTX.
 const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin"));
-/// Rows (one warp each) per matvec block; `MV_WARPS` in decode.cu.
-const MV_WARPS: u32 = 4;
-/// Warps per attention block; `ATT_WARPS` in decode.cu.
-const ATT_WARPS: u32 = 32;
-
 fn driver(what: &str) -> impl Fn(DriverError) -> KernelError + '_ {
     move |e| KernelError(format!("CUDA {what}: {e}"))
 }
@@ -99,13 +95,16 @@ pub struct Decoder {
     k: Buf<f32>,    // [n_head_kv * head_dim]
     v: Buf<f32>,    // [n_head_kv * head_dim]
     att: Buf<f32>,  // [n_head * head_dim]
-    ffn: Buf<f32>,  // [n_ff] silu(gate · xn) * (up · xn)
+    // Softmax partials when a head's keys are split over blocks: [n_head, n_split, hd + 2].
+    att_part: Buf<f32>,
+    ffn: Buf<f32>, // [n_ff] silu(gate · xn) * (up · xn)
     // The current mat-vec input quantized to int8 blocks of 32 (for Q4_K rows).
     xq: Buf<i8>,      // [max(n_embd, n_ff, n_head * head_dim)]
     xd: Buf<f32>,     // [that / 32] block scales
     xs: Buf<f32>,     // [that / 32] scale · Σq per block
     logits: Buf<f32>, // [n_vocab]
-    graph: Option<Graph>,
+    /// One graph per attention shape ([`AttShape::regime`]), captured at its first step.
+    graphs: [Option<Graph>; 3],
     use_graph: bool,
     /// Why the graph capture failed, if it did (steps then launch kernels one by one).
     capture_failure: Option<String>,
@@ -122,16 +121,24 @@ pub struct KernelTime {
 }
 
 const KERNELS: &[&str] = &[
-    "matvec",
-    "matvec_qkv",
+    "matvec_1_1",
+    "matvec_1_2",
+    "matvec_2_1",
+    "matvec_2_2",
+    "matvec_qkv_1_1",
+    "matvec_qkv_1_2",
+    "matvec_qkv_2_1",
+    "matvec_qkv_2_2",
     "matvec_swiglu",
     "embed_q4_k",
     "embed_q6_k",
     "embed_q8_0",
     "embed_f32",
     "rms_norm",
-    "rope_kv",
-    "attention",
+    "rms_norm4",
+    "attention_32_1",
+    "attention_8_4",
+    "attention_merge",
     "quantize_q8",
 ];
 
@@ -189,6 +196,7 @@ impl Decoder {
             k: zeros(kvd)?,
             v: zeros(kvd)?,
             att: zeros(qd)?,
+            att_part: zeros(spec.n_head * ATT_LONG_SPLIT as usize * (spec.head_dim + 2))?,
             ffn: zeros(spec.n_ff)?,
             xq: Buf::new(
                 stream.alloc_zeros::<i8>(widest).map_err(driver("alloc"))?,
@@ -202,7 +210,7 @@ impl Decoder {
             funcs,
             _module: module,
             stream,
-            graph: None,
+            graphs: [None, None, None],
             use_graph,
             capture_failure: None,
             prof: RefCell::new(None),
@@ -212,7 +220,7 @@ impl Decoder {
     /// Whether steps replay a captured CUDA graph (false until the first step, or if capture
     /// was refused).
     pub fn graph_captured(&self) -> bool {
-        self.graph.is_some()
+        self.graphs.iter().any(Option::is_some)
     }
 
     /// Why CUDA refused to capture the step into a graph, if it did.
@@ -232,12 +240,14 @@ impl Decoder {
         self.stream
             .memcpy_htod(&[token, pos as u32], &mut self.step.slice)
             .map_err(driver("step upload"))?;
-        if self.use_graph && self.graph.is_none() {
-            self.capture();
+        let n_kv = pos + 1;
+        let regime = AttShape::regime(n_kv);
+        if self.use_graph && self.graphs[regime].is_none() {
+            self.capture(n_kv);
         }
-        match &self.graph {
+        match &self.graphs[regime] {
             Some(g) => g.0.launch().map_err(driver("graph launch"))?,
-            None => self.record()?,
+            None => self.record(n_kv)?,
         }
         let mut out = vec![0f32; self.spec.n_vocab];
         self.stream
@@ -254,12 +264,12 @@ impl Decoder {
         token: u32,
         pos: usize,
     ) -> Result<(Vec<f32>, Vec<KernelTime>), KernelError> {
-        let graph = self.graph.take();
+        let graphs = std::mem::take(&mut self.graphs);
         let use_graph = std::mem::replace(&mut self.use_graph, false);
         *self.prof.borrow_mut() = Some(Vec::new());
         let out = self.step(token, pos);
         let events = self.prof.borrow_mut().take().unwrap_or_default();
-        self.graph = graph;
+        self.graphs = graphs;
         self.use_graph = use_graph;
         let out = out?;
         let mut by: Vec<KernelTime> = Vec::new();
@@ -295,12 +305,12 @@ impl Decoder {
 
     /// Captures [`record`](Self::record) into a graph; on any failure, steps stay direct (the
     /// same kernels, so the same numbers) and [`capture_failure`](Self::capture_failure) says why.
-    fn capture(&mut self) {
+    fn capture(&mut self, n_kv: usize) {
         let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
         let outcome = match self.stream.begin_capture(mode) {
             Err(e) => Err(format!("begin capture: {e}")),
             Ok(()) => {
-                let recorded = self.record();
+                let recorded = self.record(n_kv);
                 let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
                 match (recorded, graph) {
                     (Ok(()), Ok(Some(g))) => Ok(g),
@@ -311,7 +321,7 @@ impl Decoder {
             }
         };
         match outcome {
-            Ok(g) => self.graph = Some(Graph(g)),
+            Ok(g) => self.graphs[AttShape::regime(n_kv)] = Some(Graph(g)),
             Err(why) => {
                 self.use_graph = false;
                 self.capture_failure = Some(why);
@@ -319,9 +329,11 @@ impl Decoder {
         }
     }
 
-    /// Issues one step's kernels on the stream, in order.
-    fn record(&self) -> Result<(), KernelError> {
+    /// Issues the kernels of one step over `n_kv` keys on the stream, in order (the position
+    /// itself is read on the device: the same kernels serve every `n_kv` of its regime).
+    fn record(&self, n_kv: usize) -> Result<(), KernelError> {
         let s = &self.spec;
+        let att = AttShape::for_keys(n_kv);
         let (d, hd) = (s.n_embd as i32, s.head_dim as i32);
         let in_kernel_quant = s.head_dim.is_multiple_of(32);
         launch!(
@@ -342,34 +354,12 @@ impl Decoder {
                 RopePairs::HalfSplit => 1,
             };
             let n_ctx = s.n_ctx as i32;
-            let cfg = LaunchConfig {
-                grid_dim: ((s.n_head + s.n_head_kv) as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launch!(
-                self,
-                "rope_kv",
-                cfg,
-                &self.q.ptr,
-                &self.k.ptr,
-                &self.v.ptr,
-                &l.k_cache,
-                &l.v_cache,
-                &self.rope_cos.ptr,
-                &self.rope_sin.ptr,
-                &self.step.ptr,
-                &nh,
-                &hd,
-                &rd,
-                &style,
-                &n_ctx
-            )?;
-            let nkv = s.n_head_kv as i32;
+            let (nkv, n_split, chunk_min) =
+                (s.n_head_kv as i32, att.n_split as i32, att.chunk_min as i32);
             let scale = 1.0f32 / (s.head_dim as f32).sqrt();
             let cfg = LaunchConfig {
-                grid_dim: (s.n_head as u32, 1, 1),
-                block_dim: (32, ATT_WARPS, 1),
+                grid_dim: (s.n_head as u32, att.n_split, 1),
+                block_dim: (32, att.warps, 1),
                 shared_mem_bytes: 0,
             };
             // The output in int8 blocks straight from the kernel when heads are whole blocks.
@@ -380,22 +370,52 @@ impl Decoder {
             };
             launch!(
                 self,
-                "attention",
+                att.kernel,
                 cfg,
                 &self.q.ptr,
+                &self.k.ptr,
+                &self.v.ptr,
                 &l.k_cache,
                 &l.v_cache,
                 &self.att.ptr,
+                &self.rope_cos.ptr,
+                &self.rope_sin.ptr,
                 &self.step.ptr,
                 &nh,
                 &nkv,
                 &hd,
+                &rd,
+                &style,
                 &n_ctx,
                 &scale,
                 &oq,
                 &od,
-                &os
+                &os,
+                &self.att_part.ptr,
+                &n_split,
+                &chunk_min
             )?;
+            if att.n_split > 1 {
+                let cfg = LaunchConfig {
+                    grid_dim: (s.n_head as u32, 1, 1),
+                    block_dim: ((s.head_dim as u32).next_multiple_of(32), 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(
+                    self,
+                    "attention_merge",
+                    cfg,
+                    &self.att_part.ptr,
+                    &self.att.ptr,
+                    &self.step.ptr,
+                    &hd,
+                    &n_split,
+                    &chunk_min,
+                    &oq,
+                    &od,
+                    &os
+                )?;
+            }
             if !in_kernel_quant {
                 self.quantize(self.att.ptr, s.n_head * s.head_dim)?;
             }
@@ -409,15 +429,23 @@ impl Decoder {
         self.matvec(&s.output, self.xn.ptr, self.logits.ptr, 0, 0)
     }
 
+    /// `out = rms_norm(x) * w`, also into the int8 buffers. One block; a float4 per thread
+    /// where `n_embd` is a multiple of 128 (`rms_norm4`, half the time of `rms_norm`).
     fn rms_norm(&self, x: u64, w: u64, out: u64) -> Result<(), KernelError> {
-        let (n, eps) = (self.spec.n_embd as i32, self.spec.rms_eps);
+        let n = self.spec.n_embd;
+        let (name, threads) = if n.is_multiple_of(128) {
+            ("rms_norm4", (n / 4).min(1024))
+        } else {
+            ("rms_norm", 1024)
+        };
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
-            block_dim: (1024, 1, 1),
+            block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
+        let (eps, n) = (self.spec.rms_eps, n as i32);
         let (q, d, qs) = (self.xq.ptr, self.xd.ptr, self.xs.ptr);
-        launch!(self, "rms_norm", cfg, &x, &w, &out, &n, &eps, &q, &d, &qs)
+        launch!(self, name, cfg, &x, &w, &out, &n, &eps, &q, &d, &qs)
     }
 
     /// q, k and v from `xn` in one launch (each with its bias, if any).
@@ -428,17 +456,18 @@ impl Decoder {
         let (tq, tk, tv) = (q.type_id(), k.type_id(), v.type_id());
         let (rq, rk, rv) = (q.rows as i32, k.rows as i32, v.rows as i32);
         let cols = q.cols as i32;
-        let cfg = rows_cfg(q.rows + k.rows + v.rows);
+        let shape = MvShape::pick(&[q.rows, k.rows, v.rows]);
+        let name = shape.kernel("matvec_qkv");
         let label = || {
             format!(
-                "matvec_qkv {:?}/{:?}/{:?} [{}, {cols}]",
+                "{name} {:?}/{:?}/{:?} [{}, {cols}]",
                 q.ty,
                 k.ty,
                 v.ty,
                 rq + rk + rv
             )
         };
-        launch!(@labelled self, "matvec_qkv", label, cfg, &self.xn.ptr, &self.xq.ptr,
+        launch!(@labelled self, &name, label, shape.cfg(q.rows + k.rows + v.rows), &self.xn.ptr, &self.xq.ptr,
             &self.xd.ptr, &self.xs.ptr, &cols,
             &q.bytes.ptr, &tq, &self.q.ptr, &bq, &rq,
             &k.bytes.ptr, &tk, &self.k.ptr, &bk, &rk,
@@ -451,13 +480,18 @@ impl Decoder {
         let (tg, tu) = (g.type_id(), u.type_id());
         let (rows, cols) = (g.rows as i32, g.cols as i32);
         let label = || format!("matvec_swiglu {:?}/{:?} [{rows}, {cols}]", g.ty, u.ty);
-        launch!(@labelled self, "matvec_swiglu", label, rows_cfg(g.rows), &self.xn.ptr,
+        let cfg = LaunchConfig {
+            grid_dim: ((g.rows as u32).div_ceil(MV_WARPS), 1, 1),
+            block_dim: (32, MV_WARPS, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(@labelled self, "matvec_swiglu", label, cfg, &self.xn.ptr,
             &self.xq.ptr, &self.xd.ptr, &self.xs.ptr, &cols,
             &g.bytes.ptr, &tg, &u.bytes.ptr, &tu, &self.ffn.ptr, &rows)
     }
 
     /// `y = m · x (+ bias) (+ res)`; `bias`/`res` are 0 for none, `res` may equal `y`. Q4_K
-    /// rows read `x` from the int8 buffers, which must hold it.
+    /// and Q6_K rows read `x` from the int8 buffers, which must hold it.
     fn matvec(
         &self,
         m: &DeviceMatrix,
@@ -467,9 +501,11 @@ impl Decoder {
         res: u64,
     ) -> Result<(), KernelError> {
         let (rows, cols, ty) = (m.rows as i32, m.cols as i32, m.type_id());
-        let label = || format!("matvec {:?} [{rows}, {cols}]", m.ty);
+        let shape = MvShape::pick(&[m.rows]);
+        let name = shape.kernel("matvec");
+        let label = || format!("{name} {:?} [{rows}, {cols}]", m.ty);
         let (xq, xd, xs) = (self.xq.ptr, self.xd.ptr, self.xs.ptr);
-        launch!(@labelled self, "matvec", label, rows_cfg(m.rows), &m.bytes.ptr, &ty, &x, &xq,
+        launch!(@labelled self, &name, label, shape.cfg(m.rows), &m.bytes.ptr, &ty, &x, &xq,
             &xd, &xs, &y, &rows, &cols, &bias, &res)
     }
 
@@ -497,15 +533,6 @@ impl Decoder {
         self.funcs
             .get(name)
             .ok_or_else(|| KernelError(format!("no kernel {name}")))
-    }
-}
-
-/// One warp per row, `MV_WARPS` rows per block.
-fn rows_cfg(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((rows as u32).div_ceil(MV_WARPS), 1, 1),
-        block_dim: (32, MV_WARPS, 1),
-        shared_mem_bytes: 0,
     }
 }
 

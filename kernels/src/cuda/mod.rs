@@ -12,6 +12,7 @@
 //! Small tensors (norm weights, biases, RoPE tables) are copied in.
 
 mod decoder;
+mod shapes;
 
 use std::any::Any;
 use std::sync::Arc;

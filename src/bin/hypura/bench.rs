@@ -11,7 +11,9 @@ use crate::common::{human_bytes, ModelArgs};
 #[derive(Args, Debug)]
 #[command(after_help = "\
 pp N: one batch of N tokens from an empty cache. tg N: N tokens decoded one at a time from an
-empty cache. Each test runs once to warm up, then -r times; the table shows mean ± std tok/s.
+empty cache. With -d D, both start from a cache already holding D tokens (filled in one untimed
+batch), as llama-bench's -d: decode speed deep into a context. Each test runs once to warm up,
+then -r times; the table shows mean ± std tok/s.
 Compare with llama.cpp on the same file: benches/vs_llama_cpp.sh.")]
 pub struct BenchArgs {
     #[command(flatten)]
@@ -22,6 +24,9 @@ pub struct BenchArgs {
     /// Generated tokens for the tg test (0 = skip).
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     pub n_gen: usize,
+    /// Tokens already in the cache when each test starts (llama-bench's -d).
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    pub n_depth: usize,
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub reps: usize,
@@ -44,15 +49,24 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-fn time_pp(model: &mut dyn LanguageModel, toks: &[u32]) -> Result<f64> {
+/// Empties the cache, then fills it with `depth` (one untimed batch).
+fn start_at(model: &mut dyn LanguageModel, depth: &[u32]) -> Result<()> {
     model.reset();
+    if !depth.is_empty() {
+        model.forward(depth, Logits::Last)?;
+    }
+    Ok(())
+}
+
+fn time_pp(model: &mut dyn LanguageModel, depth: &[u32], toks: &[u32]) -> Result<f64> {
+    start_at(model, depth)?;
     let t = Instant::now();
     model.forward(toks, Logits::Last)?;
     Ok(toks.len() as f64 / t.elapsed().as_secs_f64())
 }
 
-fn time_tg(model: &mut dyn LanguageModel, toks: &[u32]) -> Result<f64> {
-    model.reset();
+fn time_tg(model: &mut dyn LanguageModel, depth: &[u32], toks: &[u32]) -> Result<f64> {
+    start_at(model, depth)?;
     let t = Instant::now();
     for &id in toks {
         model.forward(&[id], Logits::Last)?;
@@ -61,23 +75,24 @@ fn time_tg(model: &mut dyn LanguageModel, toks: &[u32]) -> Result<f64> {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    let n_ctx = a.n_prompt.max(a.n_gen).max(1);
+    let n_ctx = a.n_depth + a.n_prompt.max(a.n_gen).max(1);
     let mut m = a.model.load(false, Some(n_ctx))?;
     let n_vocab = m.config.n_vocab;
     let threads = a
         .model
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let depth = tokens(a.n_depth, n_vocab);
     let mut run = |n: usize,
-                   f: fn(&mut dyn LanguageModel, &[u32]) -> Result<f64>|
+                   f: fn(&mut dyn LanguageModel, &[u32], &[u32]) -> Result<f64>|
      -> Result<Option<(f64, f64)>> {
         if n == 0 {
             return Ok(None);
         }
         let toks = tokens(n, n_vocab);
-        f(&mut m.model, &toks[..n.min(16)])?; // warm-up
+        f(&mut m.model, &depth, &toks[..n.min(16)])?; // warm-up
         let rates = (0..a.reps.max(1))
-            .map(|_| f(&mut m.model, &toks))
+            .map(|_| f(&mut m.model, &depth, &toks))
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(mean_std(&rates)))
     };
@@ -133,7 +148,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "gpu": gpu.as_ref().map(|g| g.1.clone()),
             "decode": m.model.decode_path(),
             "model": model_name, "size_bytes": size, "n_params": n_params, "backend": backend, "threads": threads,
-            "n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.reps,
+            "n_prompt": a.n_prompt, "n_gen": a.n_gen, "n_depth": a.n_depth, "repetitions": a.reps,
             "pp_tok_s": pp.map(|x| x.0), "pp_tok_s_std": pp.map(|x| x.1),
             "tg_tok_s": tg.map(|x| x.0), "tg_tok_s_std": tg.map(|x| x.1),
             "expert_cache": experts.as_ref().map(|(s, t)| serde_json::json!({
@@ -148,10 +163,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     println!("| model | size | params | backend | threads | test | t/s |");
     println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+    let at = if a.n_depth > 0 {
+        format!(" @ d{}", a.n_depth)
+    } else {
+        String::new()
+    };
     for (name, n, r) in [("pp", a.n_prompt, pp), ("tg", a.n_gen, tg)] {
         if let Some((mean, std)) = r {
             println!(
-                "| {model_name} | {} | {:.2} M | {backend} | {threads} | {name}{n} | {mean:.2} ± {std:.2} |",
+                "| {model_name} | {} | {:.2} M | {backend} | {threads} | {name}{n}{at} | {mean:.2} ± {std:.2} |",
                 human_bytes(size),
                 n_params as f64 / 1e6
             );

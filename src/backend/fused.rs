@@ -1,6 +1,6 @@
 //! The fused CUDA decode path: single-token steps of a dense model whose weights are all in GPU
-//! memory run on `hypura_kernels::cuda::Decoder` (9 kernels per layer, replayed from one
-//! CUDA graph) instead of candle's ~25 tensor ops per layer.
+//! memory run on `hypura_kernels::cuda::Decoder` (8 kernels per layer, replayed from a CUDA
+//! graph per attention shape) instead of candle's ~25 tensor ops per layer.
 //!
 //! `HYPURA_CUDA_DECODE=candle` turns it off (every step runs candle's ops);
 //! `HYPURA_CUDA_GRAPH=0` keeps the fused kernels but launches them one by one;

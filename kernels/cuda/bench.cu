@@ -193,6 +193,12 @@ static void report(const char* shape, const char* variant, float us, double byte
 }
 
 
+// Shapes the decoder does not launch, for comparison (decode.cu instantiates 1/2 × 1/2).
+template <int R, int KS>
+__global__ void __launch_bounds__(WARP * MV_WARPS) matvec_x(MV_ARGS) {
+  matvec_t<R, KS>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res);
+}
+
 typedef void (*MvKernel)(const uint8_t*, int, const float*, const int8_t*, const float*,
                          const float*, float*, int, int, const float*, const float*);
 
@@ -214,7 +220,10 @@ static void bench_matvec(const char* shape, int ty, int rows, int cols, uint32_t
   const V vs[] = {{"matvec_1_1", matvec_1_1, MV_WARPS},
                   {"matvec_1_2", matvec_1_2, MV_WARPS / 2},
                   {"matvec_2_1", matvec_2_1, 2 * MV_WARPS},
-                  {"matvec_2_2", matvec_2_2, MV_WARPS}};
+                  {"matvec_2_2", matvec_2_2, MV_WARPS},
+                  {"(matvec_2_4)", matvec_x<2, 4>, MV_WARPS / 2},
+                  {"(matvec_4_2)", matvec_x<4, 2>, 2 * MV_WARPS},
+                  {"(matvec_4_4)", matvec_x<4, 4>, MV_WARPS}};
   for (const V& v : vs) {
     auto f = [&](cudaStream_t s, int i) {
       v.k<<<(rows + v.rows_per_block - 1) / v.rows_per_block, dim3(32, MV_WARPS), 0, s>>>(

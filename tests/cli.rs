@@ -169,54 +169,31 @@ fn perplexity_json_matches_llama_perplexity() {
 #[test]
 fn bench_prints_a_table_and_json() {
     let m = bundled();
-    let out = hypura(&[
-        "bench",
-        "-m",
-        m.to_str().unwrap(),
-        "-p",
-        "32",
-        "-n",
-        "8",
-        "-r",
-        "1",
-    ]);
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "-m", m.to_str().unwrap(), "-r", "1"];
+        args.extend_from_slice(extra);
+        hypura(&args)
+    };
+    let out = bench(&["-p", "32", "-n", "8"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let t = text(&out.stdout);
     assert!(t.contains("pp32") && t.contains("tg8"), "{t}");
-    let out = hypura(&[
-        "bench",
-        "-m",
-        m.to_str().unwrap(),
-        "-p",
-        "32",
-        "-n",
-        "8",
-        "-r",
-        "1",
-        "--json",
-    ]);
+    let out = bench(&["-p", "32", "-n", "8", "--json"]);
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
         j["pp_tok_s"].as_f64().unwrap() > 0.0 && j["tg_tok_s"].as_f64().unwrap() > 0.0,
         "{j}"
     );
     // -d: both tests start deep in a context (the bundled model's cache must hold d + n).
-    let out = hypura(&[
-        "bench",
-        "-m",
-        m.to_str().unwrap(),
-        "-p",
-        "16",
-        "-n",
-        "4",
-        "-d",
-        "40",
-        "-r",
-        "1",
-    ]);
+    let out = bench(&["-p", "16", "-n", "4", "-d", "40"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let t = text(&out.stdout);
     assert!(t.contains("pp16 @ d40") && t.contains("tg4 @ d40"), "{t}");
+    // A depth no budget holds: a clear error that names the flags behind the context size.
+    let out = bench(&["-p", "8", "-n", "4", "-d", "100000000"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let e = text(&out.stderr);
+    assert!(e.contains("-d 100000000") && e.contains("too small"), "{e}");
 }
 
 #[test]

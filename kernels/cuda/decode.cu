@@ -11,8 +11,9 @@
 // kernel costs on an H200, and why it is shaped this way, is in docs/cuda.md; bench.cu times
 // the variants.
 //
-// Per layer (8 launches): rms_norm, matvec_qkv, attention (with RoPE and the KV-cache write),
-// matvec (o, + residual), rms_norm, matvec_swiglu, quantize_q8, matvec (down, + residual).
+// Per layer (8 launches): rms_norm, matvec_qkv, attention (with RoPE and the KV-cache write;
+// past 256 keys also attention_merge), matvec (o, + residual), rms_norm, matvec_swiglu,
+// quantize_q8, matvec (down, + residual).
 //
 // Conventions: `step[0]` = token id, `step[1]` = position of that token (= tokens already cached).
 // Matrices are row-major `[rows, cols]`, one row per output; `y[r] = dot(W[r], x) (+ bias[r])

@@ -1,10 +1,11 @@
 //! The fused single-token CUDA decoder (`--features cuda`).
 //!
 //! candle runs one decode step of an 8B Llama as ~800 small kernels, each with the CPU cost of a
-//! tensor op; at ~8 µs each the GPU waits on the CPU. [`Decoder`] runs the same step as 9
-//! kernels per layer (`cuda/decode.cu`) over buffers allocated once, and reads the token id and
-//! position from device memory, so the whole step is captured into one CUDA graph and replayed
-//! for every token: the CPU cost of a token is one graph launch and two small copies.
+//! tensor op; at ~8 µs each the GPU waits on the CPU. [`Decoder`] runs the same step as 8
+//! kernels per layer (`cuda/decode.cu`; a ninth merges split attention past 256 keys) over
+//! buffers allocated once, and reads the token id and position from device memory, so the whole
+//! step is captured into a CUDA graph (one per attention shape, `shapes.rs`) and replayed for
+//! every token: the CPU cost of a token is one graph launch and two small copies.
 //!
 //! What it borrows, it borrows by device address: the weights (candle's quantized or F32 device
 //! tensors) and the KV cache (the model's own tensors, which candle's batch path also writes). A
@@ -114,7 +115,7 @@ impl DeviceMatrix {
         }
     }
 
-    /// The ggml type id the matvec kernels switch on (`T_*` in decode.cu).
+    /// The ggml type id the matvec kernels switch on (`T_*` in quant.cuh).
     fn type_id(&self) -> i32 {
         match self.ty {
             GgmlDType::Q4K => 12,

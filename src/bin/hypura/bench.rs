@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use hypura::models::{LanguageModel, Logits};
 
@@ -76,7 +76,12 @@ fn time_tg(model: &mut dyn LanguageModel, depth: &[u32], toks: &[u32]) -> Result
 
 pub fn bench(a: BenchArgs) -> Result<()> {
     let n_ctx = a.n_depth + a.n_prompt.max(a.n_gen).max(1);
-    let mut m = a.model.load(false, Some(n_ctx))?;
+    let mut m = a.model.load(false, Some(n_ctx)).with_context(|| {
+        format!(
+            "hypura bench needs a context of {n_ctx} tokens (-d {} + the larger of -p {} and -n {})",
+            a.n_depth, a.n_prompt, a.n_gen
+        )
+    })?;
     let n_vocab = m.config.n_vocab;
     let threads = a
         .model

@@ -22,11 +22,14 @@
 #       kbench    the decode kernels' micro-benchmark: µs, GB/s and error per shape and variant
 #       profile   hypura profile --reprofile (GPU memory, PCIe and device bandwidth, disk)
 #       lcpp      start building llama.cpp with CUDA in the background (log: $OUT/lcpp-build.log)
-#       bench8b   synth llama-3-8b Q4_K_M; plan; hypura bench pp512/tg128 ×3; the bound =
-#                 device bandwidth / weight bytes per token; llama-bench on the same file if built
+#       bench8b   synth llama-3-8b Q4_K_M; plan; hypura bench pp512/tg128 ×3 (BENCH8B_MODES: fused
+#                 direct candle); the bound = device bandwidth / weight bytes per token;
+#                 llama-bench on the same file if built
 #       moe       synth mixtral-8x7b Q5_K_M with skewed routing (~31 GB); with a 22 GiB device
 #                 and 8 GiB RAM budget: plan, run once (learns co-activation), then bench (tg
 #                 tok/s with the expert caches' hit rates over the tg runs)
+#       moefull   the same Mixtral with no budgets (all on the GPU): hypura bench, then llama-bench
+#                 on the same file (waits up to 6 minutes for the `lcpp` build)
 #       l70       synth llama-3-70b Q4_K_M (~40 GB); same budgets: plan, run with --stats
 #       depth8b   synth 8B: hypura bench and llama-bench at depth 4096 (-d: the cache holds 4096
 #                 tokens when each test starts)
@@ -195,7 +198,7 @@ run() {
         step plan8b "$bin/hypura" plan -m "$M/l8b.gguf" -c 512
         # Single-token steps: the fused kernels from a CUDA graph (the default), the fused kernels
         # launched one by one, candle's ops.
-        for mv in fused direct candle; do
+        for mv in ${BENCH8B_MODES:-fused direct candle}; do
           case $mv in
             fused) e=HYPURA_CUDA_DECODE=fused ;; direct) e=HYPURA_CUDA_GRAPH=0 ;; candle) e=HYPURA_CUDA_DECODE=candle ;;
           esac
@@ -246,7 +249,17 @@ run() {
         step plan-moe "$bin/hypura" plan -m "$m" -c 512 "${budgets[@]}"
         TAIL=6 step run-moe-learn "$bin/hypura" run -m "$m" -c 512 "${budgets[@]}" -p "Once upon a time" \
           -n "${N_MOE:-48}" --temp 0 --stats
-        TAIL=4 step bench-moe "$bin/hypura" bench -m "$m" -c 512 "${budgets[@]}" -p 32 -n "${N_MOE:-32}" -r 3 ;;
+        HYPURA_CUDA_PROFILE=20 TAIL=8 step bench-moe "$bin/hypura" bench -m "$m" -c 512 "${budgets[@]}" \
+          -p 32 -n "${N_MOE:-32}" -r 3 ;;
+      moefull) # the same Mixtral all on the GPU (no budgets): hypura bench, llama-bench beside it
+        local m=$M/mixtral-Q5_K_M-skew.gguf
+        [ -f "$m" ] || step synth-moe "$bin/hypura" synth --preset mixtral-8x7b --type Q5_K_M \
+          --router-skew "${SKEW:-1.5}" --router-corr "${CORR:-0.8}" -o "$m"
+        HYPURA_CUDA_PROFILE=20 TAIL=8 step bench-moe-full "$bin/hypura" bench -m "$m" -c 512 -p 32 -n 32 -r 3
+        # Waits for llama.cpp only if this call's `lcpp` step started building it.
+        [ -d /tmp/lcpp ] && for _ in $(seq 72); do [ -x /tmp/lcpp/build/bin/llama-bench ] && break; sleep 5; done
+        [ -x /tmp/lcpp/build/bin/llama-bench ] && step llama-bench-moe /tmp/lcpp/build/bin/llama-bench \
+          -m "$m" -p 32 -n 32 -r 3 -ngl 99 -o md ;;
       l70)
         local m=$M/l70b.gguf
         [ -f "$m" ] || step synth70b "$bin/hypura" synth --preset llama-3-70b --type Q4_K_M -o "$m"

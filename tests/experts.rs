@@ -28,6 +28,14 @@ fn run_on(
     let cfg = files.config().unwrap();
     let store = WeightStore::with_placement(files, device, placement).unwrap();
     let mut model = Transformer::load(&store, &cfg, 64).unwrap();
+    if device.is_cuda() {
+        // Single-token steps run on the fused CUDA decoder, experts from wherever they are.
+        assert!(
+            model.decode_path().contains("experts routed"),
+            "{}",
+            model.decode_path()
+        );
+    }
     let r = reference(gguf);
     let mut pass = || prompt_then_decode(&mut model, &r, 8);
     let first = pass();

@@ -10,23 +10,27 @@ use common::*;
 use hypura::gguf::{ModelFiles, TensorType};
 use hypura::models::{LanguageModel, Logits, Transformer};
 
-/// Whether the fused decoder must take this file: a dense model whose matrices are all in a
-/// format its kernels read (float weights run as F32).
+/// Whether the fused decoder must take this file: a model (dense or mixture-of-experts, loaded
+/// whole onto the GPU) whose matrices are all in a format its kernels read (float weights run as
+/// F32).
 fn eligible(gguf: &std::path::Path) -> bool {
     let files = ModelFiles::open(gguf).unwrap();
-    let cfg = files.config().unwrap();
-    !cfg.is_moe()
-        && files.tensors.iter().filter(|t| t.dims.len() == 2).all(|t| {
-            matches!(
-                t.ty,
-                TensorType::F32
-                    | TensorType::F16
-                    | TensorType::BF16
-                    | TensorType::Q4_K
-                    | TensorType::Q6_K
-                    | TensorType::Q8_0
-            )
-        })
+    files.tensors.iter().filter(|t| t.dims.len() >= 2).all(|t| {
+        matches!(
+            t.ty,
+            TensorType::F32
+                | TensorType::F16
+                | TensorType::BF16
+                | TensorType::Q4_K
+                | TensorType::Q5_K
+                | TensorType::Q6_K
+                | TensorType::Q8_0
+        )
+    })
+}
+
+fn is_moe(gguf: &std::path::Path) -> bool {
+    ModelFiles::open(gguf).unwrap().config().unwrap().is_moe()
 }
 
 const N_DECODE: usize = 8;
@@ -34,7 +38,7 @@ const N_DECODE: usize = 8;
 #[test]
 fn cuda_fused_decode_matches_candle_and_llama_cpp() {
     let device = Device::new_cuda(0).expect("CUDA device 0");
-    let mut n_fused = 0;
+    let (mut n_fused, mut n_moe) = (0, 0);
     for gguf in fixture_models() {
         let name = gguf.file_name().unwrap().to_string_lossy().to_string();
         let r = reference(&gguf);
@@ -50,25 +54,34 @@ fn cuda_fused_decode_matches_candle_and_llama_cpp() {
             continue;
         }
         let (_, fused) = prompt_then_decode(&mut model, &r, N_DECODE);
-        assert!(
-            model.decode_path().contains("graph"),
-            "{name}: no CUDA graph ({})",
-            model.decode_path()
-        );
-        // A second pass replays the graph over a reset cache: the same numbers.
+        // A second pass over a reset cache (dense: replaying the graph): the same numbers.
         let (_, again) = prompt_then_decode(&mut model, &r, N_DECODE);
-        assert_eq!(fused, again, "{name}: a replayed pass differs");
-
-        // The same steps launched one by one (no graph): bit-identical.
-        std::env::set_var("HYPURA_CUDA_GRAPH", "0");
-        let mut direct = load(&gguf, &device, 256);
-        std::env::remove_var("HYPURA_CUDA_GRAPH");
-        let (_, d) = prompt_then_decode(&mut direct, &r, N_DECODE);
-        assert!(!direct.decode_path().contains("graph"));
-        assert_eq!(
-            fused, d,
-            "{name}: graph replay differs from direct launches"
-        );
+        assert_eq!(fused, again, "{name}: a second pass differs");
+        if is_moe(&gguf) {
+            // Experts are chosen on the host between layers: no graph.
+            assert!(
+                model.decode_path().contains("experts routed"),
+                "{name}: {}",
+                model.decode_path()
+            );
+            n_moe += 1;
+        } else {
+            assert!(
+                model.decode_path().contains("graph"),
+                "{name}: no CUDA graph ({})",
+                model.decode_path()
+            );
+            // The same steps launched one by one (no graph): bit-identical.
+            std::env::set_var("HYPURA_CUDA_GRAPH", "0");
+            let mut direct = load(&gguf, &device, 256);
+            std::env::remove_var("HYPURA_CUDA_GRAPH");
+            let (_, d) = prompt_then_decode(&mut direct, &r, N_DECODE);
+            assert!(!direct.decode_path().contains("graph"));
+            assert_eq!(
+                fused, d,
+                "{name}: graph replay differs from direct launches"
+            );
+        }
 
         // candle's ops on the same GPU: within the fixture tolerance.
         let mut plain = load(&gguf, &device, 256);
@@ -90,6 +103,10 @@ fn cuda_fused_decode_matches_candle_and_llama_cpp() {
         n_fused += 1;
     }
     assert!(n_fused >= 3, "only {n_fused} fixtures ran fused");
+    assert!(
+        n_moe >= 3,
+        "only {n_moe} mixture-of-experts fixtures ran fused"
+    );
 }
 
 /// Decode steps where a head's keys are split over blocks and merged, and where the decoder
@@ -100,7 +117,7 @@ fn cuda_fused_decode_long_contexts_match_candle() {
     let device = Device::new_cuda(0).expect("CUDA device 0");
     let gguf = fixture_models()
         .into_iter()
-        .find(|g| eligible(g) && g.to_string_lossy().contains("small-llama-Q4_K_M"))
+        .find(|g| g.to_string_lossy().contains("small-llama-Q4_K_M"))
         .expect("the small-llama Q4_K_M fixture");
     let r = reference(&gguf);
     let mut fused = load(&gguf, &device, 1024);

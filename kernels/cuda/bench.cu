@@ -36,7 +36,7 @@ __global__ void ref_matvec(const uint8_t* w, int ty, const float* x, float* y, i
   const uint8_t* row = w + (size_t)r * row_bytes(ty, cols);
   float acc = 0.f;
   for (int i = 0; i < cols; ++i)
-    acc += (ty == T_Q4_K ? q4k_at(row, i) : q6k_at(row, i)) * x[i];
+    acc += (ty == T_Q4_K ? q4k_at(row, i) : ty == T_Q5_K ? q5k_at(row, i) : q6k_at(row, i)) * x[i];
   y[r] = acc;
 }
 
@@ -98,9 +98,9 @@ struct Mat {
   uint8_t* p;
 };
 
-static size_t row_bytes_h(int ty, int cols) {
-  return ty == T_Q4_K ? (size_t)(cols / 256) * 144 : (size_t)(cols / 256) * 210;
-}
+static int block_bytes_h(int ty) { return ty == T_Q4_K ? 144 : ty == T_Q5_K ? 176 : 210; }
+
+static size_t row_bytes_h(int ty, int cols) { return (size_t)(cols / 256) * block_bytes_h(ty); }
 
 static Mat make_mat(int ty, int rows, int cols, uint32_t seed) {
   Mat m{ty, rows, cols, 0, row_bytes_h(ty, cols) * rows, nullptr};
@@ -108,8 +108,8 @@ static Mat make_mat(int ty, int rows, int cols, uint32_t seed) {
   const size_t total = m.bytes * m.copies;
   CK(cudaMalloc(&m.p, total));
   fill_bytes<<<4096, 256>>>(m.p, total, seed);
-  const int bb = ty == T_Q4_K ? 144 : 210;
-  if (ty == T_Q4_K)
+  const int bb = block_bytes_h(ty);
+  if (ty == T_Q4_K || ty == T_Q5_K)
     fix_scales<<<4096, 256>>>(m.p, total / bb, bb, 0, 2, 0.002f);
   else
     fix_scales<<<4096, 256>>>(m.p, total / bb, bb, 208, 1, 0.0005f);
@@ -247,16 +247,16 @@ __global__ void silu_mul(const float* g, const float* u, float* out, int n) {
   if (i < n) out[i] = g[i] / (1.f + expf(-g[i])) * u[i];
 }
 
-static void bench_swiglu(int rows, int cols) {
-  Mat g = make_mat(T_Q4_K, rows, cols, 7), u = make_mat(T_Q4_K, rows, cols, 8);
+static void bench_swiglu(const char* what, int ty, int rows, int cols) {
+  Mat g = make_mat(ty, rows, cols, 7), u = make_mat(ty, rows, cols, 8);
   Act a = make_act(cols);
   float *y, *yg, *yu, *yr;
   CK(cudaMalloc(&y, rows * 4));
   CK(cudaMalloc(&yg, rows * 4));
   CK(cudaMalloc(&yu, rows * 4));
   CK(cudaMalloc(&yr, rows * 4));
-  ref_matvec<<<(rows + 127) / 128, 128>>>(g.p, T_Q4_K, a.x, yg, rows, cols);
-  ref_matvec<<<(rows + 127) / 128, 128>>>(u.p, T_Q4_K, a.x, yu, rows, cols);
+  ref_matvec<<<(rows + 127) / 128, 128>>>(g.p, ty, a.x, yg, rows, cols);
+  ref_matvec<<<(rows + 127) / 128, 128>>>(u.p, ty, a.x, yu, rows, cols);
   silu_mul<<<(rows + 255) / 256, 256>>>(yg, yu, yr, rows);
   CK(cudaDeviceSynchronize());
   const auto r = download(yr, rows);
@@ -264,12 +264,12 @@ static void bench_swiglu(int rows, int cols) {
   auto f = [&](cudaStream_t s, int i) {
     const size_t o = (i % g.copies) * g.bytes;
     matvec_swiglu<<<(rows + MV_WARPS - 1) / MV_WARPS, dim3(32, MV_WARPS), 0, s>>>(
-        a.x, a.q, a.d, a.s, cols, g.p + o, T_Q4_K, u.p + o, T_Q4_K, y, rows);
+        a.x, a.q, a.d, a.s, cols, g.p + o, ty, u.p + o, ty, y, rows);
   };
   f(0, 0);
   CK(cudaDeviceSynchronize());
   CK(cudaGetLastError());
-  report("swiglu Q4_K [14336, 4096] x2", "matvec_swiglu", time_graph(f, n), 2.0 * g.bytes,
+  report(what, "matvec_swiglu", time_graph(f, n), 2.0 * g.bytes,
          rel_err(download(y, rows), r));
   CK(cudaFree(g.p));
   CK(cudaFree(u.p));
@@ -376,7 +376,10 @@ int main() {
     else
       bench_attention(n_kv, 16, "attention_8_4", attention_8_4, 8, 64);
   }
-  bench_swiglu(14336, 4096);
+  bench_swiglu("swiglu Q4_K [14336, 4096] x2", T_Q4_K, 14336, 4096);
+  // Mixtral-8x7B Q5_K_M's experts (gate and up Q5_K; down Q5_K or Q6_K).
+  bench_swiglu("swiglu Q5_K [14336, 4096] x2", T_Q5_K, 14336, 4096);
+  bench_matvec("Q5_K [4096, 14336] (expert down)", T_Q5_K, 4096, 14336, 7);
   bench_matvec("Q6_K [4096, 14336] (down)", T_Q6_K, 4096, 14336, 1);
   bench_matvec("Q4_K [4096, 14336] (down)", T_Q4_K, 4096, 14336, 2);
   bench_matvec("Q4_K [6144, 4096] (qkv)", T_Q4_K, 6144, 4096, 3);

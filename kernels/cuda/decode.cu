@@ -5,7 +5,7 @@
 // whole step can be captured once into a CUDA graph and replayed for every token.
 //
 // Activations are F32; weights stay in ggml's block layout and are decoded in registers
-// (quant.cuh). Q4_K and Q6_K rows (all of a Q4_K_M file) multiply int8 copies of the
+// (quant.cuh). Q4_K, Q5_K and Q6_K rows (all of a Q4_K_M or Q5_K_M file) multiply int8 copies of the
 // activations with dp4a, as llama.cpp's CUDA mat-vec kernels do: each kernel that produces a
 // mat-vec input also writes that copy. Q8_0 and F32 rows use the F32 activations. What each
 // kernel costs on an H200, and why it is shaped this way, is in docs/cuda.md; bench.cu times
@@ -13,7 +13,10 @@
 //
 // Per layer (8 launches): rms_norm, matvec_qkv, attention (with RoPE and the KV-cache write;
 // past 256 keys also attention_merge), matvec (o, + residual), rms_norm, matvec_swiglu,
-// quantize_q8, matvec (down, + residual).
+// quantize_q8, matvec (down, + residual). A mixture-of-experts block replaces the last three with
+// the router's matvec (its logits go to the host, which picks the experts and finds them in
+// device memory), then per chosen expert matvec_swiglu, quantize_q8 and matvec (down), and
+// moe_combine.
 //
 // Conventions: `step[0]` = token id, `step[1]` = position of that token (= tokens already cached).
 // Matrices are row-major `[rows, cols]`, one row per output; `y[r] = dot(W[r], x) (+ bias[r])
@@ -156,7 +159,7 @@ MATVEC_KERNELS(2, 1)
 MATVEC_KERNELS(2, 2)
 
 // The SwiGLU hidden state: out[r] = silu(gate[r] · x) * (up[r] · x); one warp per row. Two Q4_K
-// rows run interleaved, with two warp iterations of loads in flight.
+// (or two Q5_K) rows run interleaved, with two warp iterations of loads in flight.
 extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
     matvec_swiglu(const float* __restrict__ x, const int8_t* xq, const float* xd,
                   const float* xs, int cols, const uint8_t* __restrict__ wg, int tg,
@@ -165,11 +168,14 @@ extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
   if (row >= rows) return;
   const Q8x q8{xq, xd, xs};
   float g, u;
-  if (tg == T_Q4_K && tu == T_Q4_K) {
-    const size_t rb = row_bytes(T_Q4_K, cols);
+  if (tg == tu && (tg == T_Q4_K || tg == T_Q5_K)) {
+    const size_t rb = row_bytes(tg, cols);
     const uint8_t* const rs[2] = {wg + row * rb, wu + row * rb};
     float acc[2] = {};
-    dot_q4_k<2, 2, 1>(rs, q8, cols / 256, 0, acc);
+    if (tg == T_Q4_K)
+      dot_qk<2, 2, 1, false>(rs, q8, cols / 256, 0, acc);
+    else
+      dot_qk<2, 2, 1, true>(rs, q8, cols / 256, 0, acc);
     g = warp_sum(acc[0]);
     u = warp_sum(acc[1]);
   } else {
@@ -180,6 +186,23 @@ extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
     u = warp_sum(c[0]);
   }
   if (threadIdx.x == 0) out[row] = g / (1.f + expf(-g)) * u;
+}
+
+// ---- Mixture of experts: x += Σ_r mix[r] · ys[r] over the k experts a token was routed to,
+// added in rank order (most probable first) whatever order the experts ran in.
+// The mixing weights travel by value, as a kernel argument (no copy to wait for).
+#define MOE_MAX_USED 8
+struct Mix {
+  float w[MOE_MAX_USED];
+};
+
+extern "C" __global__ void moe_combine(float* x, const float* __restrict__ ys, int k, int n,
+                                       Mix mix) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    float t = 0.f;
+    for (int r = 0; r < k; ++r) t += mix.w[r] * ys[(size_t)r * n + i];
+    x[i] += t;
+  }
 }
 
 // ---- Embedding: x = row step[0] of the table, dequantized.
@@ -193,6 +216,7 @@ extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
   }
 
 EMBED(embed_q4_k, (size_t)(cols / 256) * 144, q4k_at)
+EMBED(embed_q5_k, (size_t)(cols / 256) * 176, q5k_at)
 EMBED(embed_q6_k, (size_t)(cols / 256) * 210, q6k_at)
 EMBED(embed_q8_0, (size_t)(cols / 32) * 34, q8_0_at)
 EMBED(embed_f32, (size_t)cols * 4, f32_at)

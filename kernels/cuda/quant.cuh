@@ -5,7 +5,7 @@
 // matrix and one of KS slices of their super-blocks (slice `ks` takes warp iterations
 // ks, ks + KS, ...), so KS warps of a block split each row and R rows share every activation
 // load. Each lane accumulates partial sums in `acc[0..R)`; the caller sums over the warp and the
-// KS warps. Q4_K and Q6_K rows multiply int8 copies of the activations with dp4a (`Q8x`, as
+// KS warps. Q4_K, Q5_K and Q6_K rows multiply int8 copies of the activations with dp4a (`Q8x`, as
 // llama.cpp's CUDA mat-vec kernels do); Q8_0 and F32 rows the F32 activations.
 //
 // Why these shapes: the per-variant timings are in docs/cuda.md (measured with bench.cu).
@@ -42,11 +42,13 @@ __device__ __forceinline__ float f16_at(const uint8_t* p) {
 #define T_F32 0
 #define T_Q8_0 8
 #define T_Q4_K 12
+#define T_Q5_K 13
 #define T_Q6_K 14
 
 __device__ __forceinline__ size_t row_bytes(int ty, int cols) {
   switch (ty) {
     case T_Q4_K: return (size_t)(cols / 256) * 144;
+    case T_Q5_K: return (size_t)(cols / 256) * 176;
     case T_Q6_K: return (size_t)(cols / 256) * 210;
     case T_Q8_0: return (size_t)(cols / 32) * 34;
     default: return (size_t)cols * 4;
@@ -54,7 +56,7 @@ __device__ __forceinline__ size_t row_bytes(int ty, int cols) {
 }
 
 // Activations quantized to int8 in blocks of 32: value i is q[i] * d[i / 32]; s[i / 32] =
-// d * Σq over the block (for the Q4_K min term).
+// d * Σq over the block (for the Q4_K / Q5_K min term).
 struct Q8x {
   const int8_t* __restrict__ q;
   const float* __restrict__ d;
@@ -96,6 +98,15 @@ __device__ __forceinline__ void q4k_sm(int k, uint32_t y, uint32_t z, uint32_t w
   m = k < 4 ? (float)(b & 63) : (float)((c >> 4) | ((b >> 6) << 4));
 }
 
+// Q5_K is Q4_K with a fifth bit: 256 weights in 176 bytes: d, dmin, the same 12 scale bytes,
+// qh[32] (bit 2j of qh[l] is the high bit of position l of sub-block 2j, bit 2j + 1 that of
+// sub-block 2j + 1), then the 128 bytes of nibbles. Super-blocks are 16-byte aligned (176 = 11 · 16).
+template <bool Q5>
+struct QK {
+  static constexpr int BYTES = Q5 ? 176 : 144;
+  static constexpr int NIBBLES = Q5 ? 48 : 16; // offset of the nibbles in the block
+};
+
 // One lane's share of a Q4_K super-block · x, from its loaded words: lane chunk c (16 bytes of
 // nibbles, `qv`) holds positions 16*(c&1)..+16 of sub-blocks 2j (low nibbles) and 2j+1 (high
 // nibbles), j = c>>1; `xl`, `xh` are those positions' activations, in blocks xb and xb + 1.
@@ -121,14 +132,42 @@ __device__ __forceinline__ float q4k_part(uint4 hd, uint4 qv, int4 xl, int4 xh, 
   return acc;
 }
 
-// R Q4_K rows · x: 8 lanes per super-block, 4 super-blocks per warp iteration; the loads of U
-// iterations are issued before their math (more bytes in flight per warp).
-template <int R, int U, int KS>
-__device__ __forceinline__ void dot_q4_k(const uint8_t* const (&rows)[R], Q8x x, int nb, int ks,
-                                         float (&acc)[R]) {
+// The same share of a Q5_K super-block: the nibbles of `qv` plus their fifth bits, from the
+// qh bytes `qh` of the same positions (bit 2j for sub-block 2j, bit 2j + 1 for 2j + 1).
+__device__ __forceinline__ float q5k_part(uint4 hd, uint4 qv, uint4 qh, int4 xl, int4 xh, int c,
+                                          Q8x x, int xb) {
+  const int j = c >> 1;
+  const float2 dm = __half22float2(*reinterpret_cast<const __half2*>(&hd.x));
+  float sc0, m0, sc1, m1;
+  q4k_sm(2 * j, hd.y, hd.z, hd.w, sc0, m0);
+  q4k_sm(2 * j + 1, hd.y, hd.z, hd.w, sc1, m1);
+  const int sl = 2 * j, sh = 2 * j + 1;
+#define Q5LO(q, h) (int)(((q) & 0x0F0F0F0Fu) | ((((h) >> sl) & 0x01010101u) << 4))
+#define Q5HI(q, h) (int)((((q) >> 4) & 0x0F0F0F0Fu) | ((((h) >> sh) & 0x01010101u) << 4))
+  int dl = 0, dh = 0;
+  dl = __dp4a(Q5LO(qv.x, qh.x), xl.x, dl);
+  dl = __dp4a(Q5LO(qv.y, qh.y), xl.y, dl);
+  dl = __dp4a(Q5LO(qv.z, qh.z), xl.z, dl);
+  dl = __dp4a(Q5LO(qv.w, qh.w), xl.w, dl);
+  dh = __dp4a(Q5HI(qv.x, qh.x), xh.x, dh);
+  dh = __dp4a(Q5HI(qv.y, qh.y), xh.y, dh);
+  dh = __dp4a(Q5HI(qv.z, qh.z), xh.z, dh);
+  dh = __dp4a(Q5HI(qv.w, qh.w), xh.w, dh);
+#undef Q5LO
+#undef Q5HI
+  float acc = dm.x * (sc0 * x.d[xb] * (float)dl + sc1 * x.d[xb + 1] * (float)dh);
+  if ((c & 1) == 0) acc -= dm.y * (m0 * x.s[xb] + m1 * x.s[xb + 1]);
+  return acc;
+}
+
+// R Q4_K (Q5 false) or Q5_K rows · x: 8 lanes per super-block, 4 super-blocks per warp
+// iteration; the loads of U iterations are issued before their math (more bytes in flight).
+template <int R, int U, int KS, bool Q5>
+__device__ __forceinline__ void dot_qk(const uint8_t* const (&rows)[R], Q8x x, int nb, int ks,
+                                       float (&acc)[R]) {
   const int lane = threadIdx.x, c = lane & 7, j = c >> 1, h = c & 1;
   for (int b0 = (lane >> 3) + 4 * U * ks; b0 < nb; b0 += 4 * U * KS) {
-    uint4 hd[R][U], qv[R][U];
+    uint4 hd[R][U], qv[R][U], qh[Q5 ? R : 1][Q5 ? U : 1];
     int4 xl[U], xh[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -136,9 +175,10 @@ __device__ __forceinline__ void dot_q4_k(const uint8_t* const (&rows)[R], Q8x x,
       if (b < nb) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const uint8_t* blk = rows[r] + (size_t)b * 144;
+          const uint8_t* blk = rows[r] + (size_t)b * QK<Q5>::BYTES;
           hd[r][u] = *reinterpret_cast<const uint4*>(blk); // d, dmin, scales[12]
-          qv[r][u] = *reinterpret_cast<const uint4*>(blk + 16 + c * 16);
+          qv[r][u] = *reinterpret_cast<const uint4*>(blk + QK<Q5>::NIBBLES + c * 16);
+          if constexpr (Q5) qh[r][u] = *reinterpret_cast<const uint4*>(blk + 16 + h * 16);
         }
         const int8_t* xq = x.q + b * 256 + j * 64 + h * 16;
         xl[u] = *reinterpret_cast<const int4*>(xq);
@@ -151,7 +191,10 @@ __device__ __forceinline__ void dot_q4_k(const uint8_t* const (&rows)[R], Q8x x,
       if (b < nb) {
 #pragma unroll
         for (int r = 0; r < R; ++r)
-          acc[r] += q4k_part(hd[r][u], qv[r][u], xl[u], xh[u], c, x, b * 8 + 2 * j);
+          if constexpr (Q5)
+            acc[r] += q5k_part(hd[r][u], qv[r][u], qh[r][u], xl[u], xh[u], c, x, b * 8 + 2 * j);
+          else
+            acc[r] += q4k_part(hd[r][u], qv[r][u], xl[u], xh[u], c, x, b * 8 + 2 * j);
       }
     }
   }
@@ -164,6 +207,16 @@ __device__ __forceinline__ float q4k_at(const uint8_t* row, int i) {
   q4k_scale_min(2 * j + hi, blk + 4, sc, m);
   const uint8_t q = blk[16 + 32 * j + l];
   return f16_at(blk) * sc * (hi ? (q >> 4) : (q & 0xF)) - f16_at(blk + 2) * m;
+}
+
+__device__ __forceinline__ float q5k_at(const uint8_t* row, int i) {
+  const uint8_t* blk = row + (size_t)(i / 256) * 176;
+  const int r = i % 256, j = r / 64, l = r % 32, hi = (r % 64) >= 32;
+  float sc, m;
+  q4k_scale_min(2 * j + hi, blk + 4, sc, m);
+  const uint8_t q = blk[48 + 32 * j + l];
+  const int high = (blk[16 + l] >> (2 * j + hi)) & 1;
+  return f16_at(blk) * sc * ((hi ? (q >> 4) : (q & 0xF)) + 16 * high) - f16_at(blk + 2) * m;
 }
 
 // ---- Q6_K: 256 weights in 210 bytes: ql[128] low nibbles, qh[64] high 2 bits, int8
@@ -281,7 +334,8 @@ __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ w, int ty, 
 #pragma unroll
   for (int i = 0; i < R; ++i) rows[i] = w + (size_t)(row + i) * rb;
   switch (ty) {
-    case T_Q4_K: dot_q4_k<R, 1, KS>(rows, xq, cols / 256, ks, acc); break;
+    case T_Q4_K: dot_qk<R, 1, KS, false>(rows, xq, cols / 256, ks, acc); break;
+    case T_Q5_K: dot_qk<R, 1, KS, true>(rows, xq, cols / 256, ks, acc); break;
     case T_Q6_K: dot_q6_k<R, KS>(rows, xq, cols / 256, ks, acc); break;
     case T_Q8_0:
 #pragma unroll

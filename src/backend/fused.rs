@@ -1,18 +1,27 @@
-//! The fused CUDA decode path: single-token steps of a dense model whose weights are all in GPU
+//! The fused CUDA decode path: single-token steps of a model whose weights are all in GPU
 //! memory run on `hypura_kernels::cuda::Decoder` (8 kernels per layer, replayed from a CUDA
 //! graph per attention shape) instead of candle's ~25 tensor ops per layer.
 //!
+//! Mixture-of-experts models (Mixtral) qualify when their experts are in device memory or come
+//! through the device expert cache: each MoE layer stops at its router, the logits come back,
+//! [`Moe::route_logits`] picks the experts as the candle path does, the expert set finds them
+//! (device hits, or host-cache / disk misses copied into device slots), and the decoder runs
+//! them. Those steps launch their kernels one by one (the host decides between layers).
+//!
 //! `HYPURA_CUDA_DECODE=candle` turns it off (every step runs candle's ops);
 //! `HYPURA_CUDA_GRAPH=0` keeps the fused kernels but launches them one by one;
-//! `HYPURA_CUDA_PROFILE=N` times every kernel of the step at position N and prints the table.
+//! `HYPURA_CUDA_PROFILE=N` times every kernel of the step at position N and prints the table
+//! (MoE models: the step's host time by phase).
 //! Prompt batches always run on candle; both paths share the model's KV cache.
 
 use candle_core::{DType, Device, Tensor};
-use hypura_kernels::cuda::{DecodeSpec, Decoder, DeviceMatrix, LayerSpec, RopePairs};
+use hypura_kernels::cuda::{
+    DecodeSpec, Decoder, DeviceMatrix, ExpertMatrices, FfnSpec, LayerSpec, RopePairs,
+};
 
 use crate::error::{Error, Result};
 use crate::gguf::RopeStyle;
-use crate::models::{FeedForward, Transformer};
+use crate::models::{Block, FeedForward, Transformer};
 use crate::storage::Weight;
 
 /// A model's fused decoder, or why it has none.
@@ -21,6 +30,9 @@ pub enum FusedDecode {
         decoder: Box<Decoder>,
         /// `HYPURA_CUDA_PROFILE`: the position whose step is timed kernel by kernel.
         profile_at: Option<usize>,
+        /// The embedding table is not in a form the kernels read: each step reads its row with
+        /// the table's own lookup, token id placed on this device (the table's).
+        host_embed: Option<Device>,
     },
     Off(String),
 }
@@ -43,6 +55,13 @@ impl FusedDecode {
             Err(why) => return Ok(FusedDecode::Off(why)),
         };
         let graph = !std::env::var("HYPURA_CUDA_GRAPH").is_ok_and(|v| v == "0");
+        let host_embed = spec
+            .embed
+            .is_none()
+            .then(|| match model.embed().tier_name() {
+                "device" => model.device().clone(),
+                _ => Device::Cpu,
+            });
         let decoder = Decoder::new(dev.cuda_stream(), spec, graph).map_err(kernel_error)?;
         let profile_at = std::env::var("HYPURA_CUDA_PROFILE")
             .ok()
@@ -50,12 +69,16 @@ impl FusedDecode {
         Ok(FusedDecode::Ready {
             decoder: Box::new(decoder),
             profile_at,
+            host_embed,
         })
     }
 
     /// One line for logs: which kernels run single-token steps.
     pub fn describe(&self) -> String {
         match self {
+            FusedDecode::Ready { decoder, .. } if decoder.has_moe() => {
+                "fused CUDA kernels, experts routed per layer".into()
+            }
             FusedDecode::Ready { decoder, .. } => match decoder.capture_failure() {
                 _ if decoder.graph_captured() => "fused CUDA kernels, CUDA graph".into(),
                 Some(why) => format!("fused CUDA kernels (CUDA graph refused: {why})"),
@@ -65,25 +88,138 @@ impl FusedDecode {
         }
     }
 
-    /// Runs `token` at position `pos`; the `[1, n_vocab]` logits on the CPU.
-    pub fn step(&mut self, token: u32, pos: usize) -> Result<Option<Tensor>> {
+    /// Runs `token` at position `pos` through the model whose blocks are `blocks` (MoE layers
+    /// find their experts there); the `[1, n_vocab]` logits on the CPU.
+    /// `embed` is the model's embedding table: when it is not on the device, the token's row is
+    /// read from it here.
+    pub fn step(
+        &mut self,
+        token: u32,
+        pos: usize,
+        embed: &Weight,
+        blocks: &[Block],
+    ) -> Result<Option<Tensor>> {
         let FusedDecode::Ready {
             decoder,
             profile_at,
+            host_embed,
         } = self
         else {
             return Ok(None);
         };
-        let logits = if *profile_at == Some(pos) {
-            let (logits, times) = decoder.profile_step(token, pos).map_err(kernel_error)?;
+        let row = match host_embed {
+            Some(dev) => {
+                let ids = Tensor::new(&[token], dev)?;
+                Some(embed.rows(&ids)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+            None => None,
+        };
+        let row = row.as_deref();
+        let logits = if decoder.has_moe() {
+            // Profiled twice: host time by phase without timing events, then GPU time per kernel
+            // (the events slow the host down) on a second run of the same step.
+            let mut times = MoeTimes::default();
+            let logits = moe_step(decoder, token, pos, row, blocks, &mut times)?;
+            if *profile_at == Some(pos) {
+                times.print(pos);
+                decoder.start_profile();
+                let run = moe_step(decoder, token, pos, row, blocks, &mut MoeTimes::default());
+                let kernels = decoder.finish_profile().map_err(kernel_error)?;
+                run?;
+                print_profile(pos, &kernels);
+            }
+            logits
+        } else if *profile_at == Some(pos) {
+            let (logits, times) = decoder
+                .profile_step(token, pos, row)
+                .map_err(kernel_error)?;
             print_profile(pos, &times);
             logits
         } else {
-            decoder.step(token, pos).map_err(kernel_error)?
+            decoder.step(token, pos, row).map_err(kernel_error)?
         };
         let n = logits.len();
         Ok(Some(Tensor::from_vec(logits, (1, n), &Device::Cpu)?))
     }
+}
+
+/// One token of a mixture-of-experts model: the decoder stops at each MoE layer's router, the
+/// layer's experts are chosen and found here, and handed back to the decoder by rank.
+/// Host time of one MoE step, by phase (`HYPURA_CUDA_PROFILE=N` prints the step at N).
+#[derive(Default)]
+struct MoeTimes {
+    /// Launching each layer up to its router and waiting for the router's logits.
+    advance_us: f64,
+    /// Choosing the experts, finding them (device hits, or uploads after a host-cache hit or a
+    /// disk read) and launching their kernels.
+    experts_us: f64,
+    /// The output head and the logits download.
+    finish_us: f64,
+    layers: usize,
+}
+
+impl MoeTimes {
+    fn print(&self, pos: usize) {
+        let total = self.advance_us + self.experts_us + self.finish_us;
+        eprintln!(
+            "hypura: fused MoE step at position {pos}: {total:.0} µs on the host: {:.0} µs \
+             launching up to each router and waiting for its logits ({:.1} per layer), {:.0} µs \
+             finding and launching experts ({:.1} per layer), {:.0} µs for the output",
+            self.advance_us,
+            self.advance_us / self.layers.max(1) as f64,
+            self.experts_us,
+            self.experts_us / self.layers.max(1) as f64,
+            self.finish_us
+        );
+    }
+}
+
+fn moe_step(
+    decoder: &mut Decoder,
+    token: u32,
+    pos: usize,
+    row: Option<&[f32]>,
+    blocks: &[Block],
+    times: &mut MoeTimes,
+) -> Result<Vec<f32>> {
+    let us = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e6;
+    let mut step = decoder.begin_moe(token, pos, row).map_err(kernel_error)?;
+    loop {
+        let t = std::time::Instant::now();
+        let next = step.advance().map_err(kernel_error)?;
+        times.advance_us += us(t);
+        let Some((layer, logits)) = next else { break };
+        let t = std::time::Instant::now();
+        times.layers += 1;
+        let Some(FeedForward::Moe(moe)) = blocks.get(layer).map(|b| &b.ffn) else {
+            return Err(Error::InvalidRequest(format!(
+                "fused decode: block {layer} is not a mixture of experts"
+            )));
+        };
+        let routing = moe.route_logits(vec![logits]);
+        let (chosen, mix) = (&routing.experts[0], &routing.weights[0]);
+        moe.experts.with_routed(&routing.experts, |e, w| {
+            let rank = chosen.iter().position(|&c| c == e).ok_or_else(|| {
+                Error::InvalidRequest(format!("expert {e} of layer {layer} was not routed"))
+            })?;
+            let m = |w: &Weight| {
+                w.cuda_matrix()?.ok_or_else(|| {
+                    Error::InvalidRequest(format!("{} is not in CUDA memory", w.name()))
+                })
+            };
+            let experts = ExpertMatrices {
+                gate: m(&w.gate)?,
+                up: m(&w.up)?,
+                down: m(&w.down)?,
+            };
+            step.expert(rank, mix[rank], &experts).map_err(kernel_error)
+        })?;
+        times.experts_us += us(t);
+    }
+    let t = std::time::Instant::now();
+    let logits = step.finish().map_err(kernel_error)?;
+    times.finish_us += us(t);
+    Ok(logits)
 }
 
 fn print_profile(pos: usize, times: &[hypura_kernels::cuda::KernelTime]) {
@@ -130,8 +266,30 @@ fn spec(model: &Transformer) -> Result<std::result::Result<DecodeSpec, String>> 
     }
     let mut layers = Vec::with_capacity(model.blocks.len());
     for b in &model.blocks {
-        let FeedForward::Dense(mlp) = &b.ffn else {
-            return Ok(Err("mixture-of-experts feed-forward".into()));
+        let ffn = match &b.ffn {
+            FeedForward::Dense(mlp) => {
+                if mlp.gate.bias().is_some() || mlp.down.bias().is_some() {
+                    return Ok(Err("feed-forward biases".into()));
+                }
+                FfnSpec::Dense {
+                    gate: matrix!(mlp.gate.weight()),
+                    up: matrix!(mlp.up.weight()),
+                    down: matrix!(mlp.down.weight()),
+                }
+            }
+            FeedForward::Moe(moe) => {
+                if let Err(why) = moe.experts.fused_ready()? {
+                    return Ok(Err(why));
+                }
+                if moe.router.bias().is_some() {
+                    return Ok(Err("a router bias".into()));
+                }
+                FfnSpec::Moe {
+                    router: matrix!(moe.router.weight()),
+                    n_expert_used: moe.n_expert_used,
+                    n_ff: cfg.n_ff,
+                }
+            }
         };
         let a = &b.attn;
         let (kc, vc) = a.cache.buffers();
@@ -142,8 +300,8 @@ fn spec(model: &Transformer) -> Result<std::result::Result<DecodeSpec, String>> 
             return Ok(Err("KV cache not in CUDA memory".into()));
         };
         let bias = |l: &crate::models::Linear| l.bias().map(host_f32).transpose();
-        if a.o.bias().is_some() || mlp.gate.bias().is_some() || mlp.down.bias().is_some() {
-            return Ok(Err("biases outside q/k/v".into()));
+        if a.o.bias().is_some() {
+            return Ok(Err("an attention output bias".into()));
         }
         layers.push(LayerSpec {
             attn_norm: host_f32(b.attn_norm.weight())?,
@@ -155,9 +313,7 @@ fn spec(model: &Transformer) -> Result<std::result::Result<DecodeSpec, String>> 
             k_bias: bias(&a.k)?,
             v_bias: bias(&a.v)?,
             ffn_norm: host_f32(b.ffn_norm.weight())?,
-            gate: matrix!(mlp.gate.weight()),
-            up: matrix!(mlp.up.weight()),
-            down: matrix!(mlp.down.weight()),
+            ffn,
             k_cache,
             v_cache,
         });
@@ -179,7 +335,9 @@ fn spec(model: &Transformer) -> Result<std::result::Result<DecodeSpec, String>> 
         rms_eps: model.norm().eps(),
         rope_cos: host_f32(cos)?,
         rope_sin: host_f32(sin)?,
-        embed: matrix!(model.embed()),
+        // The table is only read a row per token: it may stay in host memory (the plan often
+        // keeps it there, as llama.cpp does).
+        embed: model.embed().cuda_matrix()?,
         layers,
         out_norm: host_f32(model.norm().weight())?,
         output: matrix!(model.output()),

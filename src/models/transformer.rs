@@ -176,7 +176,7 @@ impl Transformer {
     fn fused_step(&mut self, token: u32, pos: usize) -> Result<Option<Tensor>> {
         #[cfg(feature = "cuda")]
         if let Some(f) = &mut self.fused {
-            let Some(logits) = f.step(token, pos)? else {
+            let Some(logits) = f.step(token, pos, &self.embed, &self.blocks)? else {
                 return Ok(None);
             };
             for b in &mut self.blocks {

@@ -8,13 +8,13 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
     CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
-    LaunchConfig, PushKernelArg,
+    CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 
 use super::shapes::{AttShape, MvShape, ATT_LONG_SPLIT, MV_WARPS};
-use super::{DecodeSpec, DeviceMatrix, RopePairs};
+use super::{DecodeSpec, DeviceMatrix, ExpertMatrices, FfnSpec, RopePairs};
 use crate::KernelError;
 
 /// decode.cu compiled by build.rs: machine code for the build's compute capability, plus PTX.
@@ -98,11 +98,21 @@ pub struct Decoder {
     // Softmax partials when a head's keys are split over blocks: [n_head, n_split, hd + 2].
     att_part: Buf<f32>,
     ffn: Buf<f32>, // [n_ff] silu(gate · xn) * (up · xn)
-    // The current mat-vec input quantized to int8 blocks of 32 (for Q4_K rows).
+    // The current mat-vec input quantized to int8 blocks of 32 (for k-quant rows).
     xq: Buf<i8>,      // [max(n_embd, n_ff, n_head * head_dim)]
     xd: Buf<f32>,     // [that / 32] block scales
     xs: Buf<f32>,     // [that / 32] scale · Σq per block
     logits: Buf<f32>, // [n_vocab]
+    // Mixture-of-experts blocks: the router's logits, each chosen expert's output by rank, and
+    // the experts' hidden state as int8 (so `xq` keeps the normed input for
+    // the next expert). One element each in dense models.
+    router: Buf<f32>, // [n_expert]
+    /// The router's logits, copied to page-locked host memory.
+    router_host: Option<PinnedHostSlice<f32>>,
+    ys: Buf<f32>, // [n_expert_used, n_embd]
+    fq: Buf<i8>,  // [n_ff]
+    fd: Buf<f32>, // [n_ff / 32]
+    fs: Buf<f32>, // [n_ff / 32]
     /// One graph per attention shape ([`AttShape::regime`]), captured at its first step.
     graphs: [Option<Graph>; 3],
     use_graph: bool,
@@ -131,6 +141,7 @@ const KERNELS: &[&str] = &[
     "matvec_qkv_2_2",
     "matvec_swiglu",
     "embed_q4_k",
+    "embed_q5_k",
     "embed_q6_k",
     "embed_q8_0",
     "embed_f32",
@@ -140,6 +151,7 @@ const KERNELS: &[&str] = &[
     "attention_8_4",
     "attention_merge",
     "quantize_q8",
+    "moe_combine",
 ];
 
 impl Decoder {
@@ -184,7 +196,15 @@ impl Decoder {
         }
         let (qd, kvd) = (spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim);
         let step = stream.alloc_zeros::<u32>(2).map_err(driver("alloc"))?;
-        let widest = spec.n_embd.max(spec.n_ff).max(qd);
+        let n_ff = spec.max_n_ff();
+        let widest = spec.n_embd.max(n_ff).max(qd);
+        let (k_max, n_expert) = spec.max_experts();
+        let int8 = |n: usize| -> Result<Buf<i8>, KernelError> {
+            let s = stream
+                .alloc_zeros::<i8>(n.max(1))
+                .map_err(driver("alloc"))?;
+            Ok(Buf::new(s, &stream))
+        };
         Ok(Decoder {
             out_norm: up(&spec.out_norm)?,
             rope_cos: up(&spec.rope_cos)?,
@@ -197,14 +217,26 @@ impl Decoder {
             v: zeros(kvd)?,
             att: zeros(qd)?,
             att_part: zeros(spec.n_head * ATT_LONG_SPLIT as usize * (spec.head_dim + 2))?,
-            ffn: zeros(spec.n_ff)?,
-            xq: Buf::new(
-                stream.alloc_zeros::<i8>(widest).map_err(driver("alloc"))?,
-                &stream,
-            ),
+            ffn: zeros(n_ff)?,
+            xq: int8(widest)?,
             xd: zeros(widest / 32)?,
             xs: zeros(widest / 32)?,
             logits: zeros(spec.n_vocab)?,
+            router: zeros(n_expert)?,
+            router_host: if n_expert > 0 {
+                // SAFETY: page-locked memory (cached: the host reads it; not write-combined) for
+                // `n_expert` f32s, written only by the copy in `router_logits` before it is read.
+                Some(
+                    unsafe { stream.context().alloc_pinned_with_flags::<f32>(n_expert, 0) }
+                        .map_err(driver("pinned alloc"))?,
+                )
+            } else {
+                None
+            },
+            ys: zeros(k_max * spec.n_embd)?,
+            fq: int8(if k_max > 0 { n_ff } else { 0 })?,
+            fd: zeros(if k_max > 0 { n_ff / 32 } else { 0 })?,
+            fs: zeros(if k_max > 0 { n_ff / 32 } else { 0 })?,
             layers,
             spec,
             funcs,
@@ -223,23 +255,31 @@ impl Decoder {
         self.graphs.iter().any(Option::is_some)
     }
 
+    /// Whether the model has mixture-of-experts blocks (steps go through [`Decoder::begin_moe`]).
+    pub fn has_moe(&self) -> bool {
+        self.spec.has_moe()
+    }
+
     /// Why CUDA refused to capture the step into a graph, if it did.
     pub fn capture_failure(&self) -> Option<&str> {
         self.capture_failure.as_deref()
     }
 
     /// Runs one token at position `pos` (its k and v land in the cache at `pos`); returns the
-    /// `[n_vocab]` logits.
-    pub fn step(&mut self, token: u32, pos: usize) -> Result<Vec<f32>, KernelError> {
-        if pos >= self.spec.n_ctx || token as usize >= self.spec.n_vocab {
-            return Err(KernelError(format!(
-                "fused decode of token {token} at position {pos}: outside n_vocab {} / n_ctx {}",
-                self.spec.n_vocab, self.spec.n_ctx
-            )));
+    /// `[n_vocab]` logits. `row` is the token's embedding row when the table is not on the
+    /// device ([`DecodeSpec::embed`] `None`), and ignored otherwise.
+    pub fn step(
+        &mut self,
+        token: u32,
+        pos: usize,
+        row: Option<&[f32]>,
+    ) -> Result<Vec<f32>, KernelError> {
+        if self.spec.has_moe() {
+            return Err(KernelError(
+                "a mixture-of-experts model steps through Decoder::begin_moe".into(),
+            ));
         }
-        self.stream
-            .memcpy_htod(&[token, pos as u32], &mut self.step.slice)
-            .map_err(driver("step upload"))?;
+        self.upload_step(token, pos, row)?;
         let n_kv = pos + 1;
         let regime = AttShape::regime(n_kv);
         if self.use_graph && self.graphs[regime].is_none() {
@@ -249,6 +289,41 @@ impl Decoder {
             Some(g) => g.0.launch().map_err(driver("graph launch"))?,
             None => self.record(n_kv)?,
         }
+        self.download_logits()
+    }
+
+    /// Checks and uploads the step's `[token, pos]` (and the embedding row, if given here).
+    fn upload_step(
+        &mut self,
+        token: u32,
+        pos: usize,
+        row: Option<&[f32]>,
+    ) -> Result<(), KernelError> {
+        if pos >= self.spec.n_ctx || token as usize >= self.spec.n_vocab {
+            return Err(KernelError(format!(
+                "fused decode of token {token} at position {pos}: outside n_vocab {} / n_ctx {}",
+                self.spec.n_vocab, self.spec.n_ctx
+            )));
+        }
+        self.stream
+            .memcpy_htod(&[token, pos as u32], &mut self.step.slice)
+            .map_err(driver("step upload"))?;
+        if self.spec.embed.is_none() {
+            let row = row.filter(|r| r.len() == self.spec.n_embd).ok_or_else(|| {
+                KernelError(format!(
+                    "fused decode: the embedding table is on the host, so each step needs \
+                     the token's row of {} values",
+                    self.spec.n_embd
+                ))
+            })?;
+            self.stream
+                .memcpy_htod(row, &mut self.x.slice)
+                .map_err(driver("embedding row upload"))?;
+        }
+        Ok(())
+    }
+
+    fn download_logits(&self) -> Result<Vec<f32>, KernelError> {
         let mut out = vec![0f32; self.spec.n_vocab];
         self.stream
             .memcpy_dtoh(&self.logits.slice, &mut out)
@@ -257,21 +332,66 @@ impl Decoder {
         Ok(out)
     }
 
+    /// The first `n` router logits, once the stream has produced them (waits for it).
+    fn router_logits(&mut self, n: usize) -> Result<Vec<f32>, KernelError> {
+        let host = self
+            .router_host
+            .as_mut()
+            .ok_or_else(|| KernelError("no host buffer for the router's logits".into()))?;
+        let view = self.router.slice.slice(0..n);
+        self.stream
+            .memcpy_dtoh(&view, host)
+            .map_err(driver("router logits download"))?;
+        self.stream.synchronize().map_err(driver("synchronize"))?;
+        Ok(host.as_slice().map_err(driver("router logits"))?[..n].to_vec())
+    }
+
+    /// Starts one token of a mixture-of-experts model at position `pos`; drive it with
+    /// [`MoeStep::advance`] and [`MoeStep::expert`] to the end, then [`MoeStep::finish`].
+    pub fn begin_moe(
+        &mut self,
+        token: u32,
+        pos: usize,
+        row: Option<&[f32]>,
+    ) -> Result<MoeStep<'_>, KernelError> {
+        self.upload_step(token, pos, row)?;
+        self.embed()?;
+        Ok(MoeStep {
+            att: AttShape::for_keys(pos + 1),
+            dec: self,
+            next: 0,
+            pending: None,
+        })
+    }
+
     /// Like [`step`](Self::step), but launches the kernels one by one, each between two timing
     /// events; also returns the GPU time per kernel label (kernel and shape), largest first.
     pub fn profile_step(
         &mut self,
         token: u32,
         pos: usize,
+        row: Option<&[f32]>,
     ) -> Result<(Vec<f32>, Vec<KernelTime>), KernelError> {
         let graphs = std::mem::take(&mut self.graphs);
         let use_graph = std::mem::replace(&mut self.use_graph, false);
-        *self.prof.borrow_mut() = Some(Vec::new());
-        let out = self.step(token, pos);
-        let events = self.prof.borrow_mut().take().unwrap_or_default();
+        self.start_profile();
+        let out = self.step(token, pos, row);
+        let times = self.finish_profile();
         self.graphs = graphs;
         self.use_graph = use_graph;
-        let out = out?;
+        Ok((out?, times?))
+    }
+
+    /// From now on every launch is bracketed by timing events (steps of MoE models, which
+    /// launch one by one anyway, are profiled this way).
+    pub fn start_profile(&mut self) {
+        *self.prof.borrow_mut() = Some(Vec::new());
+    }
+
+    /// Stops profiling; the GPU time per kernel label (kernel and shape) since
+    /// [`start_profile`](Self::start_profile), largest first.
+    pub fn finish_profile(&mut self) -> Result<Vec<KernelTime>, KernelError> {
+        let events = self.prof.borrow_mut().take().unwrap_or_default();
         let mut by: Vec<KernelTime> = Vec::new();
         for (label, start, end) in events {
             let us = start.elapsed_ms(&end).map_err(driver("event timing"))? as f64 * 1e3;
@@ -288,7 +408,7 @@ impl Decoder {
             }
         }
         by.sort_by(|a, b| b.total_us.total_cmp(&a.total_us));
-        Ok((out, by))
+        Ok(by)
     }
 
     fn profile_event(&self) -> Result<Option<CudaEvent>, KernelError> {
@@ -332,101 +452,142 @@ impl Decoder {
     /// Issues the kernels of one step over `n_kv` keys on the stream, in order (the position
     /// itself is read on the device: the same kernels serve every `n_kv` of its regime).
     fn record(&self, n_kv: usize) -> Result<(), KernelError> {
-        let s = &self.spec;
         let att = AttShape::for_keys(n_kv);
-        let (d, hd) = (s.n_embd as i32, s.head_dim as i32);
-        let in_kernel_quant = s.head_dim.is_multiple_of(32);
+        self.embed()?;
+        for i in 0..self.layers.len() {
+            self.attention(i, att)?;
+            let FfnSpec::Dense { gate, up, down } = &self.spec.layers[i].ffn else {
+                return Err(KernelError(format!("blk.{i} is a mixture of experts")));
+            };
+            self.dense_ffn(gate, up, down)?;
+        }
+        self.head()
+    }
+
+    /// `x += down · swiglu(xn)`.
+    fn dense_ffn(
+        &self,
+        gate: &DeviceMatrix,
+        up: &DeviceMatrix,
+        down: &DeviceMatrix,
+    ) -> Result<(), KernelError> {
+        self.swiglu(gate, up)?;
+        self.quantize(self.ffn.ptr, gate.rows, self.q8())?;
+        self.matvec(down, self.ffn.ptr, self.q8(), self.x.ptr, 0, self.x.ptr)
+    }
+
+    /// `x` = the token's embedding row (from the host when the table is there: already
+    /// uploaded).
+    fn embed(&self) -> Result<(), KernelError> {
+        let s = &self.spec;
+        let Some(embed) = &s.embed else {
+            return Ok(());
+        };
+        let d = s.n_embd as i32;
         launch!(
             self,
-            &format!("embed_{}", s.embed.kernel_suffix()),
+            &format!("embed_{}", embed.kernel_suffix()),
             grid1(s.n_embd as u32, 256),
-            &s.embed.bytes.ptr,
+            &embed.bytes.ptr,
             &self.step.ptr,
             &self.x.ptr,
             &d
+        )
+    }
+
+    /// The logits from the residual stream: output norm and output matrix.
+    fn head(&self) -> Result<(), KernelError> {
+        let s = &self.spec;
+        self.rms_norm(self.x.ptr, self.out_norm.ptr, self.xn.ptr)?;
+        self.matvec(&s.output, self.xn.ptr, self.q8(), self.logits.ptr, 0, 0)
+    }
+
+    /// Block `i` up to its feed-forward: `x += attention(norm(x))`, then `xn` (and the int8
+    /// buffers) = the feed-forward's normed input.
+    fn attention(&self, i: usize, att: AttShape) -> Result<(), KernelError> {
+        let (s, l, spec) = (&self.spec, &self.layers[i], &self.spec.layers[i]);
+        let hd = s.head_dim as i32;
+        let in_kernel_quant = s.head_dim.is_multiple_of(32);
+        self.rms_norm(self.x.ptr, l.attn_norm.ptr, self.xn.ptr)?;
+        self.qkv(l, spec)?;
+        let (nh, rd) = (s.n_head as i32, s.rope_dim as i32);
+        let style: i32 = match s.rope_pairs {
+            RopePairs::Interleaved => 0,
+            RopePairs::HalfSplit => 1,
+        };
+        let n_ctx = s.n_ctx as i32;
+        let (nkv, n_split, chunk_min) =
+            (s.n_head_kv as i32, att.n_split as i32, att.chunk_min as i32);
+        let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+        let cfg = LaunchConfig {
+            grid_dim: (s.n_head as u32, att.n_split, 1),
+            block_dim: (32, att.warps, 1),
+            shared_mem_bytes: 0,
+        };
+        // The output in int8 blocks straight from the kernel when heads are whole blocks.
+        let (oq, od, os) = if in_kernel_quant {
+            (self.xq.ptr, self.xd.ptr, self.xs.ptr)
+        } else {
+            (0, 0, 0)
+        };
+        launch!(
+            self,
+            att.kernel,
+            cfg,
+            &self.q.ptr,
+            &self.k.ptr,
+            &self.v.ptr,
+            &l.k_cache,
+            &l.v_cache,
+            &self.att.ptr,
+            &self.rope_cos.ptr,
+            &self.rope_sin.ptr,
+            &self.step.ptr,
+            &nh,
+            &nkv,
+            &hd,
+            &rd,
+            &style,
+            &n_ctx,
+            &scale,
+            &oq,
+            &od,
+            &os,
+            &self.att_part.ptr,
+            &n_split,
+            &chunk_min
         )?;
-        for (l, spec) in self.layers.iter().zip(&s.layers) {
-            self.rms_norm(self.x.ptr, l.attn_norm.ptr, self.xn.ptr)?;
-            self.qkv(l, spec)?;
-            let (nh, rd) = (s.n_head as i32, s.rope_dim as i32);
-            let style: i32 = match s.rope_pairs {
-                RopePairs::Interleaved => 0,
-                RopePairs::HalfSplit => 1,
-            };
-            let n_ctx = s.n_ctx as i32;
-            let (nkv, n_split, chunk_min) =
-                (s.n_head_kv as i32, att.n_split as i32, att.chunk_min as i32);
-            let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+        if att.n_split > 1 {
             let cfg = LaunchConfig {
-                grid_dim: (s.n_head as u32, att.n_split, 1),
-                block_dim: (32, att.warps, 1),
+                grid_dim: (s.n_head as u32, 1, 1),
+                block_dim: ((s.head_dim as u32).next_multiple_of(32), 1, 1),
                 shared_mem_bytes: 0,
-            };
-            // The output in int8 blocks straight from the kernel when heads are whole blocks.
-            let (oq, od, os) = if in_kernel_quant {
-                (self.xq.ptr, self.xd.ptr, self.xs.ptr)
-            } else {
-                (0, 0, 0)
             };
             launch!(
                 self,
-                att.kernel,
+                "attention_merge",
                 cfg,
-                &self.q.ptr,
-                &self.k.ptr,
-                &self.v.ptr,
-                &l.k_cache,
-                &l.v_cache,
+                &self.att_part.ptr,
                 &self.att.ptr,
-                &self.rope_cos.ptr,
-                &self.rope_sin.ptr,
                 &self.step.ptr,
-                &nh,
-                &nkv,
                 &hd,
-                &rd,
-                &style,
-                &n_ctx,
-                &scale,
+                &n_split,
+                &chunk_min,
                 &oq,
                 &od,
-                &os,
-                &self.att_part.ptr,
-                &n_split,
-                &chunk_min
+                &os
             )?;
-            if att.n_split > 1 {
-                let cfg = LaunchConfig {
-                    grid_dim: (s.n_head as u32, 1, 1),
-                    block_dim: ((s.head_dim as u32).next_multiple_of(32), 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                launch!(
-                    self,
-                    "attention_merge",
-                    cfg,
-                    &self.att_part.ptr,
-                    &self.att.ptr,
-                    &self.step.ptr,
-                    &hd,
-                    &n_split,
-                    &chunk_min,
-                    &oq,
-                    &od,
-                    &os
-                )?;
-            }
-            if !in_kernel_quant {
-                self.quantize(self.att.ptr, s.n_head * s.head_dim)?;
-            }
-            self.matvec(&spec.o, self.att.ptr, self.x.ptr, 0, self.x.ptr)?;
-            self.rms_norm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr)?;
-            self.swiglu(spec)?;
-            self.quantize(self.ffn.ptr, s.n_ff)?;
-            self.matvec(&spec.down, self.ffn.ptr, self.x.ptr, 0, self.x.ptr)?;
         }
-        self.rms_norm(self.x.ptr, self.out_norm.ptr, self.xn.ptr)?;
-        self.matvec(&s.output, self.xn.ptr, self.logits.ptr, 0, 0)
+        if !in_kernel_quant {
+            self.quantize(self.att.ptr, s.n_head * s.head_dim, self.q8())?;
+        }
+        self.matvec(&spec.o, self.att.ptr, self.q8(), self.x.ptr, 0, self.x.ptr)?;
+        self.rms_norm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr)
+    }
+
+    /// The main int8 activation buffers (`xq`, `xd`, `xs`).
+    fn q8(&self) -> [u64; 3] {
+        [self.xq.ptr, self.xd.ptr, self.xs.ptr]
     }
 
     /// `out = rms_norm(x) * w`, also into the int8 buffers. One block; a float4 per thread
@@ -475,8 +636,7 @@ impl Decoder {
     }
 
     /// `ffn = silu(gate · xn) * (up · xn)` in one launch.
-    fn swiglu(&self, spec: &super::LayerSpec) -> Result<(), KernelError> {
-        let (g, u) = (&spec.gate, &spec.up);
+    fn swiglu(&self, g: &DeviceMatrix, u: &DeviceMatrix) -> Result<(), KernelError> {
         let (tg, tu) = (g.type_id(), u.type_id());
         let (rows, cols) = (g.rows as i32, g.cols as i32);
         let label = || format!("matvec_swiglu {:?}/{:?} [{rows}, {cols}]", g.ty, u.ty);
@@ -490,12 +650,13 @@ impl Decoder {
             &g.bytes.ptr, &tg, &u.bytes.ptr, &tu, &self.ffn.ptr, &rows)
     }
 
-    /// `y = m · x (+ bias) (+ res)`; `bias`/`res` are 0 for none, `res` may equal `y`. Q4_K
-    /// and Q6_K rows read `x` from the int8 buffers, which must hold it.
+    /// `y = m · x (+ bias) (+ res)`; `bias`/`res` are 0 for none, `res` may equal `y`.
+    /// k-quant rows read `x` from the int8 buffers `q8` (`[q, d, s]`), which must hold it.
     fn matvec(
         &self,
         m: &DeviceMatrix,
         x: u64,
+        q8: [u64; 3],
         y: u64,
         bias: u64,
         res: u64,
@@ -504,29 +665,21 @@ impl Decoder {
         let shape = MvShape::pick(&[m.rows]);
         let name = shape.kernel("matvec");
         let label = || format!("{name} {:?} [{rows}, {cols}]", m.ty);
-        let (xq, xd, xs) = (self.xq.ptr, self.xd.ptr, self.xs.ptr);
+        let [xq, xd, xs] = q8;
         launch!(@labelled self, &name, label, shape.cfg(m.rows), &m.bytes.ptr, &ty, &x, &xq,
             &xd, &xs, &y, &rows, &cols, &bias, &res)
     }
 
-    /// `src [n]` → the int8 activation buffers (`xq`, `xd`, `xs`) the next mat-vecs read.
-    fn quantize(&self, src: u64, n: usize) -> Result<(), KernelError> {
+    /// `src [n]` → the int8 activation buffers `q8` (`[q, d, s]`) the next mat-vecs read.
+    fn quantize(&self, src: u64, n: usize, q8: [u64; 3]) -> Result<(), KernelError> {
         let cfg = LaunchConfig {
             grid_dim: ((n as u32).div_ceil(256), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let n = n as i32;
-        launch!(
-            self,
-            "quantize_q8",
-            cfg,
-            &src,
-            &self.xq.ptr,
-            &self.xd.ptr,
-            &self.xs.ptr,
-            &n
-        )
+        let [q, d, s] = q8;
+        launch!(self, "quantize_q8", cfg, &src, &q, &d, &s, &n)
     }
 
     fn func(&self, name: &str) -> Result<&CudaFunction, KernelError> {
@@ -541,5 +694,152 @@ fn grid1(n: u32, block: u32) -> LaunchConfig {
         grid_dim: (n.div_ceil(block).clamp(1, 1024), 1, 1),
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// One token of a mixture-of-experts model in flight ([`Decoder::begin_moe`]): the caller
+/// alternates [`advance`](Self::advance) (run to the next MoE layer's router) and
+/// [`expert`](Self::expert) (once per chosen expert), then calls [`finish`](Self::finish).
+pub struct MoeStep<'a> {
+    dec: &'a mut Decoder,
+    att: AttShape,
+    /// The next block to run.
+    next: usize,
+    /// The MoE block whose experts are being handed over.
+    pending: Option<Pending>,
+}
+
+/// `struct Mix` in decode.cu: a MoE block's mixing weights, passed by value.
+#[repr(C)]
+struct Mix {
+    w: [f32; super::MAX_EXPERTS_USED],
+}
+
+// SAFETY: plain `#[repr(C)]` floats, laid out as decode.cu's `struct Mix` (8 floats).
+unsafe impl DeviceRepr for Mix {}
+
+struct Pending {
+    layer: usize,
+    n_ff: usize,
+    /// Mixing weight by rank; `None` until that rank's expert has run.
+    mix: Vec<Option<f32>>,
+}
+
+impl MoeStep<'_> {
+    /// Mixes the previous MoE block's experts in, then runs blocks up to the next MoE block's
+    /// router: returns that block's index and its router logits `[n_expert]`, or `None` when
+    /// every block has run.
+    pub fn advance(&mut self) -> Result<Option<(usize, Vec<f32>)>, KernelError> {
+        self.combine()?;
+        while self.next < self.dec.layers.len() {
+            let i = self.next;
+            self.next += 1;
+            let dec = &*self.dec;
+            dec.attention(i, self.att)?;
+            let moe = match &dec.spec.layers[i].ffn {
+                FfnSpec::Dense { gate, up, down } => {
+                    dec.dense_ffn(gate, up, down)?;
+                    None
+                }
+                FfnSpec::Moe {
+                    router,
+                    n_expert_used,
+                    n_ff,
+                } => {
+                    dec.matvec(router, dec.xn.ptr, dec.q8(), dec.router.ptr, 0, 0)?;
+                    Some((router.rows, *n_expert_used, *n_ff))
+                }
+            };
+            if let Some((n_expert, n_expert_used, n_ff)) = moe {
+                let logits = self.dec.router_logits(n_expert)?;
+                self.pending = Some(Pending {
+                    layer: i,
+                    n_ff,
+                    mix: vec![None; n_expert_used],
+                });
+                return Ok(Some((i, logits)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs the expert of rank `rank` (its place among the token's choices, most probable
+    /// first) for the MoE block [`advance`](Self::advance) stopped at, to be mixed in with
+    /// weight `mix`. Its weights must stay in device memory until the stream has used them.
+    pub fn expert(&mut self, rank: usize, mix: f32, m: &ExpertMatrices) -> Result<(), KernelError> {
+        let dec = &*self.dec;
+        let Some(p) = self.pending.as_mut() else {
+            return Err(KernelError(
+                "MoeStep::expert with no MoE block pending".into(),
+            ));
+        };
+        let (d, ff, layer) = (dec.spec.n_embd, p.n_ff, p.layer);
+        let fits = |m: &DeviceMatrix, rows: usize, cols: usize| m.rows == rows && m.cols == cols;
+        if !(fits(&m.gate, ff, d) && fits(&m.up, ff, d) && fits(&m.down, d, ff)) {
+            return Err(KernelError(format!(
+                "blk.{layer}: expert of rank {rank} is gate [{}, {}] / up [{}, {}] / down [{}, \
+                 {}], expected [{ff}, {d}] / [{ff}, {d}] / [{d}, {ff}]",
+                m.gate.rows, m.gate.cols, m.up.rows, m.up.cols, m.down.rows, m.down.cols
+            )));
+        }
+        match p.mix.get_mut(rank) {
+            Some(slot @ None) => *slot = Some(mix),
+            _ => {
+                return Err(KernelError(format!(
+                    "blk.{layer}: expert rank {rank} given twice or beyond the {} used",
+                    p.mix.len()
+                )))
+            }
+        }
+        let fq = [dec.fq.ptr, dec.fd.ptr, dec.fs.ptr];
+        let y = dec.ys.ptr + (rank * d * std::mem::size_of::<f32>()) as u64;
+        dec.swiglu(&m.gate, &m.up)?;
+        dec.quantize(dec.ffn.ptr, ff, fq)?;
+        dec.matvec(&m.down, dec.ffn.ptr, fq, y, 0, 0)
+    }
+
+    /// `x += Σ mix[r] · ys[r]` for the pending MoE block, once all its experts have run.
+    fn combine(&mut self) -> Result<(), KernelError> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let mix: Option<Vec<f32>> = p.mix.iter().copied().collect();
+        let Some(mix) = mix else {
+            return Err(KernelError(format!(
+                "blk.{}: only {} of its {} experts ran",
+                p.layer,
+                p.mix.iter().flatten().count(),
+                p.mix.len()
+            )));
+        };
+        let mut by_value = Mix {
+            w: [0.0; super::MAX_EXPERTS_USED],
+        };
+        by_value.w[..mix.len()].copy_from_slice(&mix);
+        let (k, n) = (mix.len() as i32, self.dec.spec.n_embd as i32);
+        let dec = &*self.dec;
+        launch!(
+            dec,
+            "moe_combine",
+            grid1(n as u32, 256),
+            &dec.x.ptr,
+            &dec.ys.ptr,
+            &k,
+            &n,
+            &by_value
+        )
+    }
+
+    /// The logits `[n_vocab]`, once [`advance`](Self::advance) has returned `None`.
+    pub fn finish(self) -> Result<Vec<f32>, KernelError> {
+        if self.pending.is_some() || self.next < self.dec.layers.len() {
+            return Err(KernelError(format!(
+                "MoeStep::finish at block {} of {}",
+                self.next,
+                self.dec.layers.len()
+            )));
+        }
+        self.dec.head()?;
+        self.dec.download_logits()
     }
 }

@@ -11,6 +11,12 @@
 //! tensors) and the KV cache (the model's own tensors, which candle's batch path also writes). A
 //! [`DeviceBytes`] keeps its owner alive; making one is the only `unsafe` a caller writes.
 //! Small tensors (norm weights, biases, RoPE tables) are copied in.
+//!
+//! Mixture-of-experts models (Mixtral) run on the same kernels, driven layer by layer: a
+//! [`MoeStep`] stops at each MoE layer with the router's logits, the caller picks the experts and
+//! finds them in device memory (resident, or through its expert cache), hands each to
+//! [`MoeStep::expert`], and the step goes on. The host decides between layers, so these steps
+//! are launched one by one (no graph).
 
 mod decoder;
 mod shapes;
@@ -20,7 +26,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 
-pub use decoder::{Decoder, KernelTime};
+pub use decoder::{Decoder, KernelTime, MoeStep};
 
 use crate::KernelError;
 
@@ -65,7 +71,7 @@ pub struct DeviceMatrix {
 pub fn supported(ty: GgmlDType) -> bool {
     matches!(
         ty,
-        GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8_0 | GgmlDType::F32
+        GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K | GgmlDType::Q8_0 | GgmlDType::F32
     )
 }
 
@@ -109,6 +115,7 @@ impl DeviceMatrix {
     fn kernel_suffix(&self) -> &'static str {
         match self.ty {
             GgmlDType::Q4K => "q4_k",
+            GgmlDType::Q5K => "q5_k",
             GgmlDType::Q6K => "q6_k",
             GgmlDType::Q8_0 => "q8_0",
             _ => "f32",
@@ -119,6 +126,7 @@ impl DeviceMatrix {
     fn type_id(&self) -> i32 {
         match self.ty {
             GgmlDType::Q4K => 12,
+            GgmlDType::Q5K => 13,
             GgmlDType::Q6K => 14,
             GgmlDType::Q8_0 => 8,
             _ => 0,
@@ -146,20 +154,51 @@ pub struct LayerSpec {
     pub k_bias: Option<Vec<f32>>,
     pub v_bias: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
-    pub gate: DeviceMatrix,
-    pub up: DeviceMatrix,
-    pub down: DeviceMatrix,
+    pub ffn: FfnSpec,
     /// `[n_head_kv, n_ctx, head_dim]` F32, shared with whoever else runs this model.
     pub k_cache: DeviceBytes,
     pub v_cache: DeviceBytes,
 }
 
-/// A dense decoder-only model, as the fused decoder runs it.
+/// A block's feed-forward.
+pub enum FfnSpec {
+    /// SwiGLU: `down · (silu(gate · x) * (up · x))`.
+    Dense {
+        gate: DeviceMatrix, // [n_ff, n_embd]
+        up: DeviceMatrix,   // [n_ff, n_embd]
+        down: DeviceMatrix, // [n_embd, n_ff]
+    },
+    /// A mixture of SwiGLU experts: the router is borrowed here; the experts are handed over at
+    /// each step ([`MoeStep::expert`]), wherever the caller keeps them.
+    Moe {
+        router: DeviceMatrix, // [n_expert, n_embd]
+        n_expert_used: usize,
+        /// The experts' hidden size.
+        n_ff: usize,
+    },
+}
+
+/// One expert's SwiGLU weights on the device, for one [`MoeStep::expert`] call.
+pub struct ExpertMatrices {
+    pub gate: DeviceMatrix, // [n_ff, n_embd]
+    pub up: DeviceMatrix,   // [n_ff, n_embd]
+    pub down: DeviceMatrix, // [n_embd, n_ff]
+}
+
+/// The most experts a MoE layer may have (the router's logits come back to the host).
+pub const MAX_EXPERTS: usize = 256;
+
+/// The most experts a MoE layer may route a token to (`MOE_MAX_USED` in decode.cu: the mixing
+/// weights are one kernel argument).
+pub const MAX_EXPERTS_USED: usize = 8;
+
+/// A decoder-only model (dense or mixture-of-experts), as the fused decoder runs it.
 pub struct DecodeSpec {
     pub n_embd: usize,
     pub n_head: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
+    /// The dense feed-forward's hidden size (unused by MoE layers, which carry their own).
     pub n_ff: usize,
     pub n_vocab: usize,
     pub n_ctx: usize,
@@ -169,13 +208,46 @@ pub struct DecodeSpec {
     /// `[n_ctx, rope_dim / 2]` each: the angles the model's own RoPE uses.
     pub rope_cos: Vec<f32>,
     pub rope_sin: Vec<f32>,
-    pub embed: DeviceMatrix, // [n_vocab, n_embd]
+    /// `[n_vocab, n_embd]` on the device; `None` when the table stays in host memory (the caller
+    /// then hands each step its token's row).
+    pub embed: Option<DeviceMatrix>,
     pub layers: Vec<LayerSpec>,
     pub out_norm: Vec<f32>,
     pub output: DeviceMatrix, // [n_vocab, n_embd]
 }
 
 impl DecodeSpec {
+    /// Whether any block is a mixture of experts (steps then go through [`MoeStep`]).
+    pub fn has_moe(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| matches!(l.ffn, FfnSpec::Moe { .. }))
+    }
+
+    /// The widest feed-forward hidden state of any block.
+    fn max_n_ff(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l.ffn {
+                FfnSpec::Dense { .. } => self.n_ff,
+                FfnSpec::Moe { n_ff, .. } => n_ff,
+            })
+            .max()
+            .unwrap_or(self.n_ff)
+    }
+
+    /// The most experts any MoE block routes a token to, and the most it has (0, 0 if dense).
+    fn max_experts(&self) -> (usize, usize) {
+        self.layers.iter().fold((0, 0), |(k, n), l| match &l.ffn {
+            FfnSpec::Moe {
+                router,
+                n_expert_used,
+                ..
+            } => (k.max(*n_expert_used), n.max(router.rows)),
+            FfnSpec::Dense { .. } => (k, n),
+        })
+    }
+
     /// Every shape the kernels rely on, checked once.
     fn validate(&self) -> Result<(), KernelError> {
         let (d, hd) = (self.n_embd, self.head_dim);
@@ -211,7 +283,9 @@ impl DecodeSpec {
                 ))
             }
         };
-        shape(&self.embed, self.n_vocab, d, "token_embd")?;
+        if let Some(embed) = &self.embed {
+            shape(embed, self.n_vocab, d, "token_embd")?;
+        }
         shape(&self.output, self.n_vocab, d, "output")?;
         let vec_len = |v: &[f32], n: usize, name: &str| {
             if v.len() == n {
@@ -227,9 +301,33 @@ impl DecodeSpec {
             shape(&l.k, kvd, d, &format!("blk.{i}.attn_k"))?;
             shape(&l.v, kvd, d, &format!("blk.{i}.attn_v"))?;
             shape(&l.o, d, qd, &format!("blk.{i}.attn_output"))?;
-            shape(&l.gate, self.n_ff, d, &format!("blk.{i}.ffn_gate"))?;
-            shape(&l.up, self.n_ff, d, &format!("blk.{i}.ffn_up"))?;
-            shape(&l.down, d, self.n_ff, &format!("blk.{i}.ffn_down"))?;
+            match &l.ffn {
+                FfnSpec::Dense { gate, up, down } => {
+                    shape(gate, self.n_ff, d, &format!("blk.{i}.ffn_gate"))?;
+                    shape(up, self.n_ff, d, &format!("blk.{i}.ffn_up"))?;
+                    shape(down, d, self.n_ff, &format!("blk.{i}.ffn_down"))?;
+                }
+                FfnSpec::Moe {
+                    router,
+                    n_expert_used,
+                    n_ff,
+                } => {
+                    let n_expert = router.rows;
+                    if n_expert == 0
+                        || n_expert > MAX_EXPERTS
+                        || *n_expert_used == 0
+                        || *n_expert_used > n_expert.min(MAX_EXPERTS_USED)
+                        || !n_ff.is_multiple_of(32)
+                    {
+                        return bad(format!(
+                            "blk.{i}: {n_expert_used} of {n_expert} experts (at most \
+                             {MAX_EXPERTS_USED} of {MAX_EXPERTS}), expert n_ff {n_ff} (a \
+                             multiple of 32)"
+                        ));
+                    }
+                    shape(router, n_expert, d, &format!("blk.{i}.ffn_gate_inp"))?;
+                }
+            }
             vec_len(&l.attn_norm, d, "attn_norm")?;
             vec_len(&l.ffn_norm, d, "ffn_norm")?;
             for (b, n) in [(&l.q_bias, qd), (&l.k_bias, kvd), (&l.v_bias, kvd)] {

@@ -109,6 +109,45 @@ impl ExpertSet {
         self.n_expert
     }
 
+    /// Whether every expert [`with_routed`](Self::with_routed) hands out is in CUDA memory in a
+    /// format the fused decoder reads (inner `Err`: why not).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn fused_ready(&self) -> Result<std::result::Result<(), String>> {
+        match &self.source {
+            Source::Resident(experts) => {
+                for (e, x) in experts.iter().enumerate() {
+                    for w in [&x.gate, &x.up, &x.down] {
+                        if w.cuda_matrix()?.is_none() {
+                            return Ok(Err(format!(
+                                "expert {e} of layer {}: {} is {} on the {} tier",
+                                self.layer,
+                                w.name(),
+                                w.ty().name(),
+                                w.tier_name()
+                            )));
+                        }
+                    }
+                }
+                Ok(Ok(()))
+            }
+            Source::Cached {
+                meta, gpu: Some(_), ..
+            } => Ok(
+                match meta
+                    .iter()
+                    .find(|m| !hypura_kernels::cuda::supported(m.ty.to_candle()))
+                {
+                    Some(m) => Err(format!("{} is {}", m.name, m.ty.name())),
+                    None => Ok(()),
+                },
+            ),
+            Source::Cached { .. } => Ok(Err(format!(
+                "layer {}'s experts are used from host memory",
+                self.layer
+            ))),
+        }
+    }
+
     /// Calls `visit(e, weights)` once for each expert that some token was routed to
     /// (`per_token[t]` = token `t`'s experts). Resident experts come in id order; streamed ones
     /// in the order they become available (cached first), so callers that sum expert outputs

@@ -29,11 +29,14 @@ fn run_on(
     let store = WeightStore::with_placement(files, device, placement).unwrap();
     let mut model = Transformer::load(&store, &cfg, 64).unwrap();
     if device.is_cuda() {
-        // Single-token steps run on the fused CUDA decoder, experts from wherever they are.
-        assert!(
-            model.decode_path().contains("experts routed"),
-            "{}",
-            model.decode_path()
+        // Single-token steps run on the fused CUDA decoder: resident experts from the device's
+        // table (a graph), cached ones handed over by the host per layer.
+        let path = model.decode_path();
+        assert!(path.starts_with("fused"), "{path}");
+        assert_eq!(
+            path.contains("found by the host"),
+            store.expert_cache().is_some(),
+            "{path}"
         );
     }
     let r = reference(gguf);

@@ -11,8 +11,8 @@ use hypura::gguf::{ModelFiles, TensorType};
 use hypura::models::{LanguageModel, Logits, Transformer};
 
 /// Whether the fused decoder must take this file: a model (dense or mixture-of-experts, loaded
-/// whole onto the GPU) whose matrices are all in a format its kernels read (float weights run as
-/// F32).
+/// whole onto the GPU: its experts are routed on the device and the step is a graph too) whose
+/// matrices are all in a format its kernels read (float weights run as F32).
 fn eligible(gguf: &std::path::Path) -> bool {
     let files = ModelFiles::open(gguf).unwrap();
     files.tensors.iter().filter(|t| t.dims.len() >= 2).all(|t| {
@@ -54,33 +54,27 @@ fn cuda_fused_decode_matches_candle_and_llama_cpp() {
             continue;
         }
         let (_, fused) = prompt_then_decode(&mut model, &r, N_DECODE);
-        // A second pass over a reset cache (dense: replaying the graph): the same numbers.
+        assert!(
+            model.decode_path().contains("graph"),
+            "{name}: no CUDA graph ({})",
+            model.decode_path()
+        );
+        // A second pass replays the graph over a reset cache: the same numbers.
         let (_, again) = prompt_then_decode(&mut model, &r, N_DECODE);
-        assert_eq!(fused, again, "{name}: a second pass differs");
+        assert_eq!(fused, again, "{name}: a replayed pass differs");
+
+        // The same steps launched one by one (no graph): bit-identical.
+        std::env::set_var("HYPURA_CUDA_GRAPH", "0");
+        let mut direct = load(&gguf, &device, 256);
+        std::env::remove_var("HYPURA_CUDA_GRAPH");
+        let (_, d) = prompt_then_decode(&mut direct, &r, N_DECODE);
+        assert!(!direct.decode_path().contains("graph"));
+        assert_eq!(
+            fused, d,
+            "{name}: graph replay differs from direct launches"
+        );
         if is_moe(&gguf) {
-            // Experts are chosen on the host between layers: no graph.
-            assert!(
-                model.decode_path().contains("experts routed"),
-                "{name}: {}",
-                model.decode_path()
-            );
             n_moe += 1;
-        } else {
-            assert!(
-                model.decode_path().contains("graph"),
-                "{name}: no CUDA graph ({})",
-                model.decode_path()
-            );
-            // The same steps launched one by one (no graph): bit-identical.
-            std::env::set_var("HYPURA_CUDA_GRAPH", "0");
-            let mut direct = load(&gguf, &device, 256);
-            std::env::remove_var("HYPURA_CUDA_GRAPH");
-            let (_, d) = prompt_then_decode(&mut direct, &r, N_DECODE);
-            assert!(!direct.decode_path().contains("graph"));
-            assert_eq!(
-                fused, d,
-                "{name}: graph replay differs from direct launches"
-            );
         }
 
         // candle's ops on the same GPU: within the fixture tolerance.

@@ -14,9 +14,9 @@
 // Per layer (8 launches): rms_norm, matvec_qkv, attention (with RoPE and the KV-cache write;
 // past 256 keys also attention_merge), matvec (o, + residual), rms_norm, matvec_swiglu,
 // quantize_q8, matvec (down, + residual). A mixture-of-experts block replaces the last three with
-// the router's matvec (its logits go to the host, which picks the experts and finds them in
-// device memory), then per chosen expert matvec_swiglu, quantize_q8 and matvec (down), and
-// moe_combine.
+// the router's matvec, moe_route (top-k on the device), moe_swiglu, quantize_q8 and moe_down over
+// the chosen experts (all at once when they are resident; one by one when the host finds them
+// through its expert caches), and moe_combine.
 //
 // Conventions: `step[0]` = token id, `step[1]` = position of that token (= tokens already cached).
 // Matrices are row-major `[rows, cols]`, one row per output; `y[r] = dot(W[r], x) (+ bias[r])
@@ -160,13 +160,12 @@ MATVEC_KERNELS(2, 2)
 
 // The SwiGLU hidden state: out[r] = silu(gate[r] · x) * (up[r] · x); one warp per row. Two Q4_K
 // (or two Q5_K) rows run interleaved, with two warp iterations of loads in flight.
-extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
-    matvec_swiglu(const float* __restrict__ x, const int8_t* xq, const float* xd,
-                  const float* xs, int cols, const uint8_t* __restrict__ wg, int tg,
-                  const uint8_t* __restrict__ wu, int tu, float* __restrict__ out, int rows) {
+__device__ __forceinline__ void swiglu_row(const float* __restrict__ x, Q8x q8, int cols,
+                                           const uint8_t* __restrict__ wg, int tg,
+                                           const uint8_t* __restrict__ wu, int tu,
+                                           float* __restrict__ out, int rows) {
   const int row = blockIdx.x * MV_WARPS + threadIdx.y;
   if (row >= rows) return;
-  const Q8x q8{xq, xd, xs};
   float g, u;
   if (tg == tu && (tg == T_Q4_K || tg == T_Q5_K)) {
     const size_t rb = row_bytes(tg, cols);
@@ -188,19 +187,104 @@ extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
   if (threadIdx.x == 0) out[row] = g / (1.f + expf(-g)) * u;
 }
 
-// ---- Mixture of experts: x += Σ_r mix[r] · ys[r] over the k experts a token was routed to,
-// added in rank order (most probable first) whatever order the experts ran in.
-// The mixing weights travel by value, as a kernel argument (no copy to wait for).
+extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
+    matvec_swiglu(const float* __restrict__ x, const int8_t* xq, const float* xd,
+                  const float* xs, int cols, const uint8_t* __restrict__ wg, int tg,
+                  const uint8_t* __restrict__ wu, int tu, float* __restrict__ out, int rows) {
+  swiglu_row(x, Q8x{xq, xd, xs}, cols, wg, tg, wu, tu, out, rows);
+}
+
+// ---- Mixture of experts. The router's logits → `moe_route` → `route` = [MOE_MAX_USED expert ids
+// (as floats), MOE_MAX_USED mixing weights]; then the experts of ranks rank0 .. rank0 + gridDim.y
+// (blockIdx.y = rank - rank0) run SwiGLU into ffn[rank], its int8 copy, and down into ys[rank];
+// `moe_combine` adds x += Σ_r w[r] · ys[r] in rank order. Expert weights come from `table`
+// (3 addresses per expert: gate, up, down, for experts resident on the device) or, when the host
+// found the expert itself (the expert caches), from `direct` for the single rank launched. Both
+// ways run the same arithmetic, so they give the same bits.
+
 #define MOE_MAX_USED 8
-struct Mix {
-  float w[MOE_MAX_USED];
+
+// Top-k of n logits (n ≤ 256; one warp), ties to the lower id; the weights are the softmax over
+// the chosen k (= the full softmax renormalized over them), summed in rank order.
+extern "C" __global__ void moe_route(const float* __restrict__ logits, int n, int k,
+                                     float* __restrict__ route) {
+  const int lane = threadIdx.x;
+  float v[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int e = lane + WARP * j;
+    v[j] = e < n ? logits[e] : -INFINITY;
+  }
+  float top[MOE_MAX_USED];
+  for (int r = 0; r < k; ++r) {
+    float best = -INFINITY;
+    int id = 0x7fffffff;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int e = lane + WARP * j;
+      if (e < n && (v[j] > best || (v[j] == best && e < id))) best = v[j], id = e;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, id, o);
+      if (ob > best || (ob == best && oi < id)) best = ob, id = oi;
+    }
+    if (id >= n) id = r; // NaN logits: any valid id rather than an address outside the table
+    top[r] = best;
+    if ((id & (WARP - 1)) == lane) v[id / WARP] = -INFINITY; // taken
+    if (lane == 0) route[r] = (float)id;
+  }
+  if (lane == 0) {
+    float sum = 0.f;
+    for (int r = 0; r < k; ++r) sum += expf(top[r] - top[0]);
+    for (int r = 0; r < k; ++r) route[MOE_MAX_USED + r] = expf(top[r] - top[0]) / sum;
+  }
+}
+
+struct ExpertPtrs {
+  const uint8_t* w[3]; // gate, up, down; all null: use the table
 };
 
+__device__ __forceinline__ const uint8_t* expert_w(const uint64_t* table, const float* route,
+                                                   int rank, const ExpertPtrs& direct, int m) {
+  if (direct.w[m]) return direct.w[m];
+  return reinterpret_cast<const uint8_t*>(table[3 * (int)route[rank] + m]);
+}
+
+// ffn[rank] = swiglu(xn) of the expert of rank `rank0 + blockIdx.y`.
+extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
+    moe_swiglu(const float* __restrict__ x, const int8_t* xq, const float* xd, const float* xs,
+               int cols, int tg, int tu, float* __restrict__ ffn, int rows,
+               const uint64_t* table, const float* route, int rank0, ExpertPtrs direct) {
+  const int rank = rank0 + blockIdx.y;
+  swiglu_row(x, Q8x{xq, xd, xs}, cols, expert_w(table, route, rank, direct, 0), tg,
+             expert_w(table, route, rank, direct, 1), tu, ffn + (size_t)rank * rows, rows);
+}
+
+// ys[rank] = down · ffn[rank] (its int8 copy at the same offsets) for rank `rank0 + blockIdx.y`.
+#define MOE_DOWN(R, KS)                                                                       \
+  extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS) moe_down_##R##_##KS(          \
+      int ty, const float* ffn, const int8_t* fq, const float* fd, const float* fs, float* ys, \
+      int rows, int cols, const uint64_t* table, const float* route, int rank0,              \
+      ExpertPtrs direct) {                                                                    \
+    const int rank = rank0 + blockIdx.y;                                                      \
+    const size_t o = (size_t)rank * cols;                                                     \
+    matvec_t<R, KS>(expert_w(table, route, rank, direct, 2), ty, ffn + o,                     \
+                    Q8x{fq + o, fd + o / 32, fs + o / 32}, ys + (size_t)rank * rows, rows,    \
+                    cols, nullptr, nullptr);                                                  \
+  }
+MOE_DOWN(1, 1)
+MOE_DOWN(1, 2)
+MOE_DOWN(2, 1)
+MOE_DOWN(2, 2)
+
+// x += Σ_r w[r] · ys[r], in rank order whatever order the experts ran in.
 extern "C" __global__ void moe_combine(float* x, const float* __restrict__ ys, int k, int n,
-                                       Mix mix) {
+                                       const float* __restrict__ route) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     float t = 0.f;
-    for (int r = 0; r < k; ++r) t += mix.w[r] * ys[(size_t)r * n + i];
+    for (int r = 0; r < k; ++r) t += route[MOE_MAX_USED + r] * ys[(size_t)r * n + i];
     x[i] += t;
   }
 }

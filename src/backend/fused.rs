@@ -3,10 +3,11 @@
 //! graph per attention shape) instead of candle's ~25 tensor ops per layer.
 //!
 //! Mixture-of-experts models (Mixtral) qualify when their experts are in device memory or come
-//! through the device expert cache: each MoE layer stops at its router, the logits come back,
-//! [`Moe::route_logits`] picks the experts as the candle path does, the expert set finds them
-//! (device hits, or host-cache / disk misses copied into device slots), and the decoder runs
-//! them. Those steps launch their kernels one by one (the host decides between layers).
+//! through the device expert cache; routing (top-k of the router's logits) runs on the device.
+//! With every expert resident, the step is one graph like a dense model's. Behind the expert
+//! caches, each MoE layer stops after routing, the chosen ids come back, the expert set finds the
+//! experts (device hits, or host-cache / disk misses copied into device slots), and the decoder
+//! runs them; those steps launch their kernels one by one (the host decides between layers).
 //!
 //! `HYPURA_CUDA_DECODE=candle` turns it off (every step runs candle's ops);
 //! `HYPURA_CUDA_GRAPH=0` keeps the fused kernels but launches them one by one;
@@ -22,6 +23,7 @@ use hypura_kernels::cuda::{
 use crate::error::{Error, Result};
 use crate::gguf::RopeStyle;
 use crate::models::{Block, FeedForward, Transformer};
+use crate::storage::experts::ExpertWeights;
 use crate::storage::Weight;
 
 /// A model's fused decoder, or why it has none.
@@ -62,7 +64,12 @@ impl FusedDecode {
                 "device" => model.device().clone(),
                 _ => Device::Cpu,
             });
-        let decoder = Decoder::new(dev.cuda_stream(), spec, graph).map_err(kernel_error)?;
+        // A shape the kernels do not take (say head_dim > 256, more than 8 experts per token)
+        // or a device that cannot hold the decoder's buffers: the steps stay on candle's ops.
+        let decoder = match Decoder::new(dev.cuda_stream(), spec, graph) {
+            Ok(d) => d,
+            Err(e) => return Ok(FusedDecode::Off(e.to_string())),
+        };
         let profile_at = std::env::var("HYPURA_CUDA_PROFILE")
             .ok()
             .and_then(|v| v.parse::<usize>().ok());
@@ -76,8 +83,8 @@ impl FusedDecode {
     /// One line for logs: which kernels run single-token steps.
     pub fn describe(&self) -> String {
         match self {
-            FusedDecode::Ready { decoder, .. } if decoder.has_moe() => {
-                "fused CUDA kernels, experts routed per layer".into()
+            FusedDecode::Ready { decoder, .. } if decoder.needs_host() => {
+                "fused CUDA kernels, experts found by the host per layer".into()
             }
             FusedDecode::Ready { decoder, .. } => match decoder.capture_failure() {
                 _ if decoder.graph_captured() => "fused CUDA kernels, CUDA graph".into(),
@@ -115,7 +122,7 @@ impl FusedDecode {
             None => None,
         };
         let row = row.as_deref();
-        let logits = if decoder.has_moe() {
+        let logits = if decoder.needs_host() {
             // Profiled twice: host time by phase without timing events, then GPU time per kernel
             // (the events slow the host down) on a second run of the same step.
             let mut times = MoeTimes::default();
@@ -188,7 +195,7 @@ fn moe_step(
         let t = std::time::Instant::now();
         let next = step.advance().map_err(kernel_error)?;
         times.advance_us += us(t);
-        let Some((layer, logits)) = next else { break };
+        let Some((layer, chosen)) = next else { break };
         let t = std::time::Instant::now();
         times.layers += 1;
         let Some(FeedForward::Moe(moe)) = blocks.get(layer).map(|b| &b.ffn) else {
@@ -196,23 +203,13 @@ fn moe_step(
                 "fused decode: block {layer} is not a mixture of experts"
             )));
         };
-        let routing = moe.route_logits(vec![logits]);
-        let (chosen, mix) = (&routing.experts[0], &routing.weights[0]);
-        moe.experts.with_routed(&routing.experts, |e, w| {
-            let rank = chosen.iter().position(|&c| c == e).ok_or_else(|| {
+        let per_token = [chosen];
+        moe.experts.with_routed(&per_token, |e, w| {
+            let rank = per_token[0].iter().position(|&c| c == e).ok_or_else(|| {
                 Error::InvalidRequest(format!("expert {e} of layer {layer} was not routed"))
             })?;
-            let m = |w: &Weight| {
-                w.cuda_matrix()?.ok_or_else(|| {
-                    Error::InvalidRequest(format!("{} is not in CUDA memory", w.name()))
-                })
-            };
-            let experts = ExpertMatrices {
-                gate: m(&w.gate)?,
-                up: m(&w.up)?,
-                down: m(&w.down)?,
-            };
-            step.expert(rank, mix[rank], &experts).map_err(kernel_error)
+            step.expert(rank, &expert_matrices(w)?)
+                .map_err(kernel_error)
         })?;
         times.experts_us += us(t);
     }
@@ -220,6 +217,19 @@ fn moe_step(
     let logits = step.finish().map_err(kernel_error)?;
     times.finish_us += us(t);
     Ok(logits)
+}
+
+/// One expert's weights as the decoder reads them (all in CUDA memory, or an error naming one).
+fn expert_matrices(w: &ExpertWeights) -> Result<ExpertMatrices> {
+    let m = |w: &Weight| {
+        w.cuda_matrix()?
+            .ok_or_else(|| Error::InvalidRequest(format!("{} is not in CUDA memory", w.name())))
+    };
+    Ok(ExpertMatrices {
+        gate: m(&w.gate)?,
+        up: m(&w.up)?,
+        down: m(&w.down)?,
+    })
 }
 
 fn print_profile(pos: usize, times: &[hypura_kernels::cuda::KernelTime]) {
@@ -284,10 +294,15 @@ fn spec(model: &Transformer) -> Result<std::result::Result<DecodeSpec, String>> 
                 if moe.router.bias().is_some() {
                     return Ok(Err("a router bias".into()));
                 }
+                let experts = match moe.experts.resident_experts() {
+                    Some(all) => Some(all.iter().map(expert_matrices).collect::<Result<_>>()?),
+                    None => None,
+                };
                 FfnSpec::Moe {
                     router: matrix!(moe.router.weight()),
                     n_expert_used: moe.n_expert_used,
                     n_ff: cfg.n_ff,
+                    experts,
                 }
             }
         };

@@ -14,7 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 
 use super::shapes::{AttShape, MvShape, ATT_LONG_SPLIT, MV_WARPS};
-use super::{DecodeSpec, DeviceMatrix, ExpertMatrices, FfnSpec, RopePairs};
+use super::{DecodeSpec, DeviceMatrix, ExpertMatrices, FfnSpec, RopePairs, MAX_EXPERTS_USED};
 use crate::KernelError;
 
 /// decode.cu compiled by build.rs: machine code for the build's compute capability, plus PTX.
@@ -68,6 +68,8 @@ struct Layer {
     biases: [Option<Buf<f32>>; 3], // q, k, v
     k_cache: u64,
     v_cache: u64,
+    /// A MoE block with resident experts: their addresses, 3 per expert (gate, up, down).
+    expert_table: Option<Buf<u64>>,
 }
 
 /// A captured graph. cudarc's `CudaGraph` holds raw CUDA handles and so is not `Send`.
@@ -103,16 +105,18 @@ pub struct Decoder {
     xd: Buf<f32>,     // [that / 32] block scales
     xs: Buf<f32>,     // [that / 32] scale · Σq per block
     logits: Buf<f32>, // [n_vocab]
-    // Mixture-of-experts blocks: the router's logits, each chosen expert's output by rank, and
-    // the experts' hidden state as int8 (so `xq` keeps the normed input for
-    // the next expert). One element each in dense models.
+    // Mixture-of-experts blocks: the router's logits; the routing (`moe_route`: the chosen ids
+    // as floats, then their weights); each chosen expert's output by rank; and the experts'
+    // hidden states as int8 (so `xq` keeps the normed input for every expert). `ffn` holds the
+    // experts' hidden states by rank. One element each in dense models.
     router: Buf<f32>, // [n_expert]
-    /// The router's logits, copied to page-locked host memory.
-    router_host: Option<PinnedHostSlice<f32>>,
+    route: Buf<f32>,  // [2 * MAX_EXPERTS_USED]
+    /// The routing, copied to page-locked host memory for the host's expert caches.
+    route_host: Option<PinnedHostSlice<f32>>,
     ys: Buf<f32>, // [n_expert_used, n_embd]
-    fq: Buf<i8>,  // [n_ff]
-    fd: Buf<f32>, // [n_ff / 32]
-    fs: Buf<f32>, // [n_ff / 32]
+    fq: Buf<i8>,  // [n_expert_used * n_ff]
+    fd: Buf<f32>, // [that / 32]
+    fs: Buf<f32>, // [that / 32]
     /// One graph per attention shape ([`AttShape::regime`]), captured at its first step.
     graphs: [Option<Graph>; 3],
     use_graph: bool,
@@ -152,6 +156,12 @@ const KERNELS: &[&str] = &[
     "attention_merge",
     "quantize_q8",
     "moe_combine",
+    "moe_route",
+    "moe_swiglu",
+    "moe_down_1_1",
+    "moe_down_1_2",
+    "moe_down_2_1",
+    "moe_down_2_2",
 ];
 
 impl Decoder {
@@ -186,19 +196,32 @@ impl Decoder {
         let mut layers = Vec::with_capacity(spec.layers.len());
         for l in &spec.layers {
             let bias = |b: &Option<Vec<f32>>| b.as_deref().map(up).transpose();
+            let expert_table = match &l.ffn {
+                FfnSpec::Moe {
+                    experts: Some(experts),
+                    ..
+                } => {
+                    let table: Vec<u64> = experts.iter().flat_map(|x| x.ptrs()).collect();
+                    let t = stream.clone_htod(&table).map_err(driver("upload"))?;
+                    Some(Buf::new(t, &stream))
+                }
+                _ => None,
+            };
             layers.push(Layer {
                 attn_norm: up(&l.attn_norm)?,
                 ffn_norm: up(&l.ffn_norm)?,
                 biases: [bias(&l.q_bias)?, bias(&l.k_bias)?, bias(&l.v_bias)?],
                 k_cache: l.k_cache.ptr,
                 v_cache: l.v_cache.ptr,
+                expert_table,
             });
         }
         let (qd, kvd) = (spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim);
         let step = stream.alloc_zeros::<u32>(2).map_err(driver("alloc"))?;
-        let n_ff = spec.max_n_ff();
-        let widest = spec.n_embd.max(n_ff).max(qd);
         let (k_max, n_expert) = spec.max_experts();
+        let n_ff_moe = spec.moe_n_ff();
+        let n_ff = spec.n_ff.max(k_max * n_ff_moe);
+        let widest = spec.n_embd.max(spec.n_ff).max(qd);
         let int8 = |n: usize| -> Result<Buf<i8>, KernelError> {
             let s = stream
                 .alloc_zeros::<i8>(n.max(1))
@@ -223,20 +246,25 @@ impl Decoder {
             xs: zeros(widest / 32)?,
             logits: zeros(spec.n_vocab)?,
             router: zeros(n_expert)?,
-            router_host: if n_expert > 0 {
+            route: zeros(2 * MAX_EXPERTS_USED)?,
+            route_host: if n_expert > 0 {
                 // SAFETY: page-locked memory (cached: the host reads it; not write-combined) for
-                // `n_expert` f32s, written only by the copy in `router_logits` before it is read.
+                // the routing's f32s, written only by the copy in `routing` before it is read.
                 Some(
-                    unsafe { stream.context().alloc_pinned_with_flags::<f32>(n_expert, 0) }
-                        .map_err(driver("pinned alloc"))?,
+                    unsafe {
+                        stream
+                            .context()
+                            .alloc_pinned_with_flags::<f32>(2 * MAX_EXPERTS_USED, 0)
+                    }
+                    .map_err(driver("pinned alloc"))?,
                 )
             } else {
                 None
             },
             ys: zeros(k_max * spec.n_embd)?,
-            fq: int8(if k_max > 0 { n_ff } else { 0 })?,
-            fd: zeros(if k_max > 0 { n_ff / 32 } else { 0 })?,
-            fs: zeros(if k_max > 0 { n_ff / 32 } else { 0 })?,
+            fq: int8(k_max * n_ff_moe)?,
+            fd: zeros(k_max * n_ff_moe / 32)?,
+            fs: zeros(k_max * n_ff_moe / 32)?,
             layers,
             spec,
             funcs,
@@ -255,9 +283,15 @@ impl Decoder {
         self.graphs.iter().any(Option::is_some)
     }
 
-    /// Whether the model has mixture-of-experts blocks (steps go through [`Decoder::begin_moe`]).
+    /// Whether the model has mixture-of-experts blocks.
     pub fn has_moe(&self) -> bool {
         self.spec.has_moe()
+    }
+
+    /// Whether some MoE block's experts come from the host at each step (steps then go through
+    /// [`Decoder::begin_moe`]).
+    pub fn needs_host(&self) -> bool {
+        self.spec.needs_host()
     }
 
     /// Why CUDA refused to capture the step into a graph, if it did.
@@ -274,9 +308,11 @@ impl Decoder {
         pos: usize,
         row: Option<&[f32]>,
     ) -> Result<Vec<f32>, KernelError> {
-        if self.spec.has_moe() {
+        if self.spec.needs_host() {
             return Err(KernelError(
-                "a mixture-of-experts model steps through Decoder::begin_moe".into(),
+                "a mixture-of-experts model whose experts are not all resident steps through \
+                 Decoder::begin_moe"
+                    .into(),
             ));
         }
         self.upload_step(token, pos, row)?;
@@ -332,18 +368,18 @@ impl Decoder {
         Ok(out)
     }
 
-    /// The first `n` router logits, once the stream has produced them (waits for it).
-    fn router_logits(&mut self, n: usize) -> Result<Vec<f32>, KernelError> {
+    /// The `k` expert ids `moe_route` chose, once the stream has produced them (waits for it).
+    fn routing(&mut self, k: usize) -> Result<Vec<usize>, KernelError> {
         let host = self
-            .router_host
+            .route_host
             .as_mut()
-            .ok_or_else(|| KernelError("no host buffer for the router's logits".into()))?;
-        let view = self.router.slice.slice(0..n);
+            .ok_or_else(|| KernelError("no host buffer for the routing".into()))?;
         self.stream
-            .memcpy_dtoh(&view, host)
-            .map_err(driver("router logits download"))?;
+            .memcpy_dtoh(&self.route.slice, host)
+            .map_err(driver("routing download"))?;
         self.stream.synchronize().map_err(driver("synchronize"))?;
-        Ok(host.as_slice().map_err(driver("router logits"))?[..n].to_vec())
+        let r = host.as_slice().map_err(driver("routing"))?;
+        Ok(r[..k].iter().map(|&id| id as usize).collect())
     }
 
     /// Starts one token of a mixture-of-experts model at position `pos`; drive it with
@@ -456,12 +492,108 @@ impl Decoder {
         self.embed()?;
         for i in 0..self.layers.len() {
             self.attention(i, att)?;
-            let FfnSpec::Dense { gate, up, down } = &self.spec.layers[i].ffn else {
-                return Err(KernelError(format!("blk.{i} is a mixture of experts")));
-            };
-            self.dense_ffn(gate, up, down)?;
+            match &self.spec.layers[i].ffn {
+                FfnSpec::Dense { gate, up, down } => self.dense_ffn(gate, up, down)?,
+                FfnSpec::Moe {
+                    experts: Some(experts),
+                    router,
+                    n_expert_used,
+                    n_ff,
+                } => {
+                    self.route(router, *n_expert_used)?;
+                    let table = self.layers[i].expert_table.as_ref().map_or(0, |t| t.ptr);
+                    let (k, ff) = (*n_expert_used, *n_ff);
+                    self.experts(experts[0].types(), table, [0; 3], 0, k, ff)?;
+                    self.combine(k)?;
+                }
+                FfnSpec::Moe { experts: None, .. } => {
+                    return Err(KernelError(format!(
+                        "blk.{i}: its experts come from the host (Decoder::begin_moe)"
+                    )))
+                }
+            }
         }
         self.head()
+    }
+
+    /// The router's logits for `xn`, then `route` = its top `k` and their weights.
+    fn route(&self, router: &DeviceMatrix, k: usize) -> Result<(), KernelError> {
+        self.matvec(router, self.xn.ptr, self.q8(), self.router.ptr, 0, 0)?;
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, k) = (router.rows as i32, k as i32);
+        launch!(
+            self,
+            "moe_route",
+            cfg,
+            &self.router.ptr,
+            &n,
+            &k,
+            &self.route.ptr
+        )
+    }
+
+    /// Experts of ranks `rank0..rank0 + n`: `ffn[rank] = swiglu(xn)`, its int8 copy, and
+    /// `ys[rank] = down · ffn[rank]`. Weights from `table` (by the routed id), or `direct`
+    /// (addresses of gate, up, down) when not all zero. `types`: gate's, up's and down's.
+    fn experts(
+        &self,
+        types: [i32; 3],
+        table: u64,
+        direct: [u64; 3],
+        rank0: usize,
+        n: usize,
+        n_ff: usize,
+    ) -> Result<(), KernelError> {
+        let d = self.spec.n_embd;
+        let direct = ExpertPtrs { w: direct };
+        let (rank0_i, ff_i, d_i) = (rank0 as i32, n_ff as i32, d as i32);
+        let [tg, tu, td] = types;
+        let cfg = LaunchConfig {
+            grid_dim: ((n_ff as u32).div_ceil(MV_WARPS), n as u32, 1),
+            block_dim: (32, MV_WARPS, 1),
+            shared_mem_bytes: 0,
+        };
+        let label = || format!("moe_swiglu {tg}/{tu} [{n_ff}, {d}] x{n}");
+        launch!(@labelled self, "moe_swiglu", label, cfg, &self.xn.ptr, &self.xq.ptr,
+            &self.xd.ptr, &self.xs.ptr, &d_i, &tg, &tu, &self.ffn.ptr, &ff_i, &table,
+            &self.route.ptr, &rank0_i, &direct)?;
+        // This launch's ranks of the hidden states and their int8 copies.
+        let at = |base: u64, elem_bytes: usize, per: usize| {
+            base + (rank0 * n_ff / per * elem_bytes) as u64
+        };
+        let fq = [
+            at(self.fq.ptr, 1, 1),
+            at(self.fd.ptr, 4, 32),
+            at(self.fs.ptr, 4, 32),
+        ];
+        self.quantize(at(self.ffn.ptr, 4, 1), n * n_ff, fq)?;
+        let shape = MvShape::pick(&[d]);
+        let name = shape.kernel("moe_down");
+        let mut cfg = shape.cfg(d);
+        cfg.grid_dim.1 = n as u32;
+        let label = || format!("{name} {td} [{d}, {n_ff}] x{n}");
+        launch!(@labelled self, &name, label, cfg, &td, &self.ffn.ptr, &self.fq.ptr,
+            &self.fd.ptr, &self.fs.ptr, &self.ys.ptr, &d_i, &ff_i, &table, &self.route.ptr,
+            &rank0_i, &direct)
+    }
+
+    /// `x += Σ_r w[r] · ys[r]` over the `k` ranks, with the weights `moe_route` wrote.
+    fn combine(&self, k: usize) -> Result<(), KernelError> {
+        let (k, n) = (k as i32, self.spec.n_embd as i32);
+        launch!(
+            self,
+            "moe_combine",
+            grid1(n as u32, 256),
+            &self.x.ptr,
+            &self.ys.ptr,
+            &k,
+            &n,
+            &self.route.ptr
+        )
     }
 
     /// `x += down · swiglu(xn)`.
@@ -698,7 +830,7 @@ fn grid1(n: u32, block: u32) -> LaunchConfig {
 }
 
 /// One token of a mixture-of-experts model in flight ([`Decoder::begin_moe`]): the caller
-/// alternates [`advance`](Self::advance) (run to the next MoE layer's router) and
+/// alternates [`advance`](Self::advance) (run to the next MoE block whose experts it keeps) and
 /// [`expert`](Self::expert) (once per chosen expert), then calls [`finish`](Self::finish).
 pub struct MoeStep<'a> {
     dec: &'a mut Decoder,
@@ -709,34 +841,36 @@ pub struct MoeStep<'a> {
     pending: Option<Pending>,
 }
 
-/// `struct Mix` in decode.cu: a MoE block's mixing weights, passed by value.
+/// `struct ExpertPtrs` in decode.cu: gate, up and down addresses, all 0 for "use the table".
 #[repr(C)]
-struct Mix {
-    w: [f32; super::MAX_EXPERTS_USED],
+struct ExpertPtrs {
+    w: [u64; 3],
 }
 
-// SAFETY: plain `#[repr(C)]` floats, laid out as decode.cu's `struct Mix` (8 floats).
-unsafe impl DeviceRepr for Mix {}
+// SAFETY: plain `#[repr(C)]` integers, laid out as decode.cu's `struct ExpertPtrs` (3 pointers).
+unsafe impl DeviceRepr for ExpertPtrs {}
 
 struct Pending {
     layer: usize,
     n_ff: usize,
-    /// Mixing weight by rank; `None` until that rank's expert has run.
-    mix: Vec<Option<f32>>,
+    /// The chosen experts by rank, and whether each has run.
+    ids: Vec<usize>,
+    ran: Vec<bool>,
 }
 
 impl MoeStep<'_> {
-    /// Mixes the previous MoE block's experts in, then runs blocks up to the next MoE block's
-    /// router: returns that block's index and its router logits `[n_expert]`, or `None` when
-    /// every block has run.
-    pub fn advance(&mut self) -> Result<Option<(usize, Vec<f32>)>, KernelError> {
+    /// Mixes the previous MoE block's experts in, then runs blocks (MoE blocks with resident
+    /// experts included) up to the next one whose experts the caller keeps: returns that block's
+    /// index and the experts chosen for it, by rank (most probable first), or `None` when every
+    /// block has run.
+    pub fn advance(&mut self) -> Result<Option<(usize, Vec<usize>)>, KernelError> {
         self.combine()?;
         while self.next < self.dec.layers.len() {
             let i = self.next;
             self.next += 1;
             let dec = &*self.dec;
             dec.attention(i, self.att)?;
-            let moe = match &dec.spec.layers[i].ffn {
+            let host = match &dec.spec.layers[i].ffn {
                 FfnSpec::Dense { gate, up, down } => {
                     dec.dense_ffn(gate, up, down)?;
                     None
@@ -745,28 +879,39 @@ impl MoeStep<'_> {
                     router,
                     n_expert_used,
                     n_ff,
+                    experts,
                 } => {
-                    dec.matvec(router, dec.xn.ptr, dec.q8(), dec.router.ptr, 0, 0)?;
-                    Some((router.rows, *n_expert_used, *n_ff))
+                    dec.route(router, *n_expert_used)?;
+                    match experts {
+                        Some(experts) => {
+                            let table = dec.layers[i].expert_table.as_ref().map_or(0, |t| t.ptr);
+                            let types = experts[0].types();
+                            dec.experts(types, table, [0; 3], 0, *n_expert_used, *n_ff)?;
+                            dec.combine(*n_expert_used)?;
+                            None
+                        }
+                        None => Some((*n_expert_used, *n_ff)),
+                    }
                 }
             };
-            if let Some((n_expert, n_expert_used, n_ff)) = moe {
-                let logits = self.dec.router_logits(n_expert)?;
+            if let Some((k, n_ff)) = host {
+                let ids = self.dec.routing(k)?;
                 self.pending = Some(Pending {
                     layer: i,
                     n_ff,
-                    mix: vec![None; n_expert_used],
+                    ids: ids.clone(),
+                    ran: vec![false; k],
                 });
-                return Ok(Some((i, logits)));
+                return Ok(Some((i, ids)));
             }
         }
         Ok(None)
     }
 
-    /// Runs the expert of rank `rank` (its place among the token's choices, most probable
-    /// first) for the MoE block [`advance`](Self::advance) stopped at, to be mixed in with
-    /// weight `mix`. Its weights must stay in device memory until the stream has used them.
-    pub fn expert(&mut self, rank: usize, mix: f32, m: &ExpertMatrices) -> Result<(), KernelError> {
+    /// Runs the expert of rank `rank` (its place among the ids [`advance`](Self::advance)
+    /// returned) for the MoE block it stopped at. Its weights must stay in device memory until
+    /// the stream has used them.
+    pub fn expert(&mut self, rank: usize, m: &ExpertMatrices) -> Result<(), KernelError> {
         let dec = &*self.dec;
         let Some(p) = self.pending.as_mut() else {
             return Err(KernelError(
@@ -782,52 +927,33 @@ impl MoeStep<'_> {
                 m.gate.rows, m.gate.cols, m.up.rows, m.up.cols, m.down.rows, m.down.cols
             )));
         }
-        match p.mix.get_mut(rank) {
-            Some(slot @ None) => *slot = Some(mix),
+        match p.ran.get_mut(rank) {
+            Some(ran @ false) => *ran = true,
             _ => {
                 return Err(KernelError(format!(
                     "blk.{layer}: expert rank {rank} given twice or beyond the {} used",
-                    p.mix.len()
+                    p.ran.len()
                 )))
             }
         }
-        let fq = [dec.fq.ptr, dec.fd.ptr, dec.fs.ptr];
-        let y = dec.ys.ptr + (rank * d * std::mem::size_of::<f32>()) as u64;
-        dec.swiglu(&m.gate, &m.up)?;
-        dec.quantize(dec.ffn.ptr, ff, fq)?;
-        dec.matvec(&m.down, dec.ffn.ptr, fq, y, 0, 0)
+        dec.experts(m.types(), 0, m.ptrs(), rank, 1, ff)
     }
 
-    /// `x += Σ mix[r] · ys[r]` for the pending MoE block, once all its experts have run.
+    /// `x += Σ w[r] · ys[r]` for the pending MoE block, once all its experts have run.
     fn combine(&mut self) -> Result<(), KernelError> {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
-        let mix: Option<Vec<f32>> = p.mix.iter().copied().collect();
-        let Some(mix) = mix else {
+        if p.ran.iter().any(|&r| !r) {
             return Err(KernelError(format!(
-                "blk.{}: only {} of its {} experts ran",
+                "blk.{}: only {} of its {} experts ({:?}) ran",
                 p.layer,
-                p.mix.iter().flatten().count(),
-                p.mix.len()
+                p.ran.iter().filter(|&&r| r).count(),
+                p.ran.len(),
+                p.ids
             )));
-        };
-        let mut by_value = Mix {
-            w: [0.0; super::MAX_EXPERTS_USED],
-        };
-        by_value.w[..mix.len()].copy_from_slice(&mix);
-        let (k, n) = (mix.len() as i32, self.dec.spec.n_embd as i32);
-        let dec = &*self.dec;
-        launch!(
-            dec,
-            "moe_combine",
-            grid1(n as u32, 256),
-            &dec.x.ptr,
-            &dec.ys.ptr,
-            &k,
-            &n,
-            &by_value
-        )
+        }
+        self.dec.combine(p.ran.len())
     }
 
     /// The logits `[n_vocab]`, once [`advance`](Self::advance) has returned `None`.

@@ -12,11 +12,12 @@
 //! [`DeviceBytes`] keeps its owner alive; making one is the only `unsafe` a caller writes.
 //! Small tensors (norm weights, biases, RoPE tables) are copied in.
 //!
-//! Mixture-of-experts models (Mixtral) run on the same kernels, driven layer by layer: a
-//! [`MoeStep`] stops at each MoE layer with the router's logits, the caller picks the experts and
-//! finds them in device memory (resident, or through its expert cache), hands each to
-//! [`MoeStep::expert`], and the step goes on. The host decides between layers, so these steps
-//! are launched one by one (no graph).
+//! Mixture-of-experts models (Mixtral) run on the same kernels and route on the device (top-k of
+//! the router's logits). With every expert resident, a block's experts are read through a table
+//! of their addresses and the step is one graph like a dense model's. Experts behind the caller's
+//! caches go through a [`MoeStep`] instead: it stops at each MoE block with the chosen expert
+//! ids, the caller finds each in device memory and hands it to [`MoeStep::expert`], and the step
+//! goes on, launched one by one. Both ways run the same arithmetic and give the same bits.
 
 mod decoder;
 mod shapes;
@@ -168,28 +169,43 @@ pub enum FfnSpec {
         up: DeviceMatrix,   // [n_ff, n_embd]
         down: DeviceMatrix, // [n_embd, n_ff]
     },
-    /// A mixture of SwiGLU experts: the router is borrowed here; the experts are handed over at
-    /// each step ([`MoeStep::expert`]), wherever the caller keeps them.
+    /// A mixture of SwiGLU experts, routed on the device (top-k of the router's logits).
     Moe {
         router: DeviceMatrix, // [n_expert, n_embd]
         n_expert_used: usize,
         /// The experts' hidden size.
         n_ff: usize,
+        /// Every expert, when all are resident in device memory: the block then runs without
+        /// the host (and the step is captured into a graph). `None`: the caller hands the
+        /// chosen experts over at each step ([`MoeStep::expert`]), wherever it keeps them.
+        experts: Option<Vec<ExpertMatrices>>,
     },
 }
 
-/// One expert's SwiGLU weights on the device, for one [`MoeStep::expert`] call.
+/// One expert's SwiGLU weights on the device.
 pub struct ExpertMatrices {
     pub gate: DeviceMatrix, // [n_ff, n_embd]
     pub up: DeviceMatrix,   // [n_ff, n_embd]
     pub down: DeviceMatrix, // [n_embd, n_ff]
 }
 
-/// The most experts a MoE layer may have (the router's logits come back to the host).
+impl ExpertMatrices {
+    /// The kernels' type ids of gate, up and down.
+    fn types(&self) -> [i32; 3] {
+        [self.gate.type_id(), self.up.type_id(), self.down.type_id()]
+    }
+
+    /// The device addresses of gate, up and down.
+    fn ptrs(&self) -> [u64; 3] {
+        [self.gate.bytes.ptr, self.up.bytes.ptr, self.down.bytes.ptr]
+    }
+}
+
+/// The most experts a MoE layer may have (`moe_route` is one warp of 8 logits a lane).
 pub const MAX_EXPERTS: usize = 256;
 
-/// The most experts a MoE layer may route a token to (`MOE_MAX_USED` in decode.cu: the mixing
-/// weights are one kernel argument).
+/// The most experts a MoE layer may route a token to (`MOE_MAX_USED` in decode.cu, the size of
+/// the device's routing record).
 pub const MAX_EXPERTS_USED: usize = 8;
 
 /// A decoder-only model (dense or mixture-of-experts), as the fused decoder runs it.
@@ -217,23 +233,31 @@ pub struct DecodeSpec {
 }
 
 impl DecodeSpec {
-    /// Whether any block is a mixture of experts (steps then go through [`MoeStep`]).
+    /// Whether any block is a mixture of experts.
     pub fn has_moe(&self) -> bool {
         self.layers
             .iter()
             .any(|l| matches!(l.ffn, FfnSpec::Moe { .. }))
     }
 
-    /// The widest feed-forward hidden state of any block.
-    fn max_n_ff(&self) -> usize {
+    /// Whether some MoE block needs the host to hand its experts over (steps then go through
+    /// [`MoeStep`]).
+    pub fn needs_host(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| matches!(l.ffn, FfnSpec::Moe { experts: None, .. }))
+    }
+
+    /// The widest expert hidden state of any MoE block (0 if dense).
+    fn moe_n_ff(&self) -> usize {
         self.layers
             .iter()
             .map(|l| match l.ffn {
-                FfnSpec::Dense { .. } => self.n_ff,
+                FfnSpec::Dense { .. } => 0,
                 FfnSpec::Moe { n_ff, .. } => n_ff,
             })
             .max()
-            .unwrap_or(self.n_ff)
+            .unwrap_or(0)
     }
 
     /// The most experts any MoE block routes a token to, and the most it has (0, 0 if dense).
@@ -311,6 +335,7 @@ impl DecodeSpec {
                     router,
                     n_expert_used,
                     n_ff,
+                    experts,
                 } => {
                     let n_expert = router.rows;
                     if n_expert == 0
@@ -326,6 +351,24 @@ impl DecodeSpec {
                         ));
                     }
                     shape(router, n_expert, d, &format!("blk.{i}.ffn_gate_inp"))?;
+                    if let Some(experts) = experts {
+                        if experts.len() != n_expert {
+                            return bad(format!(
+                                "blk.{i}: {} resident experts, the router has {n_expert}",
+                                experts.len()
+                            ));
+                        }
+                        let types = experts[0].types();
+                        for (e, x) in experts.iter().enumerate() {
+                            let name = |w: &str| format!("blk.{i}.ffn_{w}_exps[{e}]");
+                            shape(&x.gate, *n_ff, d, &name("gate"))?;
+                            shape(&x.up, *n_ff, d, &name("up"))?;
+                            shape(&x.down, d, *n_ff, &name("down"))?;
+                            if x.types() != types {
+                                return bad(format!("blk.{i}: experts of different types"));
+                            }
+                        }
+                    }
                 }
             }
             vec_len(&l.attn_norm, d, "attn_norm")?;

@@ -109,6 +109,14 @@ impl ExpertSet {
         self.n_expert
     }
 
+    /// Every expert's weights, when the set is resident (not behind an expert cache).
+    pub fn resident_experts(&self) -> Option<&[ExpertWeights]> {
+        match &self.source {
+            Source::Resident(experts) => Some(experts),
+            Source::Cached { .. } => None,
+        }
+    }
+
     /// Whether every expert [`with_routed`](Self::with_routed) hands out is in CUDA memory in a
     /// format the fused decoder reads (inner `Err`: why not).
     #[cfg(feature = "cuda")]

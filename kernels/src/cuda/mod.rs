@@ -191,12 +191,12 @@ pub struct ExpertMatrices {
 
 impl ExpertMatrices {
     /// The kernels' type ids of gate, up and down.
-    fn types(&self) -> [i32; 3] {
+    pub(crate) fn types(&self) -> [i32; 3] {
         [self.gate.type_id(), self.up.type_id(), self.down.type_id()]
     }
 
     /// The device addresses of gate, up and down.
-    fn ptrs(&self) -> [u64; 3] {
+    pub(crate) fn ptrs(&self) -> [u64; 3] {
         [self.gate.bytes.ptr, self.up.bytes.ptr, self.down.bytes.ptr]
     }
 }

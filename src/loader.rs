@@ -193,6 +193,14 @@ fn plan_model_with(
             upload_bps: p.device.upload_bps.unwrap_or(p.mem_read_bps),
         })
     };
+    // MoE: the routing earlier runs saw (the statistics `run` saves), for the predictions.
+    let routing = if cfg.is_moe() && !tiers.no_learn {
+        CoActivation::load(&learn_path(files.path()), cfg.n_expert)?
+            .map(|c| c.routing_shares())
+            .filter(|r| !r.is_empty())
+    } else {
+        None
+    };
     let input = |r: Rates| PlanInput {
         tensors: &files.tensors,
         config: cfg,
@@ -203,6 +211,7 @@ fn plan_model_with(
         lookahead: tiers.lookahead,
         experts: tiers.experts,
         ram_compute: tiers.ram_compute,
+        routing: routing.as_deref(),
     };
     let p = plan::plan(&input(rates(&cached)))?;
     let Some(progress) = measure.filter(|_| !p.placement.groups.is_empty() && cached.is_none())

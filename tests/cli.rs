@@ -649,3 +649,50 @@ fn optimize_rewrites_a_moe_file_with_the_same_logits() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A MoE plan predicts at uniform routing until a run has saved what the router did; then the
+/// plan uses that routing (and says so), unless `--no-learn`.
+#[test]
+fn expert_streaming_plans_learn_the_routing_earlier_runs_saw() {
+    let m = fixtures_dir().join("small-moe/small-moe-Q8_0.gguf");
+    let m = m.to_str().unwrap();
+    let cache = std::env::temp_dir().join(format!("hypura-cli-routing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let with_cache = |args: &[&str]| {
+        command(args)
+            .env("XDG_CACHE_HOME", &cache)
+            .output()
+            .expect("run hypura")
+    };
+    let plan = |extra: &[&str]| {
+        let mut a = vec!["plan", "-m", m, "--ram-budget", "86MiB", "-c", "256"];
+        a.extend_from_slice(extra);
+        let out = with_cache(&a);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let before = plan(&[]);
+    assert!(before.contains("mode expert-streaming"), "{before}");
+    assert!(before.contains("at uniform routing"), "{before}");
+    let run = with_cache(&[
+        "run",
+        "-m",
+        m,
+        "--ram-budget",
+        "86MiB",
+        "-c",
+        "256",
+        "-p",
+        "Once upon a time",
+        "-n",
+        "32",
+        "--temp",
+        "0",
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let after = plan(&[]);
+    assert!(after.contains("at the observed routing"), "{after}");
+    assert!(after.contains("routing earlier runs observed"), "{after}");
+    assert!(plan(&["--no-learn"]).contains("at uniform routing"));
+    let _ = std::fs::remove_dir_all(&cache);
+}

@@ -96,6 +96,7 @@ fn input<'a>(
         lookahead: None,
         experts: ExpertOptions::default(),
         ram_compute: None,
+        routing: None,
     }
 }
 
@@ -646,6 +647,47 @@ fn a_mixtral_on_a_22_gib_gpu_streams_experts_through_device_and_host_caches() {
     let used = 32.0 * 2.0 * unit as f64;
     let want_upload = used * (1.0 - c.device_slots as f64 / 256.0);
     assert!((p.bytes_per_token.ram as f64 - want_upload).abs() / want_upload < 0.01);
+    // The routing earlier runs saw, when given, sets the predicted hit rates: skewed routing
+    // (Zipf-like, 1 / (e + 1)^1.5 per layer) keeps more uses on the device than uniform.
+    let zipf: Vec<f64> = (0..8).map(|e| 1.0 / ((e + 1) as f64).powf(1.5)).collect();
+    let skewed: Vec<Vec<f64>> = vec![zipf; 32];
+    let mut i = gpu_input(&t, &cfg, ram, device);
+    i.routing = Some(&skewed);
+    let s = plan(&i).unwrap();
+    // The routing changes predictions, not placements.
+    assert_eq!(
+        (s.device_needed_bytes, s.ram_needed_bytes),
+        (p.device_needed_bytes, p.ram_needed_bytes)
+    );
+    let cs = s.placement.expert_cache;
+    assert_eq!((cs.slots, cs.device_slots), (c.slots, c.device_slots));
+    assert!(t
+        .iter()
+        .all(|x| s.placement.tier(&x.name) == p.placement.tier(&x.name)));
+    // The device keeps each layer's most used experts: device_slots / 32 per layer (LFU).
+    let per_layer = c.device_slots / 32;
+    let sum: f64 = (0..8).map(|e| 1.0 / ((e + 1) as f64).powf(1.5)).sum();
+    let top: f64 = (0..per_layer)
+        .map(|e| 1.0 / ((e + 1) as f64).powf(1.5))
+        .sum();
+    let extra = (c.device_slots % 32) as f64 / 32.0 / ((per_layer + 1) as f64).powf(1.5);
+    let want_skewed = used * (1.0 - (top + extra) / sum);
+    assert!(
+        (s.bytes_per_token.ram as f64 - want_skewed).abs() / want_skewed < 0.01,
+        "{} vs {want_skewed}",
+        s.bytes_per_token.ram
+    );
+    assert!(s.bytes_per_token.ram < p.bytes_per_token.ram / 2);
+    assert!(s.predicted_tok_s > p.predicted_tok_s);
+    assert!(s
+        .decisions
+        .iter()
+        .any(|d| d.contains("routing earlier runs observed")));
+    // Uniform shares given explicitly predict what no routing does.
+    let flat = vec![vec![0.125; 8]; 32];
+    i.routing = Some(&flat);
+    let u = plan(&i).unwrap();
+    assert_eq!(u.bytes_per_token, p.bytes_per_token);
     // Too small a device for two experts next to the resident weights: refused, with the minimum.
     let err = plan(&gpu_input(&t, &cfg, ram, 1 << 30))
         .unwrap_err()

@@ -2,10 +2,11 @@
 //! read on demand into an expert cache that takes the rest of the budget.
 //!
 //! Cost model: a token uses `n_expert_used` of `n_expert` experts in each layer. With a cache of
-//! `slots` of the model's `n_units` experts and routing assumed uniform (the pessimistic case;
-//! real and skewed routing hit more), a used expert is cached with probability
-//! `slots / n_units`, so the disk reads `n_layer · n_expert_used · expert_bytes · (1 − that)`
-//! per token.
+//! `slots` of the model's `n_units` experts, a used expert is cached with probability
+//! [`hit_shares`]: the share of expert uses that fall on the `slots` most used experts, from the
+//! routing earlier runs observed, or `slots / n_units` at uniform routing (the pessimistic case).
+//! So the disk reads `n_layer · n_expert_used · expert_bytes · (1 − that)` per token, and memory
+//! serves the resident weights plus every used expert.
 
 use std::collections::HashMap;
 
@@ -34,6 +35,63 @@ pub fn expert_bytes(tensors: &[TensorEntry], n_expert: usize) -> u64 {
         }
     }
     per_layer.values().copied().max().unwrap_or(0)
+}
+
+/// The expected share of a token's expert uses that fall on the `s` most used experts of the
+/// streamed `layers`, for each `s` in `slots` (caches that keep the most used experts, as LFU
+/// does in its steady state). `routing`: each layer's shares of its expert uses (see
+/// [`PlanInput::routing`]); without it, or for a layer it lacks, uniform — then the share is
+/// `s / (layers · n_expert)`.
+pub(super) fn hit_shares(
+    routing: Option<&[Vec<f64>]>,
+    layers: &[usize],
+    n_expert: usize,
+    slots: &[usize],
+) -> Vec<f64> {
+    let uniform = 1.0 / n_expert.max(1) as f64;
+    let mut w: Vec<f64> = Vec::with_capacity(layers.len() * n_expert);
+    for &l in layers {
+        match routing
+            .and_then(|r| r.get(l))
+            .filter(|r| r.len() == n_expert)
+        {
+            Some(shares) => {
+                let sum: f64 = shares.iter().filter(|v| v.is_finite() && **v > 0.0).sum();
+                w.extend(shares.iter().map(|&v| {
+                    if sum > 0.0 && v.is_finite() && v > 0.0 {
+                        v / sum
+                    } else if sum > 0.0 {
+                        0.0
+                    } else {
+                        uniform
+                    }
+                }));
+            }
+            None => w.extend(std::iter::repeat_n(uniform, n_expert)),
+        }
+    }
+    w.sort_by(|a, b| b.total_cmp(a));
+    let total: f64 = w.iter().sum();
+    slots
+        .iter()
+        .map(|&s| {
+            let top: f64 = w.iter().take(s).sum();
+            if total > 0.0 {
+                (top / total).min(1.0)
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// How a prediction's routing was assumed, for the plan's decisions.
+pub(super) fn routing_basis(input: &PlanInput) -> &'static str {
+    if input.routing.is_some() {
+        "at the routing earlier runs observed"
+    } else {
+        "at uniform routing (skewed routing hits more)"
+    }
 }
 
 /// Expert-streaming's tiers on top of the user's `fixed` ones: experts on NVMe (served by the
@@ -71,7 +129,7 @@ pub(super) fn plan_expert_streaming(
     let cfg = input.config;
     let tiers = expert_streaming_tiers(input, fixed);
     let base = evaluate_with(input, tiers, kv_bytes, overhead_bytes, Some(1));
-    let streamed_layers = {
+    let layers = {
         let mut ls: Vec<usize> = input
             .tensors
             .iter()
@@ -81,8 +139,9 @@ pub(super) fn plan_expert_streaming(
             .collect();
         ls.sort_unstable();
         ls.dedup();
-        ls.len()
+        ls
     };
+    let streamed_layers = layers.len();
     let n_units = streamed_layers * cfg.n_expert;
     let unit_bytes = expert_bytes(input.tensors, cfg.n_expert);
     let slot_bytes = unit_bytes + 6 * DIRECT_IO_ALIGN as u64;
@@ -128,10 +187,11 @@ pub(super) fn plan_expert_streaming(
     };
     p.ram_needed_bytes += slots as u64 * slot_bytes;
     p.expert_slot_bytes = slot_bytes;
-    let hit = (slots as f64 / n_units.max(1) as f64).min(1.0);
+    let hit = hit_shares(input.routing, &layers, cfg.n_expert, &[slots])[0];
     let used_bytes = (streamed_layers * cfg.n_expert_used) as f64 * unit_bytes as f64;
     p.bytes_per_token.nvme += (used_bytes * (1.0 - hit)) as u64;
-    let t_mem = (p.bytes_per_token.device + p.bytes_per_token.ram) as f64
+    // The resident weights and every used expert (from the cache) are read from memory.
+    let t_mem = ((p.bytes_per_token.device + p.bytes_per_token.ram) as f64 + used_bytes)
         / input.rates.mem_read_bps.max(1.0);
     let t_io = p.bytes_per_token.nvme as f64 / input.rates.disk_read_bps.max(1.0);
     p.predicted_tok_s = 1.0 / t_mem.max(t_io).max(1e-9);
@@ -152,11 +212,39 @@ pub(super) fn plan_expert_streaming(
         },
     ));
     decisions.push(format!(
-        "predicted {:.1} MiB read per token at a uniform-routing hit rate of {:.0} % (skewed routing hits more)",
+        "predicted {:.1} MiB read per token at a hit rate of {:.0} %, {}",
         p.bytes_per_token.nvme as f64 / (1u64 << 20) as f64,
-        hit * 100.0
+        hit * 100.0,
+        routing_basis(input)
     ));
+    p.routing_observed = input.routing.is_some();
     let mut p = finish(p, Mode::ExpertStreaming, decisions);
     p.placement.transient_repack = true;
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hit_shares;
+
+    #[test]
+    fn hit_shares_follow_the_routing_or_assume_it_uniform() {
+        let layers = [0, 1];
+        // Uniform: s of 8 units hold s / 8 of the uses.
+        assert_eq!(
+            hit_shares(None, &layers, 4, &[0, 2, 8, 20]),
+            [0.0, 0.25, 1.0, 1.0]
+        );
+        // Layer shares 1/2, 1/4, 1/8, 1/8: the two most used units (one per layer) hold half the
+        // uses, four hold three quarters.
+        let r = vec![vec![0.5, 0.25, 0.125, 0.125]; 2];
+        assert_eq!(hit_shares(Some(&r), &layers, 4, &[2, 4]), [0.5, 0.75]);
+        // Counts instead of shares, and a layer the statistics lack (uniform there).
+        let r = vec![vec![4.0, 2.0, 1.0, 1.0]];
+        let s = hit_shares(Some(&r), &layers, 4, &[1, 5]);
+        assert!(
+            (s[0] - 0.25).abs() < 1e-12 && (s[1] - 0.75).abs() < 1e-12,
+            "{s:?}"
+        );
+    }
 }

@@ -351,6 +351,7 @@ pub(super) fn evaluate(
         expert_slot_bytes: 0,
         bytes_per_token: bpt,
         predicted_tok_s,
+        routing_observed: false,
     }
 }
 

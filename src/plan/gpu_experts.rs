@@ -7,16 +7,17 @@
 //! **host** expert cache (the RAM budget), which reads misses from disk with direct I/O and
 //! prefetches by co-activation.
 //!
-//! Cost model, routing assumed uniform (the pessimistic case): with `d` device slots and `h`
-//! host slots of the model's `n` experts, a used expert is on the device with probability
-//! `d / n`, in one of the caches with probability `min(1, (d + h) / n)`; a token uses
-//! `n_layer · n_expert_used` experts, so it uploads `used · (1 − d/n)` and reads from disk
-//! `used · (1 − (d+h)/n)` experts' bytes, and takes
-//! `max(disk bytes / disk bw, upload bytes / upload bw + device bytes / device bw)`.
+//! Cost model: with `d` device slots and `h` host slots of the model's `n` experts, a used expert
+//! is on the device with probability `p(d)` and in one of the caches with `p(d + h)`, where
+//! `p(s)` is the share of expert uses falling on the `s` most used experts ([`hit_shares`]: from
+//! the routing earlier runs observed, or `s / n` at uniform routing, the pessimistic case). A
+//! token uses `n_layer · n_expert_used` experts, so it uploads `used · (1 − p(d))` and reads from
+//! disk `used · (1 − p(d+h))` experts' bytes, and takes `max(disk bytes / disk bw, upload bytes /
+//! upload bw + (device weights + used) / device bw)`.
 
 use std::collections::HashMap;
 
-use super::experts::{expert_bytes, expert_streaming_tiers};
+use super::experts::{expert_bytes, expert_streaming_tiers, hit_shares, routing_basis};
 use super::gpu::{evaluate, finish, HOST_OVERHEAD};
 use super::placement::{is_expert_tensor, layer_of, TierKind};
 use super::planner::{gib, mib, Mode, Plan, PlanInput};
@@ -102,15 +103,20 @@ pub(super) fn plan_gpu_experts(
     p.expert_slot_bytes = host_slot_bytes;
     p.ram_needed_bytes += host_slots as u64 * host_slot_bytes;
     p.device_needed_bytes += device_slots as u64 * dev_slot_bytes;
-    let n = n_units.max(1) as f64;
-    let on_device = (device_slots as f64 / n).min(1.0);
-    let cached = ((device_slots + host_slots) as f64 / n).min(1.0);
+    let shares = hit_shares(
+        input.routing,
+        &layers,
+        cfg.n_expert,
+        &[device_slots, device_slots + host_slots],
+    );
+    let (on_device, cached) = (shares[0], shares[1]);
     let used = (layers.len() * cfg.n_expert_used) as f64 * unit_bytes as f64;
     let upload_bytes = (used * (1.0 - on_device)) as u64;
     p.bytes_per_token.ram += upload_bytes;
     p.bytes_per_token.nvme += (used * (1.0 - cached)) as u64;
     let r = &input.rates;
-    let t_gpu = p.bytes_per_token.device as f64 / r.device_read_bps.max(1.0)
+    // The device reads its resident weights and every used expert; misses cross the bus first.
+    let t_gpu = (p.bytes_per_token.device as f64 + used) / r.device_read_bps.max(1.0)
         + upload_bytes as f64 / r.upload_bps.max(1.0);
     let t_io = p.bytes_per_token.nvme as f64 / r.disk_read_bps.max(1.0);
     p.predicted_tok_s = 1.0 / t_gpu.max(t_io).max(1e-9);
@@ -126,12 +132,15 @@ pub(super) fn plan_gpu_experts(
         if input.experts.no_prefetch { "off" } else { "on" },
     ));
     decisions.push(format!(
-        "predicted per token at uniform routing: {:.0} % of experts on the device, {:.1} MiB uploaded, \
-         {:.1} MiB read from disk (skewed routing hits more)",
+        "predicted per token {}: {:.0} % of experts on the device, {:.0} % in either cache, \
+         {:.1} MiB uploaded, {:.1} MiB read from disk",
+        routing_basis(input),
         on_device * 100.0,
+        cached * 100.0,
         upload_bytes as f64 / (1u64 << 20) as f64,
         p.bytes_per_token.nvme as f64 / (1u64 << 20) as f64
     ));
+    p.routing_observed = input.routing.is_some();
     let mut p = finish(p, Mode::ExpertStreaming, decisions);
     p.placement.transient_repack = true;
     Ok(p)

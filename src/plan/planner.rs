@@ -110,6 +110,8 @@ pub struct Plan {
     pub device_needed_bytes: u64,
     pub bytes_per_token: BytesPerToken,
     pub predicted_tok_s: f64,
+    /// MoE: whether the predictions used the routing earlier runs observed (else uniform).
+    pub routing_observed: bool,
 }
 
 /// Everything the planner reads.
@@ -127,6 +129,10 @@ pub struct PlanInput<'a> {
     /// GPU plans: where RAM-tier matrices are multiplied; `None` = whichever the rates predict
     /// faster.
     pub ram_compute: Option<super::RamCompute>,
+    /// MoE: `routing[l][e]` = the share of layer `l`'s expert uses that went to expert `e` (each
+    /// layer sums to 1), as earlier runs observed it; `None` (or a layer missing): routing
+    /// assumed uniform. Only the predictions use it.
+    pub routing: Option<&'a [Vec<f64>]>,
 }
 
 fn is_ffn(name: &str) -> bool {
@@ -465,6 +471,7 @@ pub(super) fn evaluate_with(
         device_needed_bytes: 0,
         bytes_per_token: bpt,
         predicted_tok_s: 1.0 / t_mem.max(t_io).max(1e-9),
+        routing_observed: false,
     }
 }
 

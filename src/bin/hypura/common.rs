@@ -149,7 +149,7 @@ pub fn plan_summary(p: &Plan) -> String {
             let c = &p.placement.expert_cache;
             format!(
                 "mode expert-streaming: {} of a {} RAM budget; expert cache {} × {} ({}, prefetch {}); \
-                 predicted {} read per token at uniform routing, {:.2} tok/s",
+                 predicted {} read per token at {} routing, {:.2} tok/s",
                 gib(p.ram_needed_bytes),
                 gib(p.budgets.ram_bytes),
                 c.slots,
@@ -157,6 +157,7 @@ pub fn plan_summary(p: &Plan) -> String {
                 c.policy.name(),
                 if c.prefetch { "on" } else { "off" },
                 gib(p.bytes_per_token.nvme),
+                if p.routing_observed { "the observed" } else { "uniform" },
                 p.predicted_tok_s
             )
         }

@@ -205,6 +205,18 @@ impl CoActivation {
     }
 
     /// Tokens observed at layer 0 (how much has been learned).
+    /// `[l][e]`: the share of layer `l`'s expert uses that went to expert `e` (each layer with
+    /// any use sums to 1; layers never seen are left out from there on).
+    pub fn routing_shares(&self) -> Vec<Vec<f64>> {
+        self.popularity
+            .iter()
+            .map_while(|p| {
+                let total: u64 = p.iter().map(|&c| c as u64).sum();
+                (total > 0).then(|| p.iter().map(|&c| c as f64 / total as f64).collect())
+            })
+            .collect()
+    }
+
     pub fn tokens_seen(&self) -> u64 {
         self.popularity
             .first()

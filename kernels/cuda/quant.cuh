@@ -200,24 +200,21 @@ __device__ __forceinline__ void dot_qk(const uint8_t* const (&rows)[R], Q8x x, i
   }
 }
 
-__device__ __forceinline__ float q4k_at(const uint8_t* row, int i) {
-  const uint8_t* blk = row + (size_t)(i / 256) * 144;
+// Element i of a Q4_K (Q5 false) or Q5_K row: sub-block 2j + hi of super-block i / 256.
+template <bool Q5>
+__device__ __forceinline__ float qk_at(const uint8_t* row, int i) {
+  const uint8_t* blk = row + (size_t)(i / 256) * QK<Q5>::BYTES;
   const int r = i % 256, j = r / 64, l = r % 32, hi = (r % 64) >= 32;
   float sc, m;
   q4k_scale_min(2 * j + hi, blk + 4, sc, m);
-  const uint8_t q = blk[16 + 32 * j + l];
-  return f16_at(blk) * sc * (hi ? (q >> 4) : (q & 0xF)) - f16_at(blk + 2) * m;
+  const uint8_t q = blk[QK<Q5>::NIBBLES + 32 * j + l];
+  int v = hi ? (q >> 4) : (q & 0xF);
+  if constexpr (Q5) v += 16 * ((blk[16 + l] >> (2 * j + hi)) & 1);
+  return f16_at(blk) * sc * v - f16_at(blk + 2) * m;
 }
 
-__device__ __forceinline__ float q5k_at(const uint8_t* row, int i) {
-  const uint8_t* blk = row + (size_t)(i / 256) * 176;
-  const int r = i % 256, j = r / 64, l = r % 32, hi = (r % 64) >= 32;
-  float sc, m;
-  q4k_scale_min(2 * j + hi, blk + 4, sc, m);
-  const uint8_t q = blk[48 + 32 * j + l];
-  const int high = (blk[16 + l] >> (2 * j + hi)) & 1;
-  return f16_at(blk) * sc * ((hi ? (q >> 4) : (q & 0xF)) + 16 * high) - f16_at(blk + 2) * m;
-}
+__device__ __forceinline__ float q4k_at(const uint8_t* row, int i) { return qk_at<false>(row, i); }
+__device__ __forceinline__ float q5k_at(const uint8_t* row, int i) { return qk_at<true>(row, i); }
 
 // ---- Q6_K: 256 weights in 210 bytes: ql[128] low nibbles, qh[64] high 2 bits, int8
 // scales[16], d. Position 128n + 32q + l (n < 2, q < 4, l < 32): low bits from nibble q/2 of

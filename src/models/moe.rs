@@ -39,11 +39,6 @@ impl Moe {
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
         let logits = self.router.forward(x)?; // [t, n_expert]
         let logits: Vec<Vec<f32>> = logits.to_device(&candle_core::Device::Cpu)?.to_vec2()?;
-        Ok(self.route_logits(logits))
-    }
-
-    /// The routing from each token's router logits (`[t][n_expert]`).
-    pub fn route_logits(&self, logits: Vec<Vec<f32>>) -> Routing {
         let mut experts = Vec::with_capacity(logits.len());
         let mut weights = Vec::with_capacity(logits.len());
         for l in logits {
@@ -57,7 +52,7 @@ impl Moe {
             weights.push(w.iter().map(|v| v / sum).collect());
             experts.push(order);
         }
-        Routing { experts, weights }
+        Ok(Routing { experts, weights })
     }
 
     /// `x` `[t, n_embd]` → `[t, n_embd]`: each token's chosen experts, mixed by their weights.

@@ -283,11 +283,6 @@ impl Decoder {
         self.graphs.iter().any(Option::is_some)
     }
 
-    /// Whether the model has mixture-of-experts blocks.
-    pub fn has_moe(&self) -> bool {
-        self.spec.has_moe()
-    }
-
     /// Whether some MoE block's experts come from the host at each step (steps then go through
     /// [`Decoder::begin_moe`]).
     pub fn needs_host(&self) -> bool {

@@ -233,13 +233,6 @@ pub struct DecodeSpec {
 }
 
 impl DecodeSpec {
-    /// Whether any block is a mixture of experts.
-    pub fn has_moe(&self) -> bool {
-        self.layers
-            .iter()
-            .any(|l| matches!(l.ffn, FfnSpec::Moe { .. }))
-    }
-
     /// Whether some MoE block needs the host to hand its experts over (steps then go through
     /// [`MoeStep`]).
     pub fn needs_host(&self) -> bool {

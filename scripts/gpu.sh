@@ -23,7 +23,7 @@
 #       profile   hypura profile --reprofile (GPU memory, PCIe and device bandwidth, disk)
 #       lcpp      start building llama.cpp with CUDA in the background (log: $OUT/lcpp-build.log)
 #       bench8b   synth llama-3-8b Q4_K_M; plan; hypura bench pp512/tg128 ×3 (BENCH8B_MODES: fused
-#                 direct candle); the bound = device bandwidth / weight bytes per token;
+#                 direct candle, nopdl = the graph without dependent launches); the bound = device bandwidth / weight bytes per token;
 #                 llama-bench on the same file if built
 #       moe       synth mixtral-8x7b Q5_K_M with skewed routing (~31 GB); with a 22 GiB device
 #                 and 8 GiB RAM budget: plan, run once (learns co-activation), then bench (tg
@@ -201,6 +201,8 @@ run() {
         for mv in ${BENCH8B_MODES:-fused direct candle}; do
           case $mv in
             fused) e=HYPURA_CUDA_DECODE=fused ;; direct) e=HYPURA_CUDA_GRAPH=0 ;; candle) e=HYPURA_CUDA_DECODE=candle ;;
+            nopdl) e=HYPURA_CUDA_PDL=0 ;;
+            *) echo "unknown bench8b mode $mv" >&2; continue ;;
           esac
           ( export "${e?}"; TAIL=3 step "bench8b-$mv" "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 512 -n 128 -r 3 --json )
           grep '^{' "$OUT/bench8b-$mv.log" | tail -n 1 >"$OUT/bench8b.json" || true

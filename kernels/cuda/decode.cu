@@ -24,6 +24,19 @@
 
 #include "quant.cuh"
 
+// Programmatic dependent launch (sm_90): inside a captured step the decoder launches each kernel
+// allowed to start before the previous one has finished. Every kernel first waits for the
+// previous grid to complete with its writes visible (so each kernel still sees all earlier ones:
+// each completes only after its own wait), then lets the next kernel launch, whose blocks take
+// their places as this one's last wave runs instead of after it. Without the launch attribute
+// both instructions do nothing.
+__device__ __forceinline__ void pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // The warp's 32 values (element i = 32·blk + lane) into int8 block `blk` (see Q8x).
 __device__ __forceinline__ void warp_quantize(float v, int i, int8_t* q, float* d, float* s) {
   const float amax = warp_max(fabsf(v));
@@ -40,6 +53,7 @@ __device__ __forceinline__ void warp_quantize(float v, int i, int8_t* q, float* 
 // x [n] → int8 blocks of 32 (see Q8x); one warp per block, n a multiple of 32.
 extern "C" __global__ void quantize_q8(const float* __restrict__ x, int8_t* __restrict__ q,
                                        float* __restrict__ d, float* __restrict__ s, int n) {
+  pdl_entry();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return; // whole warps: n is a multiple of 32
   warp_quantize(x[i], i, q, d, s);
@@ -145,10 +159,12 @@ __device__ __forceinline__ void matvec_qkv_t(const float* __restrict__ x, Q8x xq
       const float *bv, int rv
 #define MATVEC_KERNELS(R, KS)                                                               \
   extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS) matvec_##R##_##KS(MV_ARGS) { \
+    pdl_entry();                                                                            \
     matvec_t<R, KS>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res);                   \
   }                                                                                         \
   extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)                              \
       matvec_qkv_##R##_##KS(QKV_ARGS) {                                                     \
+    pdl_entry();                                                                            \
     matvec_qkv_t<R, KS>(x, Q8x{xq, xd, xs}, cols, wq, tq, yq, bq, rq, wk, tk, yk, bk, rk,   \
                         wv, tv, yv, bv, rv);                                                \
   }
@@ -159,7 +175,7 @@ MATVEC_KERNELS(2, 1)
 MATVEC_KERNELS(2, 2)
 
 // The SwiGLU hidden state: out[r] = silu(gate[r] · x) * (up[r] · x); one warp per row. Two Q4_K
-// (or two Q5_K) rows run interleaved, with two warp iterations of loads in flight.
+// (or two Q5_K) rows run interleaved, sharing each activation load.
 __device__ __forceinline__ void swiglu_row(const float* __restrict__ x, Q8x q8, int cols,
                                            const uint8_t* __restrict__ wg, int tg,
                                            const uint8_t* __restrict__ wu, int tu,
@@ -172,9 +188,9 @@ __device__ __forceinline__ void swiglu_row(const float* __restrict__ x, Q8x q8, 
     const uint8_t* const rs[2] = {wg + row * rb, wu + row * rb};
     float acc[2] = {};
     if (tg == T_Q4_K)
-      dot_qk<2, 2, 1, false>(rs, q8, cols / 256, 0, acc);
+      dot_qk<2, 1, false>(rs, q8, cols / 256, 0, acc);
     else
-      dot_qk<2, 2, 1, true>(rs, q8, cols / 256, 0, acc);
+      dot_qk<2, 1, true>(rs, q8, cols / 256, 0, acc);
     g = warp_sum(acc[0]);
     u = warp_sum(acc[1]);
   } else {
@@ -191,6 +207,7 @@ extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
     matvec_swiglu(const float* __restrict__ x, const int8_t* xq, const float* xd,
                   const float* xs, int cols, const uint8_t* __restrict__ wg, int tg,
                   const uint8_t* __restrict__ wu, int tu, float* __restrict__ out, int rows) {
+  pdl_entry();
   swiglu_row(x, Q8x{xq, xd, xs}, cols, wg, tg, wu, tu, out, rows);
 }
 
@@ -208,6 +225,7 @@ extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
 // the chosen k (= the full softmax renormalized over them), summed in rank order.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, int n, int k,
                                      float* __restrict__ route) {
+  pdl_entry();
   const int lane = threadIdx.x;
   float v[8];
 #pragma unroll
@@ -257,6 +275,7 @@ extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
     moe_swiglu(const float* __restrict__ x, const int8_t* xq, const float* xd, const float* xs,
                int cols, int tg, int tu, float* __restrict__ ffn, int rows,
                const uint64_t* table, const float* route, int rank0, ExpertPtrs direct) {
+  pdl_entry();
   const int rank = rank0 + blockIdx.y;
   swiglu_row(x, Q8x{xq, xd, xs}, cols, expert_w(table, route, rank, direct, 0), tg,
              expert_w(table, route, rank, direct, 1), tu, ffn + (size_t)rank * rows, rows);
@@ -267,7 +286,8 @@ extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
   extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS) moe_down_##R##_##KS(          \
       int ty, const float* ffn, const int8_t* fq, const float* fd, const float* fs, float* ys, \
       int rows, int cols, const uint64_t* table, const float* route, int rank0,              \
-      ExpertPtrs direct) {                                                                    \
+      ExpertPtrs direct) {                                                                  \
+    pdl_entry();                                                                            \
     const int rank = rank0 + blockIdx.y;                                                      \
     const size_t o = (size_t)rank * cols;                                                     \
     matvec_t<R, KS>(expert_w(table, route, rank, direct, 2), ty, ffn + o,                     \
@@ -282,6 +302,7 @@ MOE_DOWN(2, 2)
 // x += Σ_r w[r] · ys[r], in rank order whatever order the experts ran in.
 extern "C" __global__ void moe_combine(float* x, const float* __restrict__ ys, int k, int n,
                                        const float* __restrict__ route) {
+  pdl_entry();
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     float t = 0.f;
     for (int r = 0; r < k; ++r) t += route[MOE_MAX_USED + r] * ys[(size_t)r * n + i];
@@ -293,7 +314,8 @@ extern "C" __global__ void moe_combine(float* x, const float* __restrict__ ys, i
 
 #define EMBED(NAME, ROW_BYTES, AT)                                                           \
   extern "C" __global__ void NAME(const uint8_t* __restrict__ w, const uint32_t* step,     \
-                                  float* x, int cols) {                                      \
+                                  float* x, int cols) {                                     \
+    pdl_entry();                                                                            \
     const uint8_t* row = w + (size_t)step[0] * (ROW_BYTES);                                  \
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cols; i += gridDim.x * blockDim.x) \
       x[i] = AT(row, i);                                                                     \
@@ -321,6 +343,7 @@ __device__ __forceinline__ float block_sum(float v, float* part) {
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     float* __restrict__ out, int n, float eps, int8_t* q,
                                     float* d, float* qs) {
+  pdl_entry();
   __shared__ float part[32];
   float s = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i] * x[i];
@@ -335,6 +358,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 extern "C" __global__ void rms_norm4(const float* __restrict__ x, const float* __restrict__ w,
                                      float* __restrict__ out, int n, float eps, int8_t* q,
                                      float* d, float* qs) {
+  pdl_entry();
   __shared__ float part[32];
   const float4* x4 = reinterpret_cast<const float4*>(x);
   const int n4 = n / 4;
@@ -534,7 +558,8 @@ __device__ __forceinline__ void attention_t(ATT_ARGS) {
 }
 
 #define ATTENTION(W, KEYS)                                                                  \
-  extern "C" __global__ void __launch_bounds__(WARP * W) attention_##W##_##KEYS(ATT_ARGS) {   \
+  extern "C" __global__ void __launch_bounds__(WARP * W) attention_##W##_##KEYS(ATT_ARGS) { \
+    pdl_entry();                                                                            \
     attention_t<W, KEYS>(q, k, v, kc, vc, out, cos_t, sin_t, step, n_head, n_head_kv, hd,      \
                          rope_dim, style, n_ctx, scale, oq, od, os, part, n_split, chunk_min); \
   }
@@ -546,6 +571,7 @@ ATTENTION(8, 4)
 extern "C" __global__ void attention_merge(const float* __restrict__ part, float* out,
                                            const uint32_t* step, int hd, int n_split,
                                            int chunk_min, int8_t* oq, float* od, float* os) {
+  pdl_entry();
   int chunk;
   const int splits = att_splits(step[1] + 1, n_split, chunk_min, chunk), h = blockIdx.x,
             t = threadIdx.x;

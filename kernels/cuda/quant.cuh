@@ -63,7 +63,7 @@ struct Q8x {
   const float* __restrict__ s;
 };
 
-// 32 bits at a 2-byte-aligned address (Q6_K and Q8_0 blocks are only 2-byte aligned).
+// 32 bits at a 2-byte-aligned address (Q8_0 blocks are only 2-byte aligned).
 __device__ __forceinline__ uint32_t ld_u32_a2(const uint8_t* p) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
   return (uint32_t)h[0] | ((uint32_t)h[1] << 16);
@@ -107,95 +107,81 @@ struct QK {
   static constexpr int NIBBLES = Q5 ? 48 : 16; // offset of the nibbles in the block
 };
 
-// One lane's share of a Q4_K super-block · x, from its loaded words: lane chunk c (16 bytes of
-// nibbles, `qv`) holds positions 16*(c&1)..+16 of sub-blocks 2j (low nibbles) and 2j+1 (high
-// nibbles), j = c>>1; `xl`, `xh` are those positions' activations, in blocks xb and xb + 1.
-__device__ __forceinline__ float q4k_part(uint4 hd, uint4 qv, int4 xl, int4 xh, int c, Q8x x,
-                                          int xb) {
-  const int j = c >> 1;
-  const float2 dm = __half22float2(*reinterpret_cast<const __half2*>(&hd.x));
-  float sc0, m0, sc1, m1;
-  q4k_sm(2 * j, hd.y, hd.z, hd.w, sc0, m0);
-  q4k_sm(2 * j + 1, hd.y, hd.z, hd.w, sc1, m1);
-  int dl = 0, dh = 0;
-  dl = __dp4a((int)(qv.x & 0x0F0F0F0Fu), xl.x, dl);
-  dl = __dp4a((int)(qv.y & 0x0F0F0F0Fu), xl.y, dl);
-  dl = __dp4a((int)(qv.z & 0x0F0F0F0Fu), xl.z, dl);
-  dl = __dp4a((int)(qv.w & 0x0F0F0F0Fu), xl.w, dl);
-  dh = __dp4a((int)((qv.x >> 4) & 0x0F0F0F0Fu), xh.x, dh);
-  dh = __dp4a((int)((qv.y >> 4) & 0x0F0F0F0Fu), xh.y, dh);
-  dh = __dp4a((int)((qv.z >> 4) & 0x0F0F0F0Fu), xh.z, dh);
-  dh = __dp4a((int)((qv.w >> 4) & 0x0F0F0F0Fu), xh.w, dh);
-  float acc = dm.x * (sc0 * x.d[xb] * (float)dl + sc1 * x.d[xb + 1] * (float)dh);
-  // The min term covers whole sub-blocks: counted once, by the lane with the first half.
-  if ((c & 1) == 0) acc -= dm.y * (m0 * x.s[xb] + m1 * x.s[xb + 1]);
-  return acc;
-}
-
-// The same share of a Q5_K super-block: the nibbles of `qv` plus their fifth bits, from the
-// qh bytes `qh` of the same positions (bit 2j for sub-block 2j, bit 2j + 1 for 2j + 1).
-__device__ __forceinline__ float q5k_part(uint4 hd, uint4 qv, uint4 qh, int4 xl, int4 xh, int c,
-                                          Q8x x, int xb) {
-  const int j = c >> 1;
+// One lane's share of a Q4_K (Q5 false) or Q5_K super-block · x: lane j (0..3) holds all 32
+// nibble bytes of sub-blocks 2j (low nibbles, `qa` positions 0..15 and `qb` 16..31) and 2j + 1
+// (high nibbles), so one scale/min decode and one pair of activation scales serve 64 weights.
+// `xl0`, `xl1` are sub-block 2j's activations (positions 0..15, 16..31), `xh0`, `xh1` sub-block
+// 2j + 1's; `ha`, `hb` the Q5_K high-bit bytes of positions 0..15 and 16..31 (bit 2j for sub-block
+// 2j, bit 2j + 1 for 2j + 1).
+template <bool Q5>
+__device__ __forceinline__ float qk_part(uint4 hd, uint4 qa, uint4 qb, uint4 ha, uint4 hb,
+                                         int4 xl0, int4 xl1, int4 xh0, int4 xh1, int j,
+                                         float2 xd, float2 xs) {
   const float2 dm = __half22float2(*reinterpret_cast<const __half2*>(&hd.x));
   float sc0, m0, sc1, m1;
   q4k_sm(2 * j, hd.y, hd.z, hd.w, sc0, m0);
   q4k_sm(2 * j + 1, hd.y, hd.z, hd.w, sc1, m1);
   const int sl = 2 * j, sh = 2 * j + 1;
-#define Q5LO(q, h) (int)(((q) & 0x0F0F0F0Fu) | ((((h) >> sl) & 0x01010101u) << 4))
-#define Q5HI(q, h) (int)((((q) >> 4) & 0x0F0F0F0Fu) | ((((h) >> sh) & 0x01010101u) << 4))
+  // Low and high nibbles of one word, with their fifth bits for Q5_K.
+  auto lo = [&](uint32_t q, uint32_t h) {
+    uint32_t v = q & 0x0F0F0F0Fu;
+    if constexpr (Q5) v |= ((h >> sl) & 0x01010101u) << 4;
+    return (int)v;
+  };
+  auto hi = [&](uint32_t q, uint32_t h) {
+    uint32_t v = (q >> 4) & 0x0F0F0F0Fu;
+    if constexpr (Q5) v |= ((h >> sh) & 0x01010101u) << 4;
+    return (int)v;
+  };
   int dl = 0, dh = 0;
-  dl = __dp4a(Q5LO(qv.x, qh.x), xl.x, dl);
-  dl = __dp4a(Q5LO(qv.y, qh.y), xl.y, dl);
-  dl = __dp4a(Q5LO(qv.z, qh.z), xl.z, dl);
-  dl = __dp4a(Q5LO(qv.w, qh.w), xl.w, dl);
-  dh = __dp4a(Q5HI(qv.x, qh.x), xh.x, dh);
-  dh = __dp4a(Q5HI(qv.y, qh.y), xh.y, dh);
-  dh = __dp4a(Q5HI(qv.z, qh.z), xh.z, dh);
-  dh = __dp4a(Q5HI(qv.w, qh.w), xh.w, dh);
-#undef Q5LO
-#undef Q5HI
-  float acc = dm.x * (sc0 * x.d[xb] * (float)dl + sc1 * x.d[xb + 1] * (float)dh);
-  if ((c & 1) == 0) acc -= dm.y * (m0 * x.s[xb] + m1 * x.s[xb + 1]);
-  return acc;
+  dl = __dp4a(lo(qa.x, ha.x), xl0.x, dl);
+  dl = __dp4a(lo(qa.y, ha.y), xl0.y, dl);
+  dl = __dp4a(lo(qa.z, ha.z), xl0.z, dl);
+  dl = __dp4a(lo(qa.w, ha.w), xl0.w, dl);
+  dl = __dp4a(lo(qb.x, hb.x), xl1.x, dl);
+  dl = __dp4a(lo(qb.y, hb.y), xl1.y, dl);
+  dl = __dp4a(lo(qb.z, hb.z), xl1.z, dl);
+  dl = __dp4a(lo(qb.w, hb.w), xl1.w, dl);
+  dh = __dp4a(hi(qa.x, ha.x), xh0.x, dh);
+  dh = __dp4a(hi(qa.y, ha.y), xh0.y, dh);
+  dh = __dp4a(hi(qa.z, ha.z), xh0.z, dh);
+  dh = __dp4a(hi(qa.w, ha.w), xh0.w, dh);
+  dh = __dp4a(hi(qb.x, hb.x), xh1.x, dh);
+  dh = __dp4a(hi(qb.y, hb.y), xh1.y, dh);
+  dh = __dp4a(hi(qb.z, hb.z), xh1.z, dh);
+  dh = __dp4a(hi(qb.w, hb.w), xh1.w, dh);
+  return dm.x * (sc0 * xd.x * (float)dl + sc1 * xd.y * (float)dh) -
+         dm.y * (m0 * xs.x + m1 * xs.y);
 }
 
-// R Q4_K (Q5 false) or Q5_K rows · x: 8 lanes per super-block, 4 super-blocks per warp
-// iteration; the loads of U iterations are issued before their math (more bytes in flight).
-template <int R, int U, int KS, bool Q5>
+// R Q4_K (Q5 false) or Q5_K rows · x: 4 lanes per super-block, 8 super-blocks per warp iteration
+// (see qk_part); slice `ks` of KS takes iterations ks, ks + KS, ... (Measured against 8 lanes
+// per super-block, 16 bytes each: 1.2-1.4x faster, docs/cuda.md.)
+template <int R, int KS, bool Q5>
 __device__ __forceinline__ void dot_qk(const uint8_t* const (&rows)[R], Q8x x, int nb, int ks,
                                        float (&acc)[R]) {
-  const int lane = threadIdx.x, c = lane & 7, j = c >> 1, h = c & 1;
-  for (int b0 = (lane >> 3) + 4 * U * ks; b0 < nb; b0 += 4 * U * KS) {
-    uint4 hd[R][U], qv[R][U], qh[Q5 ? R : 1][Q5 ? U : 1];
-    int4 xl[U], xh[U];
+  const int lane = threadIdx.x, j = lane & 3;
+  for (int b = (lane >> 2) + 8 * ks; b < nb; b += 8 * KS) {
+    const int8_t* xq = x.q + b * 256 + j * 64;
+    const int4 xl0 = *reinterpret_cast<const int4*>(xq);
+    const int4 xl1 = *reinterpret_cast<const int4*>(xq + 16);
+    const int4 xh0 = *reinterpret_cast<const int4*>(xq + 32);
+    const int4 xh1 = *reinterpret_cast<const int4*>(xq + 48);
+    const float2 xd = *reinterpret_cast<const float2*>(x.d + b * 8 + 2 * j);
+    const float2 xs = *reinterpret_cast<const float2*>(x.s + b * 8 + 2 * j);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int b = b0 + 4 * u;
-      if (b < nb) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const uint8_t* blk = rows[r] + (size_t)b * QK<Q5>::BYTES;
-          hd[r][u] = *reinterpret_cast<const uint4*>(blk); // d, dmin, scales[12]
-          qv[r][u] = *reinterpret_cast<const uint4*>(blk + QK<Q5>::NIBBLES + c * 16);
-          if constexpr (Q5) qh[r][u] = *reinterpret_cast<const uint4*>(blk + 16 + h * 16);
-        }
-        const int8_t* xq = x.q + b * 256 + j * 64 + h * 16;
-        xl[u] = *reinterpret_cast<const int4*>(xq);
-        xh[u] = *reinterpret_cast<const int4*>(xq + 32);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows[r] + (size_t)b * QK<Q5>::BYTES;
+      const uint4 hd = *reinterpret_cast<const uint4*>(blk); // d, dmin, scales[12]
+      const uint8_t* qs = blk + QK<Q5>::NIBBLES + 32 * j;
+      const uint4 qa = *reinterpret_cast<const uint4*>(qs);
+      const uint4 qb = *reinterpret_cast<const uint4*>(qs + 16);
+      uint4 ha{}, hb{};
+      if constexpr (Q5) {
+        ha = *reinterpret_cast<const uint4*>(blk + 16);
+        hb = *reinterpret_cast<const uint4*>(blk + 32);
       }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int b = b0 + 4 * u;
-      if (b < nb) {
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-          if constexpr (Q5)
-            acc[r] += q5k_part(hd[r][u], qv[r][u], qh[r][u], xl[u], xh[u], c, x, b * 8 + 2 * j);
-          else
-            acc[r] += q4k_part(hd[r][u], qv[r][u], xl[u], xh[u], c, x, b * 8 + 2 * j);
-      }
+      acc[r] += qk_part<Q5>(hd, qa, qb, ha, hb, xl0, xl1, xh0, xh1, j, xd, xs);
     }
   }
 }
@@ -220,46 +206,64 @@ __device__ __forceinline__ float q5k_at(const uint8_t* row, int i) { return qk_a
 // scales[16], d. Position 128n + 32q + l (n < 2, q < 4, l < 32): low bits from nibble q/2 of
 // ql byte 64n + 32(q&1) + l, high bits 2q.. of qh byte 32n + l, scale 8n + l/16 + 2q.
 
-// R Q6_K rows · x, Q4_K's lane layout: 8 lanes per super-block, 4 super-blocks per warp
-// iteration; lane c takes positions 4c..4c+3 of all 8 runs of 32 (k = 4n + q), one dp4a each.
+// N consecutive 32-bit words at a 2-byte-aligned address, from aligned 32-bit loads: the words
+// around it, funnel-shifted by 16 bits where it is not 4-byte aligned. Reads at most 2 bytes
+// before p and 2 after its N words (callers keep both inside the block or the row before it).
+template <int N>
+__device__ __forceinline__ void ld_words_a2(const uint8_t* p, uint32_t (&w)[N]) {
+  const size_t a = reinterpret_cast<size_t>(p);
+  const uint32_t* q = reinterpret_cast<const uint32_t*>(a & ~(size_t)3);
+  const uint32_t sh = (uint32_t)(a & 2) * 8; // 0 or 16
+  uint32_t v[N + 1];
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = q[i];
+  v[N] = sh ? q[N] : 0u;
+#pragma unroll
+  for (int i = 0; i < N; ++i) w[i] = __funnelshift_r(v[i], v[i + 1], sh);
+}
+
+// R Q6_K rows · x: 4 lanes per super-block, 8 super-blocks per warp iteration; lane c takes
+// positions 8c..8c+7 of all 8 runs of 32 (k = 4n + q), two dp4a each, so the scales (byte
+// 8c / 16 of each pair) are loaded once per 64 weights, and with aligned 32-bit loads.
 template <int R, int KS>
 __device__ __forceinline__ void dot_q6_k(const uint8_t* const (&rows)[R], Q8x x, int nb, int ks,
                                          float (&acc)[R]) {
-  const int lane = threadIdx.x, c = lane & 7, l0 = 4 * c, s = l0 >> 4;
-  for (int b = (lane >> 3) + 4 * ks; b < nb; b += 4 * KS) {
-    uint32_t L[R][4], H[R][2];
-    uint16_t S[R][8];
-    float D[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = rows[r] + (size_t)b * 210;
-#pragma unroll
-      for (int t = 0; t < 4; ++t) L[r][t] = ld_u32_a2(blk + 32 * t + l0);
-#pragma unroll
-      for (int n = 0; n < 2; ++n) H[r][n] = ld_u32_a2(blk + 128 + 32 * n + l0);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) S[r][k] = reinterpret_cast<const uint16_t*>(blk + 192)[k];
-      D[r] = f16_at(blk + 208);
-    }
+  const int lane = threadIdx.x, c = lane & 3, l0 = 8 * c, s = c >> 1;
+  for (int b = (lane >> 2) + 8 * ks; b < nb; b += 8 * KS) {
     const float4 d0 = *reinterpret_cast<const float4*>(x.d + b * 8);
     const float4 d1 = *reinterpret_cast<const float4*>(x.d + b * 8 + 4);
     const float dx[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
-    int xv[8];
+    int2 xv[8];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) xv[k] = *reinterpret_cast<const int*>(x.q + b * 256 + 32 * k + l0);
+    for (int k = 0; k < 8; ++k)
+      xv[k] = *reinterpret_cast<const int2*>(x.q + b * 256 + 32 * k + l0);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = rows[r] + (size_t)b * 210;
+      uint32_t L[4][2], H[2][2], S[4];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) ld_words_a2<2>(blk + 32 * t + l0, L[t]);
+#pragma unroll
+      for (int n = 0; n < 2; ++n) ld_words_a2<2>(blk + 128 + 32 * n + l0, H[n]);
+      ld_words_a2<4>(blk + 192, S);
+      const float D = f16_at(blk + 208);
       float part = 0.f;
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         const int n = k >> 2, q = k & 3;
-        const uint32_t lo = (L[r][2 * n + (q & 1)] >> (4 * (q >> 1))) & 0x0F0F0F0Fu;
-        const uint32_t hi = ((H[r][n] >> (2 * q)) & 0x03030303u) << 4;
-        const int v = (int)__vsub4(lo | hi, 0x20202020u); // 6-bit values less the zero point 32
-        const float sc = (float)(int8_t)(S[r][k] >> (8 * s)); // scale 2k + s
-        part += sc * dx[k] * (float)__dp4a(v, xv[k], 0);
+        int dot = 0;
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          const uint32_t lo = (L[2 * n + (q & 1)][w] >> (4 * (q >> 1))) & 0x0F0F0F0Fu;
+          const uint32_t hi = ((H[n][w] >> (2 * q)) & 0x03030303u) << 4;
+          const int v = (int)__vsub4(lo | hi, 0x20202020u); // less the zero point 32
+          dot = __dp4a(v, w ? xv[k].y : xv[k].x, dot);
+        }
+        // Scale 2k + s: byte s of the k-th 16-bit pair.
+        const float sc = (float)(int8_t)(S[k >> 1] >> (16 * (k & 1) + 8 * s));
+        part += sc * dx[k] * (float)dot;
       }
-      acc[r] += D[r] * part;
+      acc[r] += D * part;
     }
   }
 }
@@ -331,8 +335,8 @@ __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ w, int ty, 
 #pragma unroll
   for (int i = 0; i < R; ++i) rows[i] = w + (size_t)(row + i) * rb;
   switch (ty) {
-    case T_Q4_K: dot_qk<R, 1, KS, false>(rows, xq, cols / 256, ks, acc); break;
-    case T_Q5_K: dot_qk<R, 1, KS, true>(rows, xq, cols / 256, ks, acc); break;
+    case T_Q4_K: dot_qk<R, KS, false>(rows, xq, cols / 256, ks, acc); break;
+    case T_Q5_K: dot_qk<R, KS, true>(rows, xq, cols / 256, ks, acc); break;
     case T_Q6_K: dot_q6_k<R, KS>(rows, xq, cols / 256, ks, acc); break;
     case T_Q8_0:
 #pragma unroll

@@ -11,13 +11,14 @@
 //!
 //! `HYPURA_CUDA_DECODE=candle` turns it off (every step runs candle's ops);
 //! `HYPURA_CUDA_GRAPH=0` keeps the fused kernels but launches them one by one;
+//! `HYPURA_CUDA_PDL=0` captures the graph without programmatic dependent launches;
 //! `HYPURA_CUDA_PROFILE=N` times every kernel of the step at position N and prints the table
 //! (MoE models: the step's host time by phase).
 //! Prompt batches always run on candle; both paths share the model's KV cache.
 
 use candle_core::{DType, Device, Tensor};
 use hypura_kernels::cuda::{
-    DecodeSpec, Decoder, DeviceMatrix, ExpertMatrices, FfnSpec, LayerSpec, RopePairs,
+    DecodeOptions, DecodeSpec, Decoder, DeviceMatrix, ExpertMatrices, FfnSpec, LayerSpec, RopePairs,
 };
 
 use crate::error::{Error, Result};
@@ -56,7 +57,10 @@ impl FusedDecode {
             Ok(spec) => spec,
             Err(why) => return Ok(FusedDecode::Off(why)),
         };
-        let graph = !std::env::var("HYPURA_CUDA_GRAPH").is_ok_and(|v| v == "0");
+        let options = DecodeOptions {
+            graph: !std::env::var("HYPURA_CUDA_GRAPH").is_ok_and(|v| v == "0"),
+            dependent_launch: !std::env::var("HYPURA_CUDA_PDL").is_ok_and(|v| v == "0"),
+        };
         let host_embed = spec
             .embed
             .is_none()
@@ -66,7 +70,7 @@ impl FusedDecode {
             });
         // A shape the kernels do not take (say head_dim > 256, more than 8 experts per token)
         // or a device that cannot hold the decoder's buffers: the steps stay on candle's ops.
-        let decoder = match Decoder::new(dev.cuda_stream(), spec, graph) {
+        let decoder = match Decoder::new(dev.cuda_stream(), spec, options) {
             Ok(d) => d,
             Err(e) => return Ok(FusedDecode::Off(e.to_string())),
         };

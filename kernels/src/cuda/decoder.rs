@@ -1,11 +1,11 @@
 //! [`Decoder`]: one decode step as a fixed kernel sequence, replayed from a CUDA graph.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{
-    CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
+    self, CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
 use candle_core::cuda_backend::cudarc::driver::{
     CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
@@ -31,14 +31,20 @@ macro_rules! launch {
     };
     (@labelled $self:expr, $name:expr, $label:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let name: &str = $name;
-        let mut b = $self.stream.launch_builder($self.func(name)?);
-        $( b.arg($arg); )+
+        let func = $self.func(name)?;
         let start = $self.profile_event()?;
         // SAFETY: every argument is a device address of a buffer this decoder owns or borrows
         // through `DeviceBytes` (alive as long as the decoder), sized as `DecodeSpec::validate`
         // checked, or a scalar; the kernel signatures in decode.cu take exactly these arguments
         // in this order.
-        unsafe { b.launch($cfg) }.map_err(driver(name))?;
+        if $self.dependent.get() {
+            let mut params = [$( $arg as *const _ as *mut std::ffi::c_void ),+];
+            unsafe { $self.launch_dependent(func, $cfg, &mut params) }.map_err(driver(name))?;
+        } else {
+            let mut b = $self.stream.launch_builder(func);
+            $( b.arg($arg); )+
+            unsafe { b.launch($cfg) }.map_err(driver(name))?;
+        }
         if let Some(start) = start {
             let end = $self.profile_event()?.expect("profiling");
             if let Some(p) = $self.prof.borrow_mut().as_mut() {
@@ -124,6 +130,30 @@ pub struct Decoder {
     capture_failure: Option<String>,
     /// Set only inside [`Decoder::profile_step`].
     prof: RefCell<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
+    options: DecodeOptions,
+    /// Launches go out as programmatic dependent launches (only while a graph is captured).
+    dependent: Cell<bool>,
+}
+
+/// How a [`Decoder`] launches its steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Capture each step into a CUDA graph (per attention shape) and replay it; otherwise
+    /// launch the kernels one by one. Same results either way.
+    pub graph: bool,
+    /// Inside the graph, launch each kernel as a programmatic dependent launch (sm_90: the
+    /// next kernel's blocks are placed while the previous kernel's last wave runs; every kernel
+    /// waits for the previous one's results first, so results are the same).
+    pub dependent_launch: bool,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            graph: true,
+            dependent_launch: true,
+        }
+    }
 }
 
 /// GPU time of one kernel label over a profiled step.
@@ -165,14 +195,15 @@ const KERNELS: &[&str] = &[
 ];
 
 impl Decoder {
-    /// Loads the kernels and allocates the step's buffers. With `use_graph`, the first
+    /// Loads the kernels and allocates the step's buffers. With `options.graph`, the first
     /// [`step`](Self::step) captures the kernel sequence into a CUDA graph; without it (or if
     /// capture fails) every step launches the kernels one by one. Same results either way.
     pub fn new(
         stream: Arc<CudaStream>,
         spec: DecodeSpec,
-        use_graph: bool,
+        options: DecodeOptions,
     ) -> Result<Self, KernelError> {
+        let use_graph = options.graph;
         spec.validate()?;
         let module = stream
             .context()
@@ -274,6 +305,8 @@ impl Decoder {
             use_graph,
             capture_failure: None,
             prof: RefCell::new(None),
+            options,
+            dependent: Cell::new(false),
         })
     }
 
@@ -429,7 +462,9 @@ impl Decoder {
         let outcome = match self.stream.begin_capture(mode) {
             Err(e) => Err(format!("begin capture: {e}")),
             Ok(()) => {
+                self.dependent.set(self.options.dependent_launch);
                 let recorded = self.record(n_kv);
+                self.dependent.set(false);
                 let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
                 match (recorded, graph) {
                     (Ok(()), Ok(Some(g))) => Ok(g),
@@ -689,6 +724,43 @@ impl Decoder {
         let n = n as i32;
         let [q, d, s] = q8;
         launch!(self, "quantize_q8", cfg, &src, &q, &d, &s, &n)
+    }
+
+    /// Launches `func` on the stream as a programmatic dependent launch (decode.cu's
+    /// `pdl_entry`: it may start before the previous kernel ends, and waits for it first).
+    ///
+    /// # Safety
+    /// `params` must point at `func`'s arguments, in order and of its parameter types, each
+    /// valid for the kernel as in [`launch!`].
+    unsafe fn launch_dependent(
+        &self,
+        func: &CudaFunction,
+        cfg: LaunchConfig,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<(), DriverError> {
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.stream.context().bind_to_thread()?;
+        sys::cuLaunchKernelEx(
+            &config,
+            func.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
     }
 
     fn func(&self, name: &str) -> Result<&CudaFunction, KernelError> {

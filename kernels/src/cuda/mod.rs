@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 
-pub use decoder::{Decoder, KernelTime, MoeStep};
+pub use decoder::{DecodeOptions, Decoder, KernelTime, MoeStep};
 
 use crate::KernelError;
 

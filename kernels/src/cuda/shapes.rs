@@ -16,15 +16,17 @@ pub(super) struct MvShape {
 
 impl MvShape {
     /// Measured on an H200 (docs/cuda.md, kernels/cuda/bench.cu): two rows per warp share the
-    /// activation loads once there are enough rows to keep the GPU full (≥ 4096); below 32768
-    /// rows, two warps split each row's columns, so more warps keep more loads in flight. A
-    /// launch of several matrices (q, k, v) takes two rows only if each has an even count.
+    /// activation loads once there are enough rows to keep the GPU full (≥ 4096), each row in
+    /// one warp (a warp iteration covers 8 super-blocks: splitting 16 of them over two warps was
+    /// slower for every such shape); fewer rows are single, split over two warps so that more
+    /// warps keep loads in flight. A launch of several matrices (q, k, v) takes two rows only if
+    /// each has an even count.
     pub fn pick(rows: &[usize]) -> MvShape {
         let total: usize = rows.iter().sum();
         let pairs = total >= 4096 && rows.iter().all(|r| r.is_multiple_of(2));
         MvShape {
             rows_per_group: if pairs { 2 } else { 1 },
-            k_split: if total >= 32768 { 1 } else { 2 },
+            k_split: if pairs { 1 } else { 2 },
         }
     }
 

@@ -36,7 +36,8 @@ macro_rules! launch {
         // SAFETY: every argument is a device address of a buffer this decoder owns or borrows
         // through `DeviceBytes` (alive as long as the decoder), sized as `DecodeSpec::validate`
         // checked, or a scalar; the kernel signatures in decode.cu take exactly these arguments
-        // in this order.
+        // in this order. Each argument is a reference to a local or a field, never to a
+        // temporary, so the pointers in `params` stay valid through the launch.
         if $self.dependent.get() {
             let mut params = [$( $arg as *const _ as *mut std::ffi::c_void ),+];
             unsafe { $self.launch_dependent(func, $cfg, &mut params) }.map_err(driver(name))?;

@@ -23,8 +23,9 @@
 #       profile   hypura profile --reprofile (GPU memory, PCIe and device bandwidth, disk)
 #       lcpp      start building llama.cpp with CUDA in the background (log: $OUT/lcpp-build.log)
 #       bench8b   synth llama-3-8b Q4_K_M; plan; hypura bench pp512/tg128 ×3 (BENCH8B_MODES: fused
-#                 direct candle, nopdl = the graph without dependent launches); the bound = device bandwidth / weight bytes per token;
-#                 llama-bench on the same file if built
+#                 direct candle nopdl, the last = the graph without dependent launches); the
+#                 bound = device bandwidth / weight bytes per token; llama-bench on the same
+#                 file if built
 #       moe       synth mixtral-8x7b Q5_K_M with skewed routing (~31 GB); with a 22 GiB device
 #                 and 8 GiB RAM budget: plan, run once (learns co-activation), then bench (tg
 #                 tok/s with the expert caches' hit rates over the tg runs)

@@ -224,7 +224,8 @@ static void bench_matvec(const char* shape, int ty, int rows, int cols, uint32_t
                   {"matvec_2_1", matvec_2_1, 2 * MV_WARPS},
                   {"matvec_2_2", matvec_2_2, MV_WARPS},
                   {"(matvec_2_4)", matvec_x<2, 4>, MV_WARPS / 2},
-                  {"(matvec_4_2)", matvec_x<4, 2>, 2 * MV_WARPS}};
+                  {"(matvec_4_2)", matvec_x<4, 2>, 2 * MV_WARPS},
+                  {"(matvec_4_4)", matvec_x<4, 4>, MV_WARPS}};
   for (const V& v : vs) {
     for (int warm = 0; warm < 2; ++warm) {
       if (warm && v.name[0] == '(') continue;

@@ -131,7 +131,8 @@ pub struct Decoder {
     capture_failure: Option<String>,
     /// Set only inside [`Decoder::profile_step`].
     prof: RefCell<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
-    options: DecodeOptions,
+    /// [`DecodeOptions::dependent_launch`].
+    dependent_launch: bool,
     /// Launches go out as programmatic dependent launches (only while a graph is captured).
     dependent: Cell<bool>,
 }
@@ -204,7 +205,6 @@ impl Decoder {
         spec: DecodeSpec,
         options: DecodeOptions,
     ) -> Result<Self, KernelError> {
-        let use_graph = options.graph;
         spec.validate()?;
         let module = stream
             .context()
@@ -303,10 +303,10 @@ impl Decoder {
             _module: module,
             stream,
             graphs: [None, None, None],
-            use_graph,
+            use_graph: options.graph,
             capture_failure: None,
             prof: RefCell::new(None),
-            options,
+            dependent_launch: options.dependent_launch,
             dependent: Cell::new(false),
         })
     }
@@ -463,7 +463,7 @@ impl Decoder {
         let outcome = match self.stream.begin_capture(mode) {
             Err(e) => Err(format!("begin capture: {e}")),
             Ok(()) => {
-                self.dependent.set(self.options.dependent_launch);
+                self.dependent.set(self.dependent_launch);
                 let recorded = self.record(n_kv);
                 self.dependent.set(false);
                 let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));

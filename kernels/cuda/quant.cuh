@@ -82,20 +82,19 @@ __device__ __forceinline__ void q4k_scale_min(int j, const uint8_t* s, float& sc
   }
 }
 
-// Byte k (0..11) of the Q4_K scales held in words y, z, w (header bytes 4..16).
-__device__ __forceinline__ uint32_t q4k_byte(int k, uint32_t y, uint32_t z, uint32_t w) {
-  const uint32_t word = k < 4 ? y : (k < 8 ? z : w);
-  return (word >> (8 * (k & 3))) & 0xFF;
-}
-
-// ggml's get_scale_min_k4 for sub-block k (0..7), from the header words.
-__device__ __forceinline__ void q4k_sm(int k, uint32_t y, uint32_t z, uint32_t w, float& sc,
-                                       float& m) {
-  const uint32_t a = q4k_byte(k < 4 ? k : k - 4, y, z, w); // scales[k] or scales[k-4]
-  const uint32_t b = q4k_byte(k < 4 ? k + 4 : k, y, z, w); // scales[k+4] or scales[k]
-  const uint32_t c = q4k_byte(k + 4 < 12 ? k + 4 : 11, y, z, w); // scales[k+4] (k ≥ 4)
-  sc = k < 4 ? (float)(a & 63) : (float)((c & 0xF) | ((a >> 6) << 4));
-  m = k < 4 ? (float)(b & 63) : (float)((c >> 4) | ((b >> 6) << 4));
+// The 6-bit scales and mins of sub-blocks 2j and 2j + 1 (ggml's get_scale_min_k4), as the bytes
+// [sc(2j), sc(2j + 1), m(2j), m(2j + 1)], from the header words y, z, w (scale bytes 0..11).
+// With o = 2(j & 1), y.o = scales[o] and z.o = scales[4 + o]:
+//   j < 2:  sc = scales[k] & 63, m = scales[k + 4] & 63;
+//   j ≥ 2:  sc = (scales[k + 4] & 15) | (scales[k - 4] >> 6) << 4,
+//           m = (scales[k + 4] >> 4) | (scales[k] >> 6) << 4, where scales[k + 4] = w.o.
+// Byte permutes with selectors fixed per lane, so no per-byte selects.
+__device__ __forceinline__ uint32_t q4k_sm_pair(int j, uint32_t y, uint32_t z, uint32_t w) {
+  const uint32_t o = 2 * (j & 1);
+  const uint32_t a = __byte_perm(y, z, o | (o + 1) << 4 | (o + 4) << 8 | (o + 5) << 12);
+  if (j < 2) return a & 0x3F3F3F3Fu;
+  const uint32_t b = __byte_perm(w, 0, o | (o + 1) << 4 | o << 8 | (o + 1) << 12);
+  return (b & 0x00000F0Fu) | ((b >> 4) & 0x0F0F0000u) | (((a >> 6) & 0x03030303u) << 4);
 }
 
 // Q5_K is Q4_K with a fifth bit: 256 weights in 176 bytes: d, dmin, the same 12 scale bytes,
@@ -118,9 +117,9 @@ __device__ __forceinline__ float qk_part(uint4 hd, uint4 qa, uint4 qb, uint4 ha,
                                          int4 xl0, int4 xl1, int4 xh0, int4 xh1, int j,
                                          float2 xd, float2 xs) {
   const float2 dm = __half22float2(*reinterpret_cast<const __half2*>(&hd.x));
-  float sc0, m0, sc1, m1;
-  q4k_sm(2 * j, hd.y, hd.z, hd.w, sc0, m0);
-  q4k_sm(2 * j + 1, hd.y, hd.z, hd.w, sc1, m1);
+  const uint32_t sm = q4k_sm_pair(j, hd.y, hd.z, hd.w);
+  const float sc0 = (float)(sm & 0xFF), sc1 = (float)((sm >> 8) & 0xFF);
+  const float m0 = (float)((sm >> 16) & 0xFF), m1 = (float)(sm >> 24);
   const int sl = 2 * j, sh = 2 * j + 1;
   // Low and high nibbles of one word, with their fifth bits for Q5_K.
   auto lo = [&](uint32_t q, uint32_t h) {
@@ -206,25 +205,34 @@ __device__ __forceinline__ float q5k_at(const uint8_t* row, int i) { return qk_a
 // scales[16], d. Position 128n + 32q + l (n < 2, q < 4, l < 32): low bits from nibble q/2 of
 // ql byte 64n + 32(q&1) + l, high bits 2q.. of qh byte 32n + l, scale 8n + l/16 + 2q.
 
-// N consecutive 32-bit words at a 2-byte-aligned address, from aligned 32-bit loads: the words
-// around it, funnel-shifted by 16 bits where it is not 4-byte aligned. Reads at most 2 bytes
-// before p and 2 after its N words (callers keep both inside the block or the row before it).
-template <int N>
-__device__ __forceinline__ void ld_words_a2(const uint8_t* p, uint32_t (&w)[N]) {
-  const size_t a = reinterpret_cast<size_t>(p);
-  const uint32_t* q = reinterpret_cast<const uint32_t*>(a & ~(size_t)3);
-  const uint32_t sh = (uint32_t)(a & 2) * 8; // 0 or 16
-  uint32_t v[N + 1];
+// A Q6_K super-block (210 bytes, 2-byte aligned) read with aligned 32-bit loads: `base` is its
+// start rounded down to 4 bytes, `sh` 16 where it was not 4-byte aligned (else 0).
+struct Q6Block {
+  const uint32_t* base;
+  uint32_t sh;
+  __device__ __forceinline__ explicit Q6Block(const uint8_t* blk) {
+    const uint32_t off = (uint32_t)reinterpret_cast<size_t>(blk) & 2;
+    base = reinterpret_cast<const uint32_t*>(blk - off); // derived from blk: a global load
+    sh = off * 8;
+  }
+  // The N words at byte `o` (a multiple of 4) of the block, funnel-shifted from the aligned
+  // words around them. Reads 2 bytes past them when shifted (inside the block for every `o`
+  // the caller passes: the last word read ends at byte 208, before `d`).
+  template <int N>
+  __device__ __forceinline__ void words(int o, uint32_t (&w)[N]) const {
+    uint32_t v[N + 1];
 #pragma unroll
-  for (int i = 0; i < N; ++i) v[i] = q[i];
-  v[N] = sh ? q[N] : 0u;
+    for (int i = 0; i < N; ++i) v[i] = base[o / 4 + i];
+    v[N] = sh ? base[o / 4 + N] : 0u;
 #pragma unroll
-  for (int i = 0; i < N; ++i) w[i] = __funnelshift_r(v[i], v[i + 1], sh);
-}
+    for (int i = 0; i < N; ++i) w[i] = __funnelshift_r(v[i], v[i + 1], sh);
+  }
+};
 
 // R Q6_K rows · x: 4 lanes per super-block, 8 super-blocks per warp iteration; lane c takes
 // positions 8c..8c+7 of all 8 runs of 32 (k = 4n + q), two dp4a each, so the scales (byte
-// 8c / 16 of each pair) are loaded once per 64 weights, and with aligned 32-bit loads.
+// 8c / 16 of each pair) are loaded once per 64 weights, and with aligned 32-bit loads. The zero
+// point comes off once per run for all R rows: dot(v - 32, x) = dot(v, x) + dot(-32, x).
 template <int R, int KS>
 __device__ __forceinline__ void dot_q6_k(const uint8_t* const (&rows)[R], Q8x x, int nb, int ks,
                                          float (&acc)[R]) {
@@ -234,30 +242,36 @@ __device__ __forceinline__ void dot_q6_k(const uint8_t* const (&rows)[R], Q8x x,
     const float4 d1 = *reinterpret_cast<const float4*>(x.d + b * 8 + 4);
     const float dx[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
     int2 xv[8];
+    int zp[8]; // -32 · Σ of this lane's 8 activations of run k
 #pragma unroll
-    for (int k = 0; k < 8; ++k)
+    for (int k = 0; k < 8; ++k) {
       xv[k] = *reinterpret_cast<const int2*>(x.q + b * 256 + 32 * k + l0);
+      zp[k] = __dp4a((int)0xE0E0E0E0u, xv[k].x, __dp4a((int)0xE0E0E0E0u, xv[k].y, 0));
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = rows[r] + (size_t)b * 210;
+      const Q6Block qb(blk);
       uint32_t L[4][2], H[2][2], S[4];
 #pragma unroll
-      for (int t = 0; t < 4; ++t) ld_words_a2<2>(blk + 32 * t + l0, L[t]);
+      for (int t = 0; t < 4; ++t) qb.words<2>(32 * t + l0, L[t]);
 #pragma unroll
-      for (int n = 0; n < 2; ++n) ld_words_a2<2>(blk + 128 + 32 * n + l0, H[n]);
-      ld_words_a2<4>(blk + 192, S);
+      for (int n = 0; n < 2; ++n) qb.words<2>(128 + 32 * n + l0, H[n]);
+      qb.words<4>(192, S);
       const float D = f16_at(blk + 208);
       float part = 0.f;
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         const int n = k >> 2, q = k & 3;
-        int dot = 0;
+        int dot = zp[k];
 #pragma unroll
         for (int w = 0; w < 2; ++w) {
-          const uint32_t lo = (L[2 * n + (q & 1)][w] >> (4 * (q >> 1))) & 0x0F0F0F0Fu;
-          const uint32_t hi = ((H[n][w] >> (2 * q)) & 0x03030303u) << 4;
-          const int v = (int)__vsub4(lo | hi, 0x20202020u); // less the zero point 32
-          dot = __dp4a(v, w ? xv[k].y : xv[k].x, dot);
+          // Bits 0..3 from the low or high nibble of ql, bits 4..5 from bits 2q.. of qh.
+          const uint32_t lw = L[2 * n + (q & 1)][w], hw = H[n][w];
+          const uint32_t lo = (q >> 1 ? lw >> 4 : lw) & 0x0F0F0F0Fu;
+          const uint32_t hi = (q == 0 ? hw << 4 : q == 1 ? hw << 2 : q == 2 ? hw : hw >> 2) &
+                              0x30303030u;
+          dot = __dp4a((int)(lo | hi), w ? xv[k].y : xv[k].x, dot);
         }
         // Scale 2k + s: byte s of the k-th 16-bit pair.
         const float sc = (float)(int8_t)(S[k >> 1] >> (16 * (k & 1) + 8 * s));

@@ -23,7 +23,8 @@
 #       profile   hypura profile --reprofile (GPU memory, PCIe and device bandwidth, disk)
 #       lcpp      start building llama.cpp with CUDA in the background (log: $OUT/lcpp-build.log)
 #       bench8b   synth llama-3-8b Q4_K_M; plan; hypura bench pp512/tg128 ×3 (BENCH8B_MODES: fused
-#                 direct candle nopdl, the last = the graph without dependent launches); the
+#                 direct candle nopdl nofold: the graph without dependent launches, without
+#                 norms folded into the mat-vecs); the
 #                 bound = device bandwidth / weight bytes per token; llama-bench on the same
 #                 file if built
 #       moe       synth mixtral-8x7b Q5_K_M with skewed routing (~31 GB); with a 22 GiB device
@@ -202,7 +203,7 @@ run() {
         for mv in ${BENCH8B_MODES:-fused direct candle}; do
           case $mv in
             fused) e=HYPURA_CUDA_DECODE=fused ;; direct) e=HYPURA_CUDA_GRAPH=0 ;; candle) e=HYPURA_CUDA_DECODE=candle ;;
-            nopdl) e=HYPURA_CUDA_PDL=0 ;;
+            nopdl) e=HYPURA_CUDA_PDL=0 ;; nofold) e=HYPURA_CUDA_FOLD=0 ;;
             *) echo "unknown bench8b mode $mv" >&2; continue ;;
           esac
           ( export "${e?}"; TAIL=3 step "bench8b-$mv" "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 512 -n 128 -r 3 --json )

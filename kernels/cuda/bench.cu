@@ -194,14 +194,22 @@ static void report(const char* shape, const char* variant, float us, double byte
 }
 
 
-// Shapes the decoder does not launch, for comparison (decode.cu instantiates 1/2 × 1/2).
-template <int R, int KS>
+// Shapes the decoder does not launch, for comparison (decode.cu instantiates 1/2 × 1/2, U 1).
+template <int R, int KS, int U = 1>
 __global__ void __launch_bounds__(WARP * MV_WARPS) matvec_x(MV_ARGS) {
-  matvec_t<R, KS>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res);
+  matvec_t<R, KS, U>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res, nin);
+}
+
+template <int U>
+__global__ void __launch_bounds__(WARP * MV_WARPS)
+    swiglu_x(const float* __restrict__ x, const int8_t* xq, const float* xd, const float* xs,
+             int cols, const uint8_t* __restrict__ wg, int tg, const uint8_t* __restrict__ wu,
+             int tu, float* __restrict__ out, int rows, NormIn nin) {
+  swiglu_row<U>(x, Q8x{xq, xd, xs}, cols, wg, tg, wu, tu, out, rows, nin);
 }
 
 typedef void (*MvKernel)(const uint8_t*, int, const float*, const int8_t*, const float*,
-                         const float*, float*, int, int, const float*, const float*);
+                         const float*, float*, int, int, const float*, const float*, NormIn);
 
 static void bench_matvec(const char* shape, int ty, int rows, int cols, uint32_t seed) {
   Mat m = make_mat(ty, rows, cols, seed);
@@ -225,14 +233,17 @@ static void bench_matvec(const char* shape, int ty, int rows, int cols, uint32_t
                   {"matvec_2_2", matvec_2_2, MV_WARPS},
                   {"(matvec_2_4)", matvec_x<2, 4>, MV_WARPS / 2},
                   {"(matvec_4_2)", matvec_x<4, 2>, 2 * MV_WARPS},
-                  {"(matvec_4_4)", matvec_x<4, 4>, MV_WARPS}};
+                  {"(matvec_4_4)", matvec_x<4, 4>, MV_WARPS},
+                  {"(matvec_2_1 unroll 2)", matvec_x<2, 1, 2>, 2 * MV_WARPS},
+                  {"(matvec_2_1 unroll 4)", matvec_x<2, 1, 4>, 2 * MV_WARPS},
+                  {"(matvec_1_2 unroll 2)", matvec_x<1, 2, 2>, MV_WARPS / 2}};
   for (const V& v : vs) {
     for (int warm = 0; warm < 2; ++warm) {
       if (warm && v.name[0] == '(') continue;
       auto f = [&](cudaStream_t s, int i) {
         v.k<<<(rows + v.rows_per_block - 1) / v.rows_per_block, dim3(32, MV_WARPS), 0, s>>>(
             m.p + (warm ? 0 : (i % m.copies) * m.bytes), ty, a.x, a.q, a.d, a.s, y, rows, cols,
-            nullptr, nullptr);
+            nullptr, nullptr, NormIn{});
       };
       CK(cudaMemset(y, 0, rows * 4));
       f(0, 0);
@@ -242,6 +253,29 @@ static void bench_matvec(const char* shape, int ty, int rows, int cols, uint32_t
       const std::string name = std::string(v.name) + (warm ? " warm" : "");
       report(shape, name.c_str(), time_graph(f, n), m.bytes, e);
     }
+  }
+  if (rows % 32 == 0 && rows <= 8192) {
+    // The norm's producer: the same product, then the int8 copy of y ⊙ w and Σ y² per block
+    // (err: y against the reference, as above).
+    float *nw, *nd, *ns, *np;
+    int8_t* nq;
+    CK(cudaMalloc(&nw, rows * 4));
+    CK(cudaMalloc(&nd, rows / 8));
+    CK(cudaMalloc(&ns, rows / 8));
+    CK(cudaMalloc(&np, rows / 8));
+    CK(cudaMalloc(&nq, rows));
+    CK(cudaMemcpy(nw, a.x, std::min(rows, cols) * 4, cudaMemcpyDeviceToDevice));
+    auto f = [&](cudaStream_t s, int i) {
+      matvec_norm<<<rows / 32, dim3(32, NORM_WARPS), 0, s>>>(
+          m.p + (i % m.copies) * m.bytes, ty, a.x, a.q, a.d, a.s, y, rows, cols, nullptr,
+          nullptr, nw, nq, nd, ns, np);
+    };
+    CK(cudaMemset(y, 0, rows * 4));
+    f(0, 0);
+    CK(cudaDeviceSynchronize());
+    CK(cudaGetLastError());
+    const float e = rel_err(download(y, rows), r);
+    report(shape, "matvec_norm", time_graph(f, n), m.bytes, e);
   }
   CK(cudaFree(m.p));
   CK(cudaFree(y));
@@ -267,16 +301,23 @@ static void bench_swiglu(const char* what, int ty, int rows, int cols) {
   CK(cudaDeviceSynchronize());
   const auto r = download(yr, rows);
   const int n = std::max(8, std::min(64, 2 * g.copies));
-  auto f = [&](cudaStream_t s, int i) {
-    const size_t o = (i % g.copies) * g.bytes;
-    matvec_swiglu<<<(rows + MV_WARPS - 1) / MV_WARPS, dim3(32, MV_WARPS), 0, s>>>(
-        a.x, a.q, a.d, a.s, cols, g.p + o, ty, u.p + o, ty, y, rows);
-  };
-  f(0, 0);
-  CK(cudaDeviceSynchronize());
-  CK(cudaGetLastError());
-  report(what, "matvec_swiglu", time_graph(f, n), 2.0 * g.bytes,
-         rel_err(download(y, rows), r));
+  typedef void (*SwKernel)(const float*, const int8_t*, const float*, const float*, int,
+                           const uint8_t*, int, const uint8_t*, int, float*, int, NormIn);
+  const std::pair<const char*, SwKernel> ks[] = {{"matvec_swiglu", matvec_swiglu},
+                                                 {"(swiglu unroll 2)", swiglu_x<2>}};
+  for (const auto& nk : ks) {
+    const char* name = nk.first;
+    const SwKernel k = nk.second;
+    auto f = [&](cudaStream_t s, int i) {
+      const size_t o = (i % g.copies) * g.bytes;
+      k<<<(rows + MV_WARPS - 1) / MV_WARPS, dim3(32, MV_WARPS), 0, s>>>(
+          a.x, a.q, a.d, a.s, cols, g.p + o, ty, u.p + o, ty, y, rows, NormIn{});
+    };
+    f(0, 0);
+    CK(cudaDeviceSynchronize());
+    CK(cudaGetLastError());
+    report(what, name, time_graph(f, n), 2.0 * g.bytes, rel_err(download(y, rows), r));
+  }
   CK(cudaFree(g.p));
   CK(cudaFree(u.p));
 }

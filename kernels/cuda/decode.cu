@@ -11,9 +11,12 @@
 // kernel costs on an H200, and why it is shaped this way, is in docs/cuda.md; bench.cu times
 // the variants.
 //
-// Per layer (8 launches): rms_norm, matvec_qkv, attention (with RoPE and the KV-cache write;
-// past 256 keys also attention_merge), matvec (o, + residual), rms_norm, matvec_swiglu,
-// quantize_q8, matvec (down, + residual). A mixture-of-experts block replaces the last three with
+// Per layer (6 launches): matvec_qkv, attention (with RoPE and the KV-cache write; past 256
+// keys also attention_merge), matvec_norm (o, + residual, and the next norm's input),
+// matvec_swiglu, quantize_q8, matvec_norm (down, + residual, and the next norm's input). The RMS
+// norms fold into the mat-vecs around them (see NormIn); where they cannot (the first layer, F32
+// or Q8_0 consumers, MoE blocks) `rms_norm` runs before its consumer and o and down are plain
+// `matvec`s. A mixture-of-experts block replaces the last three with
 // the router's matvec, moe_route (top-k on the device), moe_swiglu, quantize_q8 and moe_down over
 // the chosen experts (all at once when they are resident; one by one when the host finds them
 // through its expert caches), and moe_combine.
@@ -48,6 +51,34 @@ __device__ __forceinline__ void warp_quantize(float v, int i, int8_t* q, float* 
     d[i / WARP] = dq;
     s[i / WARP] = dq * sum;
   }
+}
+
+// ---- RMS norms folded into the mat-vecs around them. A norm's producer (`matvec_norm`: o or
+// down, plus the residual) writes the residual stream x, the int8 copy of x ⊙ w (w the norm's
+// weight) and each block's Σx² (`part`); its consumers (q/k/v, SwiGLU, the output matrix) take
+// that int8 copy as their input and scale each dot product by 1 / sqrt(mean(x²) + eps) at the
+// end. Int8 blocks are scale-free (q = round(v / (max|v| / 127))), so this is the product with
+// the normed input; no norm kernel runs in between.
+
+struct NormIn {
+  const float* part; // [n_part] the producer's Σx² per block; null: the input is normed already
+  int n_part;
+  float inv_n; // 1 / n_embd
+  float eps;
+};
+
+// This lane's share of Σ part (issued before the dot products, so the loads overlap them).
+__device__ __forceinline__ float norm_lane_sum(const NormIn& n) {
+  float s = 0.f;
+  if (n.part)
+    for (int i = threadIdx.x % WARP; i < n.n_part; i += WARP) s += n.part[i];
+  return s;
+}
+
+// The scale, the same in every warp (the same sums in the same order); all 32 lanes call it.
+__device__ __forceinline__ float norm_scale(const NormIn& n, float lane_sum) {
+  if (!n.part) return 1.f; // the same in every thread
+  return rsqrtf(warp_sum(lane_sum) * n.inv_n + n.eps);
 }
 
 // x [n] → int8 blocks of 32 (see Q8x); one warp per block, n a multiple of 32.
@@ -98,17 +129,20 @@ __device__ __forceinline__ bool mv_combine(float (&acc)[R], float& total) {
 }
 
 // y = W x (+ bias) (+ res). `rows` is a multiple of R.
-template <int R, int KS>
+template <int R, int KS, int U = 1>
 __device__ __forceinline__ void matvec_t(const uint8_t* __restrict__ w, int ty,
                                          const float* __restrict__ x, Q8x xq, float* y,
                                          int rows, int cols, const float* bias,
-                                         const float* res) {
+                                         const float* res, const NormIn& nin) {
   const int row = mv_first_row<R, KS>();
+  const float ns = norm_lane_sum(nin);
   float acc[R] = {};
-  if (row < rows) rows_dot<R, KS>(w, ty, row, x, xq, cols, threadIdx.y % KS, acc);
+  if (row < rows) rows_dot<R, KS, U>(w, ty, row, x, xq, cols, threadIdx.y % KS, acc);
+  const float scale = norm_scale(nin, ns);
   float t;
   if (mv_combine<R, KS>(acc, t) && row < rows) {
     const int r = row + threadIdx.x;
+    t *= scale;
     if (bias) t += bias[r];
     if (res) t += res[r];
     y[r] = t;
@@ -123,8 +157,9 @@ __device__ __forceinline__ void matvec_qkv_t(const float* __restrict__ x, Q8x xq
                                              const float* bq, int rq, const uint8_t* wk,
                                              int tk, float* yk, const float* bk, int rk,
                                              const uint8_t* wv, int tv, float* yv,
-                                             const float* bv, int rv) {
+                                             const float* bv, int rv, const NormIn& nin) {
   int row = mv_first_row<R, KS>();
+  const float ns = norm_lane_sum(nin);
   const uint8_t* w = wq;
   int ty = tq;
   float* y = yq;
@@ -141,9 +176,11 @@ __device__ __forceinline__ void matvec_qkv_t(const float* __restrict__ x, Q8x xq
   }
   float acc[R] = {};
   if (live) rows_dot<R, KS>(w, ty, row, x, xq, cols, threadIdx.y % KS, acc);
+  const float scale = norm_scale(nin, ns);
   float t;
   if (mv_combine<R, KS>(acc, t) && live) {
     const int r = row + threadIdx.x;
+    t *= scale;
     y[r] = b ? t + b[r] : t;
   }
 }
@@ -151,22 +188,22 @@ __device__ __forceinline__ void matvec_qkv_t(const float* __restrict__ x, Q8x xq
 #define MV_ARGS                                                                             \
   const uint8_t *__restrict__ w, int ty, const float *__restrict__ x, const int8_t *xq,     \
       const float *xd, const float *xs, float *y, int rows, int cols, const float *bias,    \
-      const float *res
+      const float *res, NormIn nin
 #define QKV_ARGS                                                                            \
   const float *__restrict__ x, const int8_t *xq, const float *xd, const float *xs, int cols, \
       const uint8_t *wq, int tq, float *yq, const float *bq, int rq, const uint8_t *wk,      \
       int tk, float *yk, const float *bk, int rk, const uint8_t *wv, int tv, float *yv,      \
-      const float *bv, int rv
+      const float *bv, int rv, NormIn nin
 #define MATVEC_KERNELS(R, KS)                                                               \
   extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS) matvec_##R##_##KS(MV_ARGS) { \
     pdl_entry();                                                                            \
-    matvec_t<R, KS>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res);                   \
+    matvec_t<R, KS>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res, nin);              \
   }                                                                                         \
   extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)                              \
       matvec_qkv_##R##_##KS(QKV_ARGS) {                                                     \
     pdl_entry();                                                                            \
     matvec_qkv_t<R, KS>(x, Q8x{xq, xd, xs}, cols, wq, tq, yq, bq, rq, wk, tk, yk, bk, rk,   \
-                        wv, tv, yv, bv, rv);                                                \
+                        wv, tv, yv, bv, rv, nin);                                           \
   }
 
 MATVEC_KERNELS(1, 1)
@@ -174,23 +211,62 @@ MATVEC_KERNELS(1, 2)
 MATVEC_KERNELS(2, 1)
 MATVEC_KERNELS(2, 2)
 
+// A norm's producer (see NormIn): y = W x (+ bias) (+ res) as `matvec_2_1`, 32 rows a block
+// (two per warp, NORM_WARPS warps; `rows` a multiple of 32), then each block writes the int8
+// copy of its rows of y ⊙ nw (nw: the next norm's weight) to (nq, nd, ns) and its Σ y² to
+// npart[blockIdx.x]. The int8 copy goes to buffers of its own: other blocks may still be reading
+// this kernel's input. (One int8 block per thread block: spreading a block's rows over several
+// thread blocks and letting the last one to finish write the copy, counted with atomics, cost
+// more than the norm kernel it saves: docs/cuda.md.)
+#define NORM_WARPS 16
+extern "C" __global__ void __launch_bounds__(WARP * NORM_WARPS)
+    matvec_norm(const uint8_t* __restrict__ w, int ty, const float* __restrict__ x,
+                const int8_t* xq, const float* xd, const float* xs, float* y, int rows, int cols,
+                const float* bias, const float* res, const float* __restrict__ nw, int8_t* nq,
+                float* nd, float* ns, float* npart) {
+  pdl_entry();
+  __shared__ float yb[2 * NORM_WARPS];
+  const int row = (blockIdx.x * NORM_WARPS + threadIdx.y) * 2;
+  float acc[2] = {};
+  rows_dot<2, 1>(w, ty, row, x, Q8x{xq, xd, xs}, cols, 0, acc);
+  const float a0 = warp_sum(acc[0]), a1 = warp_sum(acc[1]);
+  if (threadIdx.x < 2) {
+    const int r = row + threadIdx.x;
+    float t = threadIdx.x ? a1 : a0;
+    if (bias) t += bias[r];
+    if (res) t += res[r];
+    y[r] = t;
+    yb[2 * threadIdx.y + threadIdx.x] = t;
+  }
+  __syncthreads();
+  if (threadIdx.y != 0) return;
+  const int i = blockIdx.x * 2 * NORM_WARPS + threadIdx.x;
+  const float v = yb[threadIdx.x];
+  const float ss = warp_sum(v * v);
+  if (threadIdx.x == 0) npart[blockIdx.x] = ss;
+  warp_quantize(v * nw[i], i, nq, nd, ns);
+}
+
 // The SwiGLU hidden state: out[r] = silu(gate[r] · x) * (up[r] · x); one warp per row. Two Q4_K
 // (or two Q5_K) rows run interleaved, sharing each activation load.
+template <int U = 1>
 __device__ __forceinline__ void swiglu_row(const float* __restrict__ x, Q8x q8, int cols,
                                            const uint8_t* __restrict__ wg, int tg,
                                            const uint8_t* __restrict__ wu, int tu,
-                                           float* __restrict__ out, int rows) {
+                                           float* __restrict__ out, int rows,
+                                           const NormIn& nin) {
   const int row = blockIdx.x * MV_WARPS + threadIdx.y;
-  if (row >= rows) return;
+  if (row >= rows) return; // the whole warp
+  const float ns = norm_lane_sum(nin);
   float g, u;
   if (tg == tu && (tg == T_Q4_K || tg == T_Q5_K)) {
     const size_t rb = row_bytes(tg, cols);
     const uint8_t* const rs[2] = {wg + row * rb, wu + row * rb};
     float acc[2] = {};
     if (tg == T_Q4_K)
-      dot_qk<2, 1, false>(rs, q8, cols / 256, 0, acc);
+      dot_qk<2, 1, false, U>(rs, q8, cols / 256, 0, acc);
     else
-      dot_qk<2, 1, true>(rs, q8, cols / 256, 0, acc);
+      dot_qk<2, 1, true, U>(rs, q8, cols / 256, 0, acc);
     g = warp_sum(acc[0]);
     u = warp_sum(acc[1]);
   } else {
@@ -200,15 +276,19 @@ __device__ __forceinline__ void swiglu_row(const float* __restrict__ x, Q8x q8, 
     g = warp_sum(a[0]);
     u = warp_sum(c[0]);
   }
+  const float scale = norm_scale(nin, ns);
+  g *= scale;
+  u *= scale;
   if (threadIdx.x == 0) out[row] = g / (1.f + expf(-g)) * u;
 }
 
 extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
     matvec_swiglu(const float* __restrict__ x, const int8_t* xq, const float* xd,
                   const float* xs, int cols, const uint8_t* __restrict__ wg, int tg,
-                  const uint8_t* __restrict__ wu, int tu, float* __restrict__ out, int rows) {
+                  const uint8_t* __restrict__ wu, int tu, float* __restrict__ out, int rows,
+                  NormIn nin) {
   pdl_entry();
-  swiglu_row(x, Q8x{xq, xd, xs}, cols, wg, tg, wu, tu, out, rows);
+  swiglu_row(x, Q8x{xq, xd, xs}, cols, wg, tg, wu, tu, out, rows, nin);
 }
 
 // ---- Mixture of experts. The router's logits → `moe_route` → `route` = [MOE_MAX_USED expert ids
@@ -278,7 +358,8 @@ extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
   pdl_entry();
   const int rank = rank0 + blockIdx.y;
   swiglu_row(x, Q8x{xq, xd, xs}, cols, expert_w(table, route, rank, direct, 0), tg,
-             expert_w(table, route, rank, direct, 1), tu, ffn + (size_t)rank * rows, rows);
+             expert_w(table, route, rank, direct, 1), tu, ffn + (size_t)rank * rows, rows,
+             NormIn{});
 }
 
 // ys[rank] = down · ffn[rank] (its int8 copy at the same offsets) for rank `rank0 + blockIdx.y`.
@@ -292,7 +373,7 @@ extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
     const size_t o = (size_t)rank * cols;                                                     \
     matvec_t<R, KS>(expert_w(table, route, rank, direct, 2), ty, ffn + o,                     \
                     Q8x{fq + o, fd + o / 32, fs + o / 32}, ys + (size_t)rank * rows, rows,    \
-                    cols, nullptr, nullptr);                                                  \
+                    cols, nullptr, nullptr, NormIn{});                                        \
   }
 MOE_DOWN(1, 1)
 MOE_DOWN(1, 2)

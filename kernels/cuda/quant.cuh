@@ -69,6 +69,13 @@ __device__ __forceinline__ uint32_t ld_u32_a2(const uint8_t* p) {
   return (uint32_t)h[0] | ((uint32_t)h[1] << 16);
 }
 
+// dp4a of unsigned bytes `a` and signed bytes `b`: acc + Σ a[i]·b[i].
+__device__ __forceinline__ int dp4a_us(uint32_t a, int b, int acc) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(acc));
+  return d;
+}
+
 // ---- Q4_K: 256 weights in 144 bytes: d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 of
 // nibbles. Super-blocks are 16-byte aligned (in rows of whole super-blocks).
 
@@ -121,16 +128,18 @@ __device__ __forceinline__ float qk_part(uint4 hd, uint4 qa, uint4 qb, uint4 ha,
   const float sc0 = (float)(sm & 0xFF), sc1 = (float)((sm >> 8) & 0xFF);
   const float m0 = (float)((sm >> 16) & 0xFF), m1 = (float)(sm >> 24);
   const int sl = 2 * j, sh = 2 * j + 1;
-  // Low and high nibbles of one word, with their fifth bits for Q5_K.
+  // Low and high nibbles of one word, with their fifth bits for Q5_K. Q4_K's high nibbles stay
+  // in place: unsigned bytes 16·v, multiplied by 16·dot and scaled by 1/16 below (exact).
   auto lo = [&](uint32_t q, uint32_t h) {
     uint32_t v = q & 0x0F0F0F0Fu;
     if constexpr (Q5) v |= ((h >> sl) & 0x01010101u) << 4;
     return (int)v;
   };
-  auto hi = [&](uint32_t q, uint32_t h) {
-    uint32_t v = (q >> 4) & 0x0F0F0F0Fu;
-    if constexpr (Q5) v |= ((h >> sh) & 0x01010101u) << 4;
-    return (int)v;
+  auto hi_dot = [&](uint32_t q, uint32_t h, int x, int acc) {
+    if constexpr (Q5)
+      return __dp4a((int)(((q >> 4) & 0x0F0F0F0Fu) | (((h >> sh) & 0x01010101u) << 4)), x, acc);
+    else
+      return dp4a_us(q & 0xF0F0F0F0u, x, acc);
   };
   int dl = 0, dh = 0;
   dl = __dp4a(lo(qa.x, ha.x), xl0.x, dl);
@@ -141,25 +150,27 @@ __device__ __forceinline__ float qk_part(uint4 hd, uint4 qa, uint4 qb, uint4 ha,
   dl = __dp4a(lo(qb.y, hb.y), xl1.y, dl);
   dl = __dp4a(lo(qb.z, hb.z), xl1.z, dl);
   dl = __dp4a(lo(qb.w, hb.w), xl1.w, dl);
-  dh = __dp4a(hi(qa.x, ha.x), xh0.x, dh);
-  dh = __dp4a(hi(qa.y, ha.y), xh0.y, dh);
-  dh = __dp4a(hi(qa.z, ha.z), xh0.z, dh);
-  dh = __dp4a(hi(qa.w, ha.w), xh0.w, dh);
-  dh = __dp4a(hi(qb.x, hb.x), xh1.x, dh);
-  dh = __dp4a(hi(qb.y, hb.y), xh1.y, dh);
-  dh = __dp4a(hi(qb.z, hb.z), xh1.z, dh);
-  dh = __dp4a(hi(qb.w, hb.w), xh1.w, dh);
-  return dm.x * (sc0 * xd.x * (float)dl + sc1 * xd.y * (float)dh) -
+  dh = hi_dot(qa.x, ha.x, xh0.x, dh);
+  dh = hi_dot(qa.y, ha.y, xh0.y, dh);
+  dh = hi_dot(qa.z, ha.z, xh0.z, dh);
+  dh = hi_dot(qa.w, ha.w, xh0.w, dh);
+  dh = hi_dot(qb.x, hb.x, xh1.x, dh);
+  dh = hi_dot(qb.y, hb.y, xh1.y, dh);
+  dh = hi_dot(qb.z, hb.z, xh1.z, dh);
+  dh = hi_dot(qb.w, hb.w, xh1.w, dh);
+  const float sh_scale = Q5 ? 1.f : 0.0625f; // Q4_K's dh is 16 times the dot
+  return dm.x * (sc0 * xd.x * (float)dl + sc1 * (xd.y * sh_scale) * (float)dh) -
          dm.y * (m0 * xs.x + m1 * xs.y);
 }
 
 // R Q4_K (Q5 false) or Q5_K rows · x: 4 lanes per super-block, 8 super-blocks per warp iteration
 // (see qk_part); slice `ks` of KS takes iterations ks, ks + KS, ... (Measured against 8 lanes
 // per super-block, 16 bytes each: 1.2-1.4x faster, docs/cuda.md.)
-template <int R, int KS, bool Q5>
+template <int R, int KS, bool Q5, int U = 1>
 __device__ __forceinline__ void dot_qk(const uint8_t* const (&rows)[R], Q8x x, int nb, int ks,
                                        float (&acc)[R]) {
   const int lane = threadIdx.x, j = lane & 3;
+#pragma unroll U
   for (int b = (lane >> 2) + 8 * ks; b < nb; b += 8 * KS) {
     const int8_t* xq = x.q + b * 256 + j * 64;
     const int4 xl0 = *reinterpret_cast<const int4*>(xq);
@@ -233,10 +244,11 @@ struct Q6Block {
 // positions 8c..8c+7 of all 8 runs of 32 (k = 4n + q), two dp4a each, so the scales (byte
 // 8c / 16 of each pair) are loaded once per 64 weights, and with aligned 32-bit loads. The zero
 // point comes off once per run for all R rows: dot(v - 32, x) = dot(v, x) + dot(-32, x).
-template <int R, int KS>
+template <int R, int KS, int U = 1>
 __device__ __forceinline__ void dot_q6_k(const uint8_t* const (&rows)[R], Q8x x, int nb, int ks,
                                          float (&acc)[R]) {
   const int lane = threadIdx.x, c = lane & 3, l0 = 8 * c, s = c >> 1;
+#pragma unroll U
   for (int b = (lane >> 2) + 8 * ks; b < nb; b += 8 * KS) {
     const float4 d0 = *reinterpret_cast<const float4*>(x.d + b * 8);
     const float4 d1 = *reinterpret_cast<const float4*>(x.d + b * 8 + 4);
@@ -339,8 +351,9 @@ __device__ __forceinline__ float f32_at(const uint8_t* row, int i) {
   return reinterpret_cast<const float*>(row)[i];
 }
 
-// This lane's partial sums of rows row..row+R of a matrix of type `ty` · x (slice `ks` of KS).
-template <int R, int KS>
+// This lane's partial sums of rows row..row+R of a matrix of type `ty` · x (slice `ks` of KS);
+// U: how many warp iterations of the k-quant loops are unrolled (their loads issued together).
+template <int R, int KS, int U = 1>
 __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ w, int ty, int row,
                                          const float* __restrict__ x, Q8x xq, int cols, int ks,
                                          float (&acc)[R]) {
@@ -349,9 +362,9 @@ __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ w, int ty, 
 #pragma unroll
   for (int i = 0; i < R; ++i) rows[i] = w + (size_t)(row + i) * rb;
   switch (ty) {
-    case T_Q4_K: dot_qk<R, KS, false>(rows, xq, cols / 256, ks, acc); break;
-    case T_Q5_K: dot_qk<R, KS, true>(rows, xq, cols / 256, ks, acc); break;
-    case T_Q6_K: dot_q6_k<R, KS>(rows, xq, cols / 256, ks, acc); break;
+    case T_Q4_K: dot_qk<R, KS, false, U>(rows, xq, cols / 256, ks, acc); break;
+    case T_Q5_K: dot_qk<R, KS, true, U>(rows, xq, cols / 256, ks, acc); break;
+    case T_Q6_K: dot_q6_k<R, KS, U>(rows, xq, cols / 256, ks, acc); break;
     case T_Q8_0:
 #pragma unroll
       for (int i = 0; i < R; ++i) acc[i] += dot_q8_0<KS>(rows[i], x, cols, ks);

@@ -12,6 +12,7 @@
 //! `HYPURA_CUDA_DECODE=candle` turns it off (every step runs candle's ops);
 //! `HYPURA_CUDA_GRAPH=0` keeps the fused kernels but launches them one by one;
 //! `HYPURA_CUDA_PDL=0` captures the graph without programmatic dependent launches;
+//! `HYPURA_CUDA_FOLD=0` keeps every RMS norm a kernel of its own (no folding into mat-vecs);
 //! `HYPURA_CUDA_PROFILE=N` times every kernel of the step at position N and prints the table
 //! (MoE models: the step's host time by phase).
 //! Prompt batches always run on candle; both paths share the model's KV cache.
@@ -60,6 +61,7 @@ impl FusedDecode {
         let options = DecodeOptions {
             graph: !std::env::var("HYPURA_CUDA_GRAPH").is_ok_and(|v| v == "0"),
             dependent_launch: !std::env::var("HYPURA_CUDA_PDL").is_ok_and(|v| v == "0"),
+            fold_norms: !std::env::var("HYPURA_CUDA_FOLD").is_ok_and(|v| v == "0"),
         };
         let host_embed = spec
             .embed

@@ -124,6 +124,13 @@ pub struct Decoder {
     fq: Buf<i8>,  // [n_expert_used * n_ff]
     fd: Buf<f32>, // [that / 32]
     fs: Buf<f32>, // [that / 32]
+    /// Folded norms (norms.rs): which ones, the int8 copy of `x ⊙ w` their producers write
+    /// (`[n_embd]` and its block scales), and the producers' `Σx²` per block.
+    folds: Folds,
+    xq_n: Buf<i8>,
+    xd_n: Buf<f32>,
+    xs_n: Buf<f32>,
+    norm_part: Buf<f32>, // [n_embd / 32]
     /// One graph per attention shape ([`AttShape::regime`]), captured at its first step.
     graphs: [Option<Graph>; 3],
     use_graph: bool,
@@ -147,6 +154,10 @@ pub struct DecodeOptions {
     /// next kernel's blocks are placed while the previous kernel's last wave runs; every kernel
     /// waits for the previous one's results first, so results are the same).
     pub dependent_launch: bool,
+    /// Fold RMS norms into the mat-vecs that produce and consume them where the kernels allow
+    /// (decoder/norms.rs): two launches fewer per dense layer, the same products up to float
+    /// rounding.
+    pub fold_norms: bool,
 }
 
 impl Default for DecodeOptions {
@@ -154,6 +165,7 @@ impl Default for DecodeOptions {
         DecodeOptions {
             graph: true,
             dependent_launch: true,
+            fold_norms: true,
         }
     }
 }
@@ -176,6 +188,7 @@ const KERNELS: &[&str] = &[
     "matvec_qkv_2_1",
     "matvec_qkv_2_2",
     "matvec_swiglu",
+    "matvec_norm",
     "embed_q4_k",
     "embed_q5_k",
     "embed_q6_k",
@@ -260,7 +273,13 @@ impl Decoder {
                 .map_err(driver("alloc"))?;
             Ok(Buf::new(s, &stream))
         };
+        let folds = Folds::plan(&spec, options.fold_norms);
         Ok(Decoder {
+            folds,
+            xq_n: int8(spec.n_embd)?,
+            xd_n: zeros(spec.n_embd / 32)?,
+            xs_n: zeros(spec.n_embd / 32)?,
+            norm_part: zeros(spec.n_embd / NORM_ROWS)?,
             out_norm: up(&spec.out_norm)?,
             rope_cos: up(&spec.rope_cos)?,
             rope_sin: up(&spec.rope_sin)?,
@@ -492,7 +511,7 @@ impl Decoder {
         for i in 0..self.layers.len() {
             self.attention(i, att)?;
             match &self.spec.layers[i].ffn {
-                FfnSpec::Dense { gate, up, down } => self.dense_ffn(gate, up, down)?,
+                FfnSpec::Dense { gate, up, down } => self.dense_ffn(i, gate, up, down)?,
                 FfnSpec::Moe {
                     experts: Some(experts),
                     router,
@@ -509,16 +528,21 @@ impl Decoder {
         self.head()
     }
 
-    /// `x += down · swiglu(xn)`.
+    /// `x += down · swiglu(xn)` for dense block `i` (down also writing the next norm's
+    /// input where that norm folds).
     fn dense_ffn(
         &self,
+        i: usize,
         gate: &DeviceMatrix,
         up: &DeviceMatrix,
         down: &DeviceMatrix,
     ) -> Result<(), KernelError> {
-        self.swiglu(gate, up)?;
+        self.swiglu(gate, up, self.folds.ffn[i])?;
         self.quantize(self.ffn.ptr, gate.rows, self.q8())?;
-        self.matvec(down, self.ffn.ptr, self.q8(), self.x.ptr, 0, self.x.ptr)
+        match self.norm_after(i) {
+            Some(w) => self.matvec_norm(down, self.ffn.ptr, w),
+            None => self.matvec(down, self.ffn.ptr, self.q8(), self.x.ptr, 0, self.x.ptr),
+        }
     }
 
     /// `x` = the token's embedding row (from the host when the table is there: already
@@ -542,9 +566,18 @@ impl Decoder {
 
     /// The logits from the residual stream: output norm and output matrix.
     fn head(&self) -> Result<(), KernelError> {
-        let s = &self.spec;
-        self.rms_norm(self.x.ptr, self.out_norm.ptr, self.xn.ptr)?;
-        self.matvec(&s.output, self.xn.ptr, self.q8(), self.logits.ptr, 0, 0)
+        let (s, folded) = (&self.spec, self.folds.out);
+        if !folded {
+            self.rms_norm(self.x.ptr, self.out_norm.ptr, self.xn.ptr)?;
+        }
+        let nin = self.norm_in(folded);
+        self.matvec_scaled(
+            &s.output,
+            self.xn.ptr,
+            self.q8_in(folded),
+            self.logits.ptr,
+            nin,
+        )
     }
 
     /// Block `i` up to its feed-forward: `x += attention(norm(x))`, then `xn` (and the int8
@@ -553,8 +586,11 @@ impl Decoder {
         let (s, l, spec) = (&self.spec, &self.layers[i], &self.spec.layers[i]);
         let hd = s.head_dim as i32;
         let in_kernel_quant = s.head_dim.is_multiple_of(32);
-        self.rms_norm(self.x.ptr, l.attn_norm.ptr, self.xn.ptr)?;
-        self.qkv(l, spec)?;
+        let folded = self.folds.attn[i];
+        if !folded {
+            self.rms_norm(self.x.ptr, l.attn_norm.ptr, self.xn.ptr)?;
+        }
+        self.qkv(l, spec, folded)?;
         let (nh, rd) = (s.n_head as i32, s.rope_dim as i32);
         let style: i32 = match s.rope_pairs {
             RopePairs::Interleaved => 0,
@@ -626,6 +662,9 @@ impl Decoder {
         if !in_kernel_quant {
             self.quantize(self.att.ptr, s.n_head * s.head_dim, self.q8())?;
         }
+        if self.folds.ffn[i] {
+            return self.matvec_norm(&spec.o, self.att.ptr, l.ffn_norm.ptr);
+        }
         self.matvec(&spec.o, self.att.ptr, self.q8(), self.x.ptr, 0, self.x.ptr)?;
         self.rms_norm(self.x.ptr, l.ffn_norm.ptr, self.xn.ptr)
     }
@@ -654,8 +693,9 @@ impl Decoder {
         launch!(self, name, cfg, &x, &w, &out, &n, &eps, &q, &d, &qs)
     }
 
-    /// q, k and v from `xn` in one launch (each with its bias, if any).
-    fn qkv(&self, l: &Layer, spec: &super::LayerSpec) -> Result<(), KernelError> {
+    /// q, k and v from `xn` in one launch (each with its bias, if any); from the folded
+    /// norm's int8 copy when `folded`.
+    fn qkv(&self, l: &Layer, spec: &super::LayerSpec, folded: bool) -> Result<(), KernelError> {
         let (q, k, v) = (&spec.q, &spec.k, &spec.v);
         let bias = |i: usize| l.biases[i].as_ref().map_or(0u64, |b| b.ptr);
         let (bq, bk, bv) = (bias(0), bias(1), bias(2));
@@ -673,15 +713,18 @@ impl Decoder {
                 rq + rk + rv
             )
         };
-        launch!(@labelled self, &name, label, shape.cfg(q.rows + k.rows + v.rows), &self.xn.ptr, &self.xq.ptr,
-            &self.xd.ptr, &self.xs.ptr, &cols,
+        let [xq, xd, xs] = self.q8_in(folded);
+        let nin = self.norm_in(folded);
+        launch!(@labelled self, &name, label, shape.cfg(q.rows + k.rows + v.rows), &self.xn.ptr,
+            &xq, &xd, &xs, &cols,
             &q.bytes.ptr, &tq, &self.q.ptr, &bq, &rq,
             &k.bytes.ptr, &tk, &self.k.ptr, &bk, &rk,
-            &v.bytes.ptr, &tv, &self.v.ptr, &bv, &rv)
+            &v.bytes.ptr, &tv, &self.v.ptr, &bv, &rv, &nin)
     }
 
-    /// `ffn = silu(gate · xn) * (up · xn)` in one launch.
-    fn swiglu(&self, g: &DeviceMatrix, u: &DeviceMatrix) -> Result<(), KernelError> {
+    /// `ffn = silu(gate · xn) * (up · xn)` in one launch; from the folded norm's int8 copy
+    /// when `folded`.
+    fn swiglu(&self, g: &DeviceMatrix, u: &DeviceMatrix, folded: bool) -> Result<(), KernelError> {
         let (tg, tu) = (g.type_id(), u.type_id());
         let (rows, cols) = (g.rows as i32, g.cols as i32);
         let label = || format!("matvec_swiglu {:?}/{:?} [{rows}, {cols}]", g.ty, u.ty);
@@ -690,9 +733,10 @@ impl Decoder {
             block_dim: (32, MV_WARPS, 1),
             shared_mem_bytes: 0,
         };
-        launch!(@labelled self, "matvec_swiglu", label, cfg, &self.xn.ptr,
-            &self.xq.ptr, &self.xd.ptr, &self.xs.ptr, &cols,
-            &g.bytes.ptr, &tg, &u.bytes.ptr, &tu, &self.ffn.ptr, &rows)
+        let [xq, xd, xs] = self.q8_in(folded);
+        let nin = self.norm_in(folded);
+        launch!(@labelled self, "matvec_swiglu", label, cfg, &self.xn.ptr, &xq, &xd, &xs, &cols,
+            &g.bytes.ptr, &tg, &u.bytes.ptr, &tu, &self.ffn.ptr, &rows, &nin)
     }
 
     /// `y = m · x (+ bias) (+ res)`; `bias`/`res` are 0 for none, `res` may equal `y`.
@@ -706,13 +750,39 @@ impl Decoder {
         bias: u64,
         res: u64,
     ) -> Result<(), KernelError> {
+        self.matvec_with(m, x, q8, y, bias, res, NormIn::NONE)
+    }
+
+    /// `y = m · x`, scaled as `nin` says (a folded norm's consumer).
+    fn matvec_scaled(
+        &self,
+        m: &DeviceMatrix,
+        x: u64,
+        q8: [u64; 3],
+        y: u64,
+        nin: NormIn,
+    ) -> Result<(), KernelError> {
+        self.matvec_with(m, x, q8, y, 0, 0, nin)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matvec_with(
+        &self,
+        m: &DeviceMatrix,
+        x: u64,
+        q8: [u64; 3],
+        y: u64,
+        bias: u64,
+        res: u64,
+        nin: NormIn,
+    ) -> Result<(), KernelError> {
         let (rows, cols, ty) = (m.rows as i32, m.cols as i32, m.type_id());
         let shape = MvShape::pick(&[m.rows]);
         let name = shape.kernel("matvec");
         let label = || format!("{name} {:?} [{rows}, {cols}]", m.ty);
         let [xq, xd, xs] = q8;
         launch!(@labelled self, &name, label, shape.cfg(m.rows), &m.bytes.ptr, &ty, &x, &xq,
-            &xd, &xs, &y, &rows, &cols, &bias, &res)
+            &xd, &xs, &y, &rows, &cols, &bias, &res, &nin)
     }
 
     /// `src [n]` → the int8 activation buffers `q8` (`[q, d, s]`) the next mat-vecs read.
@@ -780,4 +850,6 @@ fn grid1(n: u32, block: u32) -> LaunchConfig {
 }
 
 mod moe;
+mod norms;
 pub use moe::MoeStep;
+use norms::{Folds, NormIn, NORM_ROWS};

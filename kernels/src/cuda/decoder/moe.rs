@@ -185,7 +185,7 @@ impl MoeStep<'_> {
             dec.attention(i, self.att)?;
             let host = match &dec.spec.layers[i].ffn {
                 FfnSpec::Dense { gate, up, down } => {
-                    dec.dense_ffn(gate, up, down)?;
+                    dec.dense_ffn(i, gate, up, down)?;
                     None
                 }
                 FfnSpec::Moe {

@@ -1,0 +1,140 @@
+//! RMS norms folded into the mat-vecs around them (decode.cu's `NormIn` and `matvec_norm`).
+//!
+//! A norm's producer (o or down, which add into the residual stream `x`) also writes the int8
+//! copy of `x ⊙ w` (w: the norm's weight) into buffers of its own and `Σx²` per block; its
+//! consumers (q/k/v, SwiGLU, the output matrix) read that copy and scale their dot products by
+//! `1 / sqrt(mean(x²) + eps)`. The norm kernel between them, and its launch, are gone: two per
+//! layer. Where a consumer reads F32 activations (Q8_0 or F32 rows; the MoE router) or the
+//! producer is not a mat-vec (the embedding, `moe_combine`), the norm runs as its own kernel.
+
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::quantized::GgmlDType;
+
+use super::{driver, Decoder};
+use crate::cuda::{DecodeSpec, DeviceMatrix, FfnSpec};
+use crate::KernelError;
+
+/// Warps per block of `matvec_norm` (two rows each: 32 rows, one int8 block, per block).
+const NORM_WARPS: u32 = 16;
+/// Rows per block of `matvec_norm`.
+pub(super) const NORM_ROWS: usize = 2 * NORM_WARPS as usize;
+
+/// `struct NormIn` in decode.cu: where a consumer's norm scale comes from.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct NormIn {
+    /// The producer's `Σx²` per block (0: the input is normed already).
+    part: u64,
+    n_part: i32,
+    inv_n: f32,
+    eps: f32,
+}
+
+// SAFETY: plain `#[repr(C)]` scalars laid out as decode.cu's `struct NormIn` (a pointer, an int,
+// two floats: 24 bytes with the trailing padding both sides add).
+unsafe impl DeviceRepr for NormIn {}
+
+impl NormIn {
+    /// The input is normed already (scale 1).
+    pub(super) const NONE: NormIn = NormIn {
+        part: 0,
+        n_part: 0,
+        inv_n: 0.0,
+        eps: 0.0,
+    };
+}
+
+/// Which norms fold into their producer: `attn[i]` (layer `i`'s attention norm, produced by
+/// layer `i - 1`'s down), `ffn[i]` (produced by layer `i`'s o), `out` (the output norm, produced
+/// by the last layer's down).
+pub(super) struct Folds {
+    pub attn: Vec<bool>,
+    pub ffn: Vec<bool>,
+    pub out: bool,
+}
+
+/// Whether the fused kernels read this matrix's input as int8 blocks (k-quant rows).
+fn reads_int8(m: &DeviceMatrix) -> bool {
+    matches!(m.ty, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K)
+}
+
+impl Folds {
+    /// Folds every norm whose producer is a dense block's mat-vec and whose consumers all read
+    /// int8 activations (none when `enabled` is false or `n_embd` is not a multiple of 32).
+    pub(super) fn plan(spec: &DecodeSpec, enabled: bool) -> Folds {
+        let ok = enabled && spec.n_embd.is_multiple_of(NORM_ROWS);
+        let dense = |i: usize| matches!(spec.layers[i].ffn, FfnSpec::Dense { .. });
+        let attn = (0..spec.layers.len())
+            .map(|i| {
+                let l = &spec.layers[i];
+                ok && i > 0 && dense(i - 1) && [&l.q, &l.k, &l.v].into_iter().all(reads_int8)
+            })
+            .collect();
+        let ffn = spec
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                FfnSpec::Dense { gate, up, .. } => ok && reads_int8(gate) && reads_int8(up),
+                FfnSpec::Moe { .. } => false,
+            })
+            .collect();
+        let last = spec.layers.len().checked_sub(1);
+        let out = ok && last.is_some_and(dense) && reads_int8(&spec.output);
+        Folds { attn, ffn, out }
+    }
+}
+
+impl Decoder {
+    /// The scale source of a consumer whose norm is folded (`folded`), else [`NormIn::NONE`].
+    pub(super) fn norm_in(&self, folded: bool) -> NormIn {
+        if !folded {
+            return NormIn::NONE;
+        }
+        let n = self.spec.n_embd;
+        NormIn {
+            part: self.norm_part.ptr,
+            n_part: (n / NORM_ROWS) as i32,
+            inv_n: 1.0 / n as f32,
+            eps: self.spec.rms_eps,
+        }
+    }
+
+    /// The int8 buffers a consumer reads: the folded copy, or the main ones.
+    pub(super) fn q8_in(&self, folded: bool) -> [u64; 3] {
+        if folded {
+            [self.xq_n.ptr, self.xd_n.ptr, self.xs_n.ptr]
+        } else {
+            self.q8()
+        }
+    }
+
+    /// The weight of the norm that layer `i`'s down produces the input of, if it folds there.
+    pub(super) fn norm_after(&self, i: usize) -> Option<u64> {
+        match self.layers.get(i + 1) {
+            Some(next) => self.folds.attn[i + 1].then_some(next.attn_norm.ptr),
+            None => self.folds.out.then_some(self.out_norm.ptr),
+        }
+    }
+
+    /// `x += m · input` (its int8 copy in the main buffers), then the folded norm's inputs:
+    /// the int8 copy of `x ⊙ w` and the per-block `Σx²`.
+    pub(super) fn matvec_norm(
+        &self,
+        m: &DeviceMatrix,
+        input: u64,
+        w: u64,
+    ) -> Result<(), KernelError> {
+        let (rows, cols, ty) = (m.rows as i32, m.cols as i32, m.type_id());
+        let cfg = LaunchConfig {
+            grid_dim: ((m.rows / NORM_ROWS) as u32, 1, 1),
+            block_dim: (32, NORM_WARPS, 1),
+            shared_mem_bytes: 0,
+        };
+        let label = || format!("matvec_norm {:?} [{rows}, {cols}]", m.ty);
+        let [xq, xd, xs] = self.q8();
+        let (x, bias) = (self.x.ptr, 0u64);
+        launch!(@labelled self, "matvec_norm", label, cfg, &m.bytes.ptr, &ty, &input, &xq, &xd,
+            &xs, &x, &rows, &cols, &bias, &x, &w, &self.xq_n.ptr, &self.xd_n.ptr,
+            &self.xs_n.ptr, &self.norm_part.ptr)
+    }
+}

@@ -234,7 +234,7 @@ static void bench_matvec(const char* shape, int ty, int rows, int cols, uint32_t
                   {"(matvec_2_4)", matvec_x<2, 4>, MV_WARPS / 2},
                   {"(matvec_4_2)", matvec_x<4, 2>, 2 * MV_WARPS},
                   {"(matvec_4_4)", matvec_x<4, 4>, MV_WARPS},
-                  {"(matvec_2_1 unroll 2)", matvec_x<2, 1, 2>, 2 * MV_WARPS},
+                  {"(matvec_2_1 no unroll)", matvec_x<2, 1, 1>, 2 * MV_WARPS},
                   {"(matvec_2_1 unroll 4)", matvec_x<2, 1, 4>, 2 * MV_WARPS},
                   {"(matvec_1_2 unroll 2)", matvec_x<1, 2, 2>, MV_WARPS / 2}};
   for (const V& v : vs) {

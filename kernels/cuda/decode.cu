@@ -194,10 +194,16 @@ __device__ __forceinline__ void matvec_qkv_t(const float* __restrict__ x, Q8x xq
       const uint8_t *wq, int tq, float *yq, const float *bq, int rq, const uint8_t *wk,      \
       int tk, float *yk, const float *bk, int rk, const uint8_t *wv, int tv, float *yv,      \
       const float *bv, int rv, NormIn nin
+// How many warp iterations of a mat-vec's Q4_K / Q5_K loop are unrolled: 2 in `matvec_2_1`
+// (bench.cu, H200: Q4_K down 11.3 -> 11.0 µs, o 4.8 -> 4.6, and the Q6_K output matrix, whose
+// loop is not unrolled, 127 -> 120 in the same kernel), else 1: q/k/v, split rows, the 16-warp
+// `matvec_norm` and the experts' down (its Q6_K rows 19.3 -> 21.8) were slower unrolled.
+#define MV_UNROLL(R, KS) ((R) == 2 && (KS) == 1 ? 2 : 1)
 #define MATVEC_KERNELS(R, KS)                                                               \
   extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS) matvec_##R##_##KS(MV_ARGS) { \
     pdl_entry();                                                                            \
-    matvec_t<R, KS>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res, nin);              \
+    matvec_t<R, KS, MV_UNROLL(R, KS)>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res,  \
+                                       nin);                                                \
   }                                                                                         \
   extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)                              \
       matvec_qkv_##R##_##KS(QKV_ARGS) {                                                     \

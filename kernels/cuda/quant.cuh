@@ -352,7 +352,8 @@ __device__ __forceinline__ float f32_at(const uint8_t* row, int i) {
 }
 
 // This lane's partial sums of rows row..row+R of a matrix of type `ty` · x (slice `ks` of KS);
-// U: how many warp iterations of the k-quant loops are unrolled (their loads issued together).
+// U: how many warp iterations of the Q4_K / Q5_K loop are unrolled (their loads issued together;
+// Q6_K's loop, already heavy in registers and instructions, was slower unrolled: docs/cuda.md).
 template <int R, int KS, int U = 1>
 __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ w, int ty, int row,
                                          const float* __restrict__ x, Q8x xq, int cols, int ks,
@@ -364,7 +365,7 @@ __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ w, int ty, 
   switch (ty) {
     case T_Q4_K: dot_qk<R, KS, false, U>(rows, xq, cols / 256, ks, acc); break;
     case T_Q5_K: dot_qk<R, KS, true, U>(rows, xq, cols / 256, ks, acc); break;
-    case T_Q6_K: dot_q6_k<R, KS, U>(rows, xq, cols / 256, ks, acc); break;
+    case T_Q6_K: dot_q6_k<R, KS>(rows, xq, cols / 256, ks, acc); break;
     case T_Q8_0:
 #pragma unroll
       for (int i = 0; i < R; ++i) acc[i] += dot_q8_0<KS>(rows[i], x, cols, ks);

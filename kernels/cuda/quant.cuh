@@ -244,11 +244,10 @@ struct Q6Block {
 // positions 8c..8c+7 of all 8 runs of 32 (k = 4n + q), two dp4a each, so the scales (byte
 // 8c / 16 of each pair) are loaded once per 64 weights, and with aligned 32-bit loads. The zero
 // point comes off once per run for all R rows: dot(v - 32, x) = dot(v, x) + dot(-32, x).
-template <int R, int KS, int U = 1>
+template <int R, int KS>
 __device__ __forceinline__ void dot_q6_k(const uint8_t* const (&rows)[R], Q8x x, int nb, int ks,
                                          float (&acc)[R]) {
   const int lane = threadIdx.x, c = lane & 3, l0 = 8 * c, s = c >> 1;
-#pragma unroll U
   for (int b = (lane >> 2) + 8 * ks; b < nb; b += 8 * KS) {
     const float4 d0 = *reinterpret_cast<const float4*>(x.d + b * 8);
     const float4 d1 = *reinterpret_cast<const float4*>(x.d + b * 8 + 4);

@@ -4,7 +4,7 @@
 
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{driver, grid1, AttShape, Decoder, MvShape, MV_WARPS};
+use super::{driver, grid1, AttShape, Decoder, MvShape, NormIn, MV_WARPS};
 use crate::cuda::{DeviceMatrix, ExpertMatrices, FfnSpec};
 use crate::KernelError;
 
@@ -63,7 +63,14 @@ impl Decoder {
 
     /// The router's logits for `xn`, then `route` = its top `k` and their weights.
     pub(super) fn route(&self, router: &DeviceMatrix, k: usize) -> Result<(), KernelError> {
-        self.matvec(router, self.xn.ptr, self.q8(), self.router.ptr, 0, 0)?;
+        self.matvec(
+            router,
+            self.xn.ptr,
+            self.q8(),
+            self.router.ptr,
+            0,
+            NormIn::NONE,
+        )?;
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),

@@ -175,6 +175,10 @@ run() {
         for t in fused fidelity tiers perplexity experts; do
           [ -x "$bin/$t" ] && step "test-$t" "$bin/$t" cuda --test-threads=1 --nocapture
         done
+        # The fused MoE steps behind the expert caches launched one by one (the host answers
+        # the device's requests between MoE blocks instead of while a graph runs).
+        [ -x "$bin/experts" ] && HYPURA_CUDA_GRAPH=0 step test-experts-direct "$bin/experts" cuda \
+          --test-threads=1
         # candle's ops for single-token steps, with its other mat-vec kernels
         # (see hypura::backend::configure_cuda and hypura::backend::FusedDecode).
         HYPURA_CUDA_DECODE=candle HYPURA_CUDA_MATVEC=exact step test-fidelity-candle-exact \

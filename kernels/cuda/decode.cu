@@ -17,9 +17,9 @@
 // norms fold into the mat-vecs around them (see NormIn); where they cannot (the first layer, F32
 // or Q8_0 consumers, MoE blocks) `rms_norm` runs before its consumer and o and down are plain
 // `matvec`s. A mixture-of-experts block replaces the last three with
-// the router's matvec, moe_route (top-k on the device), moe_swiglu, quantize_q8 and moe_down over
-// the chosen experts (all at once when they are resident; one by one when the host finds them
-// through its expert caches), and moe_combine.
+// the router's matvec, moe_route (top-k on the device; it waits for the host when a chosen expert
+// is not in device memory), moe_swiglu, quantize_q8 and moe_down over the chosen experts, and
+// moe_combine.
 //
 // Conventions: `step[0]` = token id, `step[1]` = position of that token (= tokens already cached).
 // Matrices are row-major `[rows, cols]`, one row per output; `y[r] = dot(W[r], x) (+ bias[r])
@@ -298,19 +298,73 @@ extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
 }
 
 // ---- Mixture of experts. The router's logits → `moe_route` → `route` = [MOE_MAX_USED expert ids
-// (as floats), MOE_MAX_USED mixing weights]; then the experts of ranks rank0 .. rank0 + gridDim.y
-// (blockIdx.y = rank - rank0) run SwiGLU into ffn[rank], its int8 copy, and down into ys[rank];
-// `moe_combine` adds x += Σ_r w[r] · ys[r] in rank order. Expert weights come from `table`
-// (3 addresses per expert: gate, up, down, for experts resident on the device) or, when the host
-// found the expert itself (the expert caches), from `direct` for the single rank launched. Both
-// ways run the same arithmetic, so they give the same bits.
+// (as floats), MOE_MAX_USED mixing weights] (each MoE block its own 16 floats, so the step's whole
+// routing stays readable after it); then the experts of ranks 0 .. gridDim.y (blockIdx.y = rank)
+// run SwiGLU into ffn[rank], its int8 copy, and down into ys[rank]; `moe_combine` adds
+// x += Σ_r w[r] · ys[r] in rank order. Expert weights come from the block's `table`: 3 addresses
+// per expert (gate, up, down), 0 for an expert not in device memory.
+//
+// Experts behind the host's caches: when a chosen expert's entry is 0, `moe_route` posts the
+// block and its chosen ids to the host through `MoeMail` (page-locked host memory mapped into the
+// device's address space) and waits. The host copies the experts into device slots, updates the
+// table, and answers; the step then goes on inside the same graph. A step whose experts are all
+// in device memory never waits. If no answer comes within MOE_WAIT_NS, the kernel counts a
+// timeout and goes on; the expert kernels skip an expert whose address is still 0 (no access
+// outside memory), and the host reports the step as failed.
 
 #define MOE_MAX_USED 8
 
 // Top-k of n logits (n ≤ 256; one warp), ties to the lower id; the weights are the softmax over
 // the chosen k (= the full softmax renormalized over them), summed in rank order.
+struct MoeMail {
+  unsigned int req;  // device → host: sequence number of the latest request
+  unsigned int layer;
+  unsigned int n;
+  unsigned int ids[MOE_MAX_USED];
+  unsigned int done;     // host → device: the sequence number last answered
+  unsigned int timeouts; // device → host: requests the device stopped waiting for
+};
+
+#define MOE_WAIT_NS 60000000000ull // 60 s: a disk read of a few experts takes well under one
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// The chosen experts of block `layer` (route[0..k] as floats) into device memory: if one's table
+// entry is 0, ask the host through `mail` and wait for its answer (one thread).
+__device__ void moe_fetch(const uint64_t* table, const float* route, int k, int layer,
+                          MoeMail* mail) {
+  bool missing = false;
+  for (int r = 0; r < k; ++r) {
+    const uint64_t* t = table + 3 * (int)route[r];
+    missing |= t[0] == 0 || t[1] == 0 || t[2] == 0;
+  }
+  if (!missing) return;
+  volatile MoeMail* m = mail;
+  const unsigned int seq = m->req + 1;
+  m->layer = (unsigned int)layer;
+  m->n = (unsigned int)k;
+  for (int r = 0; r < k; ++r) m->ids[r] = (unsigned int)route[r];
+  __threadfence_system();
+  m->req = seq;
+  __threadfence_system();
+  const unsigned long long t0 = global_ns();
+  while (m->done != seq) {
+    if (global_ns() - t0 > MOE_WAIT_NS) {
+      m->timeouts = m->timeouts + 1;
+      break;
+    }
+    __nanosleep(1000);
+  }
+  __threadfence_system();
+}
+
 extern "C" __global__ void moe_route(const float* __restrict__ logits, int n, int k,
-                                     float* __restrict__ route) {
+                                     float* __restrict__ route, const uint64_t* table, int layer,
+                                     MoeMail* mail) {
   pdl_entry();
   const int lane = threadIdx.x;
   float v[8];
@@ -343,43 +397,41 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int n, in
     float sum = 0.f;
     for (int r = 0; r < k; ++r) sum += expf(top[r] - top[0]);
     for (int r = 0; r < k; ++r) route[MOE_MAX_USED + r] = expf(top[r] - top[0]) / sum;
+    if (mail) moe_fetch(table, route, k, layer, mail);
   }
 }
 
-struct ExpertPtrs {
-  const uint8_t* w[3]; // gate, up, down; all null: use the table
-};
-
+// Expert `rank`'s matrix m (0 gate, 1 up, 2 down); null when not in device memory.
 __device__ __forceinline__ const uint8_t* expert_w(const uint64_t* table, const float* route,
-                                                   int rank, const ExpertPtrs& direct, int m) {
-  if (direct.w[m]) return direct.w[m];
+                                                   int rank, int m) {
   return reinterpret_cast<const uint8_t*>(table[3 * (int)route[rank] + m]);
 }
 
-// ffn[rank] = swiglu(xn) of the expert of rank `rank0 + blockIdx.y`.
+// ffn[rank] = swiglu(xn) of the expert of rank blockIdx.y.
 extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)
     moe_swiglu(const float* __restrict__ x, const int8_t* xq, const float* xd, const float* xs,
                int cols, int tg, int tu, float* __restrict__ ffn, int rows,
-               const uint64_t* table, const float* route, int rank0, ExpertPtrs direct) {
+               const uint64_t* table, const float* route) {
   pdl_entry();
-  const int rank = rank0 + blockIdx.y;
-  swiglu_row(x, Q8x{xq, xd, xs}, cols, expert_w(table, route, rank, direct, 0), tg,
-             expert_w(table, route, rank, direct, 1), tu, ffn + (size_t)rank * rows, rows,
-             NormIn{});
+  const int rank = blockIdx.y;
+  const uint8_t* wg = expert_w(table, route, rank, 0);
+  const uint8_t* wu = expert_w(table, route, rank, 1);
+  if (!wg || !wu) return; // the host did not answer: the step fails (see moe_fetch)
+  swiglu_row(x, Q8x{xq, xd, xs}, cols, wg, tg, wu, tu, ffn + (size_t)rank * rows, rows, NormIn{});
 }
 
-// ys[rank] = down · ffn[rank] (its int8 copy at the same offsets) for rank `rank0 + blockIdx.y`.
+// ys[rank] = down · ffn[rank] (its int8 copy at the same offsets) for rank blockIdx.y.
 #define MOE_DOWN(R, KS)                                                                       \
   extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS) moe_down_##R##_##KS(          \
       int ty, const float* ffn, const int8_t* fq, const float* fd, const float* fs, float* ys, \
-      int rows, int cols, const uint64_t* table, const float* route, int rank0,              \
-      ExpertPtrs direct) {                                                                  \
+      int rows, int cols, const uint64_t* table, const float* route) {                       \
     pdl_entry();                                                                            \
-    const int rank = rank0 + blockIdx.y;                                                      \
+    const int rank = blockIdx.y;                                                              \
     const size_t o = (size_t)rank * cols;                                                     \
-    matvec_t<R, KS>(expert_w(table, route, rank, direct, 2), ty, ffn + o,                     \
-                    Q8x{fq + o, fd + o / 32, fs + o / 32}, ys + (size_t)rank * rows, rows,    \
-                    cols, nullptr, nullptr, NormIn{});                                        \
+    const uint8_t* w = expert_w(table, route, rank, 2);                                       \
+    if (!w) return;                                                                           \
+    matvec_t<R, KS>(w, ty, ffn + o, Q8x{fq + o, fd + o / 32, fs + o / 32},                    \
+                    ys + (size_t)rank * rows, rows, cols, nullptr, nullptr, NormIn{});        \
   }
 MOE_DOWN(1, 1)
 MOE_DOWN(1, 2)

@@ -3,24 +3,27 @@
 //! graph per attention shape) instead of candle's ~25 tensor ops per layer.
 //!
 //! Mixture-of-experts models (Mixtral) qualify when their experts are in device memory or come
-//! through the device expert cache; routing (top-k of the router's logits) runs on the device.
-//! With every expert resident, the step is one graph like a dense model's. Behind the expert
-//! caches, each MoE layer stops after routing, the chosen ids come back, the expert set finds the
-//! experts (device hits, or host-cache / disk misses copied into device slots), and the decoder
-//! runs them; those steps launch their kernels one by one (the host decides between layers).
+//! through the device expert cache; routing (top-k of the router's logits) runs on the device,
+//! and the step is one graph like a dense model's either way. Behind the expert caches, the
+//! decoder reads the device cache's address table; a layer whose routing picks an expert missing
+//! there waits on the device while the host serves it (host-cache hit or disk read, copied into a
+//! device slot). After the step, the layers served entirely from device memory are counted and
+//! learned from by both caches.
 //!
 //! `HYPURA_CUDA_DECODE=candle` turns it off (every step runs candle's ops);
 //! `HYPURA_CUDA_GRAPH=0` keeps the fused kernels but launches them one by one;
 //! `HYPURA_CUDA_PDL=0` captures the graph without programmatic dependent launches;
 //! `HYPURA_CUDA_FOLD=0` keeps every RMS norm a kernel of its own (no folding into mat-vecs);
 //! `HYPURA_CUDA_PROFILE=N` times every kernel of the step at position N and prints the table
-//! (MoE models: the step's host time by phase).
+//! (a MoE model's requests for experts are served the same way, between the timed kernels).
 //! Prompt batches always run on candle; both paths share the model's KV cache.
 
 use candle_core::{DType, Device, Tensor};
 use hypura_kernels::cuda::{
-    DecodeOptions, DecodeSpec, Decoder, DeviceMatrix, ExpertMatrices, FfnSpec, LayerSpec, RopePairs,
+    DecodeOptions, DecodeSpec, Decoder, DeviceMatrix, ExpertMatrices, FfnSpec, LayerSpec,
+    MoeExperts, RopePairs,
 };
+use hypura_kernels::KernelError;
 
 use crate::error::{Error, Result};
 use crate::gguf::RopeStyle;
@@ -89,14 +92,22 @@ impl FusedDecode {
     /// One line for logs: which kernels run single-token steps.
     pub fn describe(&self) -> String {
         match self {
-            FusedDecode::Ready { decoder, .. } if decoder.needs_host() => {
-                "fused CUDA kernels, experts found by the host per layer".into()
+            FusedDecode::Ready { decoder, .. } => {
+                let experts = if decoder.needs_host() {
+                    ", experts from the device expert cache (the host serves misses mid-step)"
+                } else {
+                    ""
+                };
+                match decoder.capture_failure() {
+                    _ if decoder.graph_captured() => {
+                        format!("fused CUDA kernels, CUDA graph{experts}")
+                    }
+                    Some(why) => {
+                        format!("fused CUDA kernels{experts} (CUDA graph refused: {why})")
+                    }
+                    None => format!("fused CUDA kernels{experts}"),
+                }
             }
-            FusedDecode::Ready { decoder, .. } => match decoder.capture_failure() {
-                _ if decoder.graph_captured() => "fused CUDA kernels, CUDA graph".into(),
-                Some(why) => format!("fused CUDA kernels (CUDA graph refused: {why})"),
-                None => "fused CUDA kernels".into(),
-            },
             FusedDecode::Off(why) => format!("candle ops ({why})"),
         }
     }
@@ -128,101 +139,55 @@ impl FusedDecode {
             None => None,
         };
         let row = row.as_deref();
-        let logits = if decoder.needs_host() {
-            // Profiled twice: host time by phase without timing events, then GPU time per kernel
-            // (the events slow the host down) on a second run of the same step.
-            let mut times = MoeTimes::default();
-            let logits = moe_step(decoder, token, pos, row, blocks, &mut times)?;
-            if *profile_at == Some(pos) {
-                times.print(pos);
-                decoder.start_profile();
-                let run = moe_step(decoder, token, pos, row, blocks, &mut MoeTimes::default());
-                let kernels = decoder.finish_profile().map_err(kernel_error)?;
-                run?;
-                print_profile(pos, &kernels);
-            }
-            logits
-        } else if *profile_at == Some(pos) {
-            let (logits, times) = decoder
-                .profile_step(token, pos, row)
-                .map_err(kernel_error)?;
-            print_profile(pos, &times);
-            logits
-        } else {
-            decoder.step(token, pos, row).map_err(kernel_error)?
+        // Requests of the device for experts it lacks: served here; the first failure is kept
+        // (the step still runs to its end) and returned.
+        let mut served = Vec::new();
+        let mut failure: Option<Error> = None;
+        let mut serve = |layer: usize, ids: &[usize]| -> std::result::Result<(), KernelError> {
+            let r = moe_set(blocks, layer).and_then(|set| set.serve_device(ids));
+            served.push(layer);
+            r.map_err(|e| {
+                let msg = KernelError(format!("serving experts {ids:?} of layer {layer}: {e}"));
+                failure.get_or_insert(e);
+                msg
+            })
         };
+        let stepped = if *profile_at == Some(pos) {
+            decoder
+                .profile_step(token, pos, row, &mut serve)
+                .map(|(logits, times)| {
+                    print_profile(pos, &times);
+                    logits
+                })
+        } else if decoder.needs_host() {
+            decoder.step_served(token, pos, row, &mut serve)
+        } else {
+            decoder.step(token, pos, row)
+        };
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let logits = stepped.map_err(kernel_error)?;
+        if decoder.needs_host() {
+            for (layer, ids) in decoder.last_routing().map_err(kernel_error)? {
+                if !served.contains(&layer) {
+                    moe_set(blocks, layer)?.note_device_hits(&ids);
+                }
+            }
+        }
         let n = logits.len();
         Ok(Some(Tensor::from_vec(logits, (1, n), &Device::Cpu)?))
     }
 }
 
-/// One token of a mixture-of-experts model: the decoder stops at each MoE layer's router, the
-/// layer's experts are chosen and found here, and handed back to the decoder by rank.
-/// Host time of one MoE step, by phase (`HYPURA_CUDA_PROFILE=N` prints the step at N).
-#[derive(Default)]
-struct MoeTimes {
-    /// Launching each layer up to its router and waiting for the router's logits.
-    advance_us: f64,
-    /// Choosing the experts, finding them (device hits, or uploads after a host-cache hit or a
-    /// disk read) and launching their kernels.
-    experts_us: f64,
-    /// The output head and the logits download.
-    finish_us: f64,
-    layers: usize,
-}
-
-impl MoeTimes {
-    fn print(&self, pos: usize) {
-        let total = self.advance_us + self.experts_us + self.finish_us;
-        eprintln!(
-            "hypura: fused MoE step at position {pos}: {total:.0} µs on the host: {:.0} µs \
-             launching up to each router and waiting for its logits ({:.1} per layer), {:.0} µs \
-             finding and launching experts ({:.1} per layer), {:.0} µs for the output",
-            self.advance_us,
-            self.advance_us / self.layers.max(1) as f64,
-            self.experts_us,
-            self.experts_us / self.layers.max(1) as f64,
-            self.finish_us
-        );
+/// The experts of MoE block `layer`.
+fn moe_set(blocks: &[Block], layer: usize) -> Result<&crate::storage::experts::ExpertSet> {
+    match blocks.get(layer).map(|b| &b.ffn) {
+        Some(FeedForward::Moe(moe)) => Ok(&moe.experts),
+        _ => Err(Error::InvalidRequest(format!(
+            "fused decode: block {layer} is not a mixture of experts"
+        ))),
     }
-}
-
-fn moe_step(
-    decoder: &mut Decoder,
-    token: u32,
-    pos: usize,
-    row: Option<&[f32]>,
-    blocks: &[Block],
-    times: &mut MoeTimes,
-) -> Result<Vec<f32>> {
-    let us = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e6;
-    let mut step = decoder.begin_moe(token, pos, row).map_err(kernel_error)?;
-    loop {
-        let t = std::time::Instant::now();
-        let next = step.advance().map_err(kernel_error)?;
-        times.advance_us += us(t);
-        let Some((layer, chosen)) = next else { break };
-        let t = std::time::Instant::now();
-        times.layers += 1;
-        let Some(FeedForward::Moe(moe)) = blocks.get(layer).map(|b| &b.ffn) else {
-            return Err(Error::InvalidRequest(format!(
-                "fused decode: block {layer} is not a mixture of experts"
-            )));
-        };
-        let per_token = [chosen];
-        moe.experts.with_routed(&per_token, |e, w| {
-            let rank = per_token[0].iter().position(|&c| c == e).ok_or_else(|| {
-                Error::InvalidRequest(format!("expert {e} of layer {layer} was not routed"))
-            })?;
-            step.expert(rank, &expert_matrices(w)?)
-                .map_err(kernel_error)
-        })?;
-        times.experts_us += us(t);
-    }
-    let t = std::time::Instant::now();
-    let logits = step.finish().map_err(kernel_error)?;
-    times.finish_us += us(t);
-    Ok(logits)
 }
 
 /// One expert's weights as the decoder reads them (all in CUDA memory, or an error naming one).
@@ -301,8 +266,17 @@ fn spec(model: &Transformer) -> Result<std::result::Result<DecodeSpec, String>> 
                     return Ok(Err("a router bias".into()));
                 }
                 let experts = match moe.experts.resident_experts() {
-                    Some(all) => Some(all.iter().map(expert_matrices).collect::<Result<_>>()?),
-                    None => None,
+                    Some(all) => MoeExperts::Resident(
+                        all.iter().map(expert_matrices).collect::<Result<_>>()?,
+                    ),
+                    None => match moe.experts.served_table()? {
+                        Some((table, types)) => MoeExperts::Served {
+                            table,
+                            types,
+                            n_expert: moe.experts.n_expert(),
+                        },
+                        None => return Ok(Err("experts outside device memory".into())),
+                    },
                 };
                 FfnSpec::Moe {
                     router: matrix!(moe.router.weight()),

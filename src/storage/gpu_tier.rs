@@ -239,5 +239,6 @@ pub(super) fn device_experts(
         model.n_expert_used.max(1),
         cfg.policy,
         &metas,
+        (model.n_layer, model.n_expert),
     )?))
 }

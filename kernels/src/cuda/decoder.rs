@@ -9,12 +9,12 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
 };
 use candle_core::cuda_backend::cudarc::driver::{
     CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
-    LaunchConfig, PinnedHostSlice, PushKernelArg,
+    LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 
 use super::shapes::{AttShape, MvShape, ATT_LONG_SPLIT, MV_WARPS};
-use super::{DecodeSpec, DeviceMatrix, FfnSpec, RopePairs, MAX_EXPERTS_USED};
+use super::{type_id, DecodeSpec, DeviceMatrix, FfnSpec, MoeExperts, RopePairs, MAX_EXPERTS_USED};
 use crate::KernelError;
 
 /// decode.cu compiled by build.rs: machine code for the build's compute capability, plus PTX.
@@ -75,8 +75,16 @@ struct Layer {
     biases: [Option<Buf<f32>>; 3], // q, k, v
     k_cache: u64,
     v_cache: u64,
-    /// A MoE block with resident experts: their addresses, 3 per expert (gate, up, down).
-    expert_table: Option<Buf<u64>>,
+    /// A MoE block: its experts' address table (3 per expert: gate, up, down), the decoder's
+    /// own copy when they are resident (`own_table`), else the caller's; 0 in dense blocks.
+    expert_table: u64,
+    own_table: Option<Buf<u64>>,
+    /// The experts' kernel type ids (gate, up, down), their number and how many a token uses.
+    expert_types: [i32; 3],
+    n_expert: usize,
+    n_expert_used: usize,
+    /// Whether the caller's caches serve the block's experts ([`MoeExperts::Served`]).
+    served: bool,
 }
 
 /// A captured graph. cudarc's `CudaGraph` holds raw CUDA handles and so is not `Send`.
@@ -112,14 +120,14 @@ pub struct Decoder {
     xd: Buf<f32>,     // [that / 32] block scales
     xs: Buf<f32>,     // [that / 32] scale · Σq per block
     logits: Buf<f32>, // [n_vocab]
-    // Mixture-of-experts blocks: the router's logits; the routing (`moe_route`: the chosen ids
-    // as floats, then their weights); each chosen expert's output by rank; and the experts'
-    // hidden states as int8 (so `xq` keeps the normed input for every expert). `ffn` holds the
-    // experts' hidden states by rank. One element each in dense models.
+    // Mixture-of-experts blocks: the router's logits; each block's routing (`moe_route`: the
+    // chosen ids as floats, then their weights); each chosen expert's output by rank; and the
+    // experts' hidden states as int8 (so `xq` keeps the normed input for every expert). `ffn`
+    // holds the experts' hidden states by rank. One element each in dense models.
     router: Buf<f32>, // [n_expert]
-    route: Buf<f32>,  // [2 * MAX_EXPERTS_USED]
-    /// The routing, copied to page-locked host memory for the host's expert caches.
-    route_host: Option<PinnedHostSlice<f32>>,
+    route: Buf<f32>,  // [n_layer, 2 * MAX_EXPERTS_USED]
+    /// Where the device asks the host for experts (models with served MoE blocks).
+    mail: Option<Mail>,
     ys: Buf<f32>, // [n_expert_used, n_embd]
     fq: Buf<i8>,  // [n_expert_used * n_ff]
     fd: Buf<f32>, // [that / 32]
@@ -241,25 +249,45 @@ impl Decoder {
         let mut layers = Vec::with_capacity(spec.layers.len());
         for l in &spec.layers {
             let bias = |b: &Option<Vec<f32>>| b.as_deref().map(up).transpose();
-            let expert_table = match &l.ffn {
-                FfnSpec::Moe {
-                    experts: Some(experts),
-                    ..
-                } => {
-                    let table: Vec<u64> = experts.iter().flat_map(|x| x.ptrs()).collect();
-                    let t = stream.clone_htod(&table).map_err(driver("upload"))?;
-                    Some(Buf::new(t, &stream))
-                }
-                _ => None,
-            };
-            layers.push(Layer {
+            let mut layer = Layer {
                 attn_norm: up(&l.attn_norm)?,
                 ffn_norm: up(&l.ffn_norm)?,
                 biases: [bias(&l.q_bias)?, bias(&l.k_bias)?, bias(&l.v_bias)?],
                 k_cache: l.k_cache.ptr,
                 v_cache: l.v_cache.ptr,
-                expert_table,
-            });
+                expert_table: 0,
+                own_table: None,
+                expert_types: [0; 3],
+                n_expert: 0,
+                n_expert_used: 0,
+                served: false,
+            };
+            if let FfnSpec::Moe {
+                experts,
+                router,
+                n_expert_used,
+                ..
+            } = &l.ffn
+            {
+                layer.n_expert = router.rows;
+                layer.n_expert_used = *n_expert_used;
+                match experts {
+                    MoeExperts::Resident(experts) => {
+                        let table: Vec<u64> = experts.iter().flat_map(|x| x.ptrs()).collect();
+                        let t = stream.clone_htod(&table).map_err(driver("upload"))?;
+                        let t = Buf::new(t, &stream);
+                        layer.expert_table = t.ptr;
+                        layer.own_table = Some(t);
+                        layer.expert_types = experts[0].types();
+                    }
+                    MoeExperts::Served { table, types, .. } => {
+                        layer.expert_table = table.ptr;
+                        layer.expert_types = types.map(type_id);
+                        layer.served = true;
+                    }
+                }
+            }
+            layers.push(layer);
         }
         let (qd, kvd) = (spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim);
         let step = stream.alloc_zeros::<u32>(2).map_err(driver("alloc"))?;
@@ -297,18 +325,9 @@ impl Decoder {
             xs: zeros(widest / 32)?,
             logits: zeros(spec.n_vocab)?,
             router: zeros(n_expert)?,
-            route: zeros(2 * MAX_EXPERTS_USED)?,
-            route_host: if n_expert > 0 {
-                // SAFETY: page-locked memory (cached: the host reads it; not write-combined) for
-                // the routing's f32s, written only by the copy in `routing` before it is read.
-                Some(
-                    unsafe {
-                        stream
-                            .context()
-                            .alloc_pinned_with_flags::<f32>(2 * MAX_EXPERTS_USED, 0)
-                    }
-                    .map_err(driver("pinned alloc"))?,
-                )
+            route: zeros(spec.layers.len() * 2 * MAX_EXPERTS_USED)?,
+            mail: if spec.needs_host() {
+                Some(Mail::new(stream.context())?)
             } else {
                 None
             },
@@ -336,8 +355,8 @@ impl Decoder {
         self.graphs.iter().any(Option::is_some)
     }
 
-    /// Whether some MoE block's experts come from the host at each step (steps then go through
-    /// [`Decoder::begin_moe`]).
+    /// Whether the caller's caches serve some MoE block's experts (steps then go through
+    /// [`Decoder::step_served`]).
     pub fn needs_host(&self) -> bool {
         self.spec.needs_host()
     }
@@ -358,11 +377,25 @@ impl Decoder {
     ) -> Result<Vec<f32>, KernelError> {
         if self.spec.needs_host() {
             return Err(KernelError(
-                "a mixture-of-experts model whose experts are not all resident steps through \
-                 Decoder::begin_moe"
+                "a mixture-of-experts model whose experts are served by the caller's caches \
+                 steps through Decoder::step_served"
                     .into(),
             ));
         }
+        self.launch_step(token, pos, row, None)?;
+        self.download_logits()
+    }
+
+    /// Uploads the step's inputs and launches its kernels (the graph of its attention shape,
+    /// captured on first use, or one by one; then `serve` answers the device's requests for
+    /// experts as each MoE block is reached, so the host never runs far ahead of a waiting device).
+    fn launch_step(
+        &mut self,
+        token: u32,
+        pos: usize,
+        row: Option<&[f32]>,
+        serve: Option<Serve<'_>>,
+    ) -> Result<(), KernelError> {
         self.upload_step(token, pos, row)?;
         let n_kv = pos + 1;
         let regime = AttShape::regime(n_kv);
@@ -370,10 +403,9 @@ impl Decoder {
             self.capture(n_kv);
         }
         match &self.graphs[regime] {
-            Some(g) => g.0.launch().map_err(driver("graph launch"))?,
-            None => self.record(n_kv)?,
+            Some(g) => g.0.launch().map_err(driver("graph launch")),
+            None => self.record(n_kv, serve),
         }
-        self.download_logits()
     }
 
     /// Checks and uploads the step's `[token, pos]` (and the embedding row, if given here).
@@ -416,33 +448,29 @@ impl Decoder {
         Ok(out)
     }
 
-    /// Like [`step`](Self::step), but launches the kernels one by one, each between two timing
-    /// events; also returns the GPU time per kernel label (kernel and shape), largest first.
+    /// Like [`step_served`](Self::step_served) (for a dense model or resident experts `serve`
+    /// is never called), but launches the kernels one by one, each between two timing events;
+    /// also returns the GPU time per kernel label (kernel and shape), largest first.
     pub fn profile_step(
         &mut self,
         token: u32,
         pos: usize,
         row: Option<&[f32]>,
+        serve: Serve<'_>,
     ) -> Result<(Vec<f32>, Vec<KernelTime>), KernelError> {
         let graphs = std::mem::take(&mut self.graphs);
         let use_graph = std::mem::replace(&mut self.use_graph, false);
-        self.start_profile();
-        let out = self.step(token, pos, row);
+        *self.prof.borrow_mut() = Some(Vec::new());
+        let out = self.step_served(token, pos, row, serve);
         let times = self.finish_profile();
         self.graphs = graphs;
         self.use_graph = use_graph;
         Ok((out?, times?))
     }
 
-    /// From now on every launch is bracketed by timing events (steps of MoE models, which
-    /// launch one by one anyway, are profiled this way).
-    pub fn start_profile(&mut self) {
-        *self.prof.borrow_mut() = Some(Vec::new());
-    }
-
-    /// Stops profiling; the GPU time per kernel label (kernel and shape) since
-    /// [`start_profile`](Self::start_profile), largest first.
-    pub fn finish_profile(&mut self) -> Result<Vec<KernelTime>, KernelError> {
+    /// Stops profiling; the GPU time per kernel label (kernel and shape) since profiling
+    /// started, largest first.
+    fn finish_profile(&mut self) -> Result<Vec<KernelTime>, KernelError> {
         let events = self.prof.borrow_mut().take().unwrap_or_default();
         let mut by: Vec<KernelTime> = Vec::new();
         for (label, start, end) in events {
@@ -483,7 +511,7 @@ impl Decoder {
             Err(e) => Err(format!("begin capture: {e}")),
             Ok(()) => {
                 self.dependent.set(self.dependent_launch);
-                let recorded = self.record(n_kv);
+                let recorded = self.record(n_kv, None);
                 self.dependent.set(false);
                 let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
                 match (recorded, graph) {
@@ -505,7 +533,9 @@ impl Decoder {
 
     /// Issues the kernels of one step over `n_kv` keys on the stream, in order (the position
     /// itself is read on the device: the same kernels serve every `n_kv` of its regime).
-    fn record(&self, n_kv: usize) -> Result<(), KernelError> {
+    /// Launched directly (not captured), with `serve`: after each served MoE block's routing,
+    /// answers the device's requests until the stream has got past it.
+    fn record(&self, n_kv: usize, mut serve: Option<Serve<'_>>) -> Result<(), KernelError> {
         let att = AttShape::for_keys(n_kv);
         self.embed()?;
         for i in 0..self.layers.len() {
@@ -513,15 +543,15 @@ impl Decoder {
             match &self.spec.layers[i].ffn {
                 FfnSpec::Dense { gate, up, down } => self.dense_ffn(i, gate, up, down)?,
                 FfnSpec::Moe {
-                    experts: Some(experts),
                     router,
                     n_expert_used,
                     n_ff,
-                } => self.resident_moe(i, router, *n_expert_used, *n_ff, experts)?,
-                FfnSpec::Moe { experts: None, .. } => {
-                    return Err(KernelError(format!(
-                        "blk.{i}: its experts come from the host (Decoder::begin_moe)"
-                    )))
+                    ..
+                } => {
+                    self.moe_block(i, router, *n_expert_used, *n_ff)?;
+                    if let Some(serve) = serve.as_deref_mut().filter(|_| self.layers[i].served) {
+                        self.answer_requests(serve)?;
+                    }
                 }
             }
         }
@@ -651,8 +681,10 @@ impl Decoder {
 }
 
 mod launches;
+mod mail;
 mod moe;
 mod norms;
 use launches::grid1;
-pub use moe::MoeStep;
+use mail::Mail;
+pub use moe::Serve;
 use norms::{Folds, NormIn, NORM_ROWS};

@@ -13,11 +13,13 @@
 //! Small tensors (norm weights, biases, RoPE tables) are copied in.
 //!
 //! Mixture-of-experts models (Mixtral) run on the same kernels and route on the device (top-k of
-//! the router's logits). With every expert resident, a block's experts are read through a table
-//! of their addresses and the step is one graph like a dense model's. Experts behind the caller's
-//! caches go through a [`MoeStep`] instead: it stops at each MoE block with the chosen expert
-//! ids, the caller finds each in device memory and hands it to [`MoeStep::expert`], and the step
-//! goes on, launched one by one. Both ways run the same arithmetic and give the same bits.
+//! the router's logits). A block's experts are read through a device table of their addresses
+//! (3 per expert), and the step is one graph like a dense model's. When the experts live behind
+//! the caller's caches ([`MoeExperts::Served`]), the caller keeps that table up to date; a step
+//! whose routing picks an expert that is not on the device stops on the device at that block and
+//! asks the host through a mailbox in mapped host memory ([`Decoder::step_served`] answers it by
+//! calling the caller's `serve`). Steps whose experts are all on the device never wait for the
+//! host. Both ways run the same arithmetic and give the same bits.
 
 mod decoder;
 mod shapes;
@@ -27,7 +29,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 
-pub use decoder::{DecodeOptions, Decoder, KernelTime, MoeStep};
+pub use decoder::{DecodeOptions, Decoder, KernelTime, Serve};
 
 use crate::KernelError;
 
@@ -125,13 +127,18 @@ impl DeviceMatrix {
 
     /// The ggml type id the matvec kernels switch on (`T_*` in quant.cuh).
     fn type_id(&self) -> i32 {
-        match self.ty {
-            GgmlDType::Q4K => 12,
-            GgmlDType::Q5K => 13,
-            GgmlDType::Q6K => 14,
-            GgmlDType::Q8_0 => 8,
-            _ => 0,
-        }
+        type_id(self.ty)
+    }
+}
+
+/// The kernels' id of a weight format (ggml's type numbers; 0 for F32).
+fn type_id(ty: GgmlDType) -> i32 {
+    match ty {
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8_0 => 8,
+        _ => 0,
     }
 }
 
@@ -175,10 +182,23 @@ pub enum FfnSpec {
         n_expert_used: usize,
         /// The experts' hidden size.
         n_ff: usize,
-        /// Every expert, when all are resident in device memory: the block then runs without
-        /// the host (and the step is captured into a graph). `None`: the caller hands the
-        /// chosen experts over at each step ([`MoeStep::expert`]), wherever it keeps them.
-        experts: Option<Vec<ExpertMatrices>>,
+        /// Where the experts are: all resident, or served by the caller's caches.
+        experts: MoeExperts,
+    },
+}
+
+/// A MoE block's experts, as the decoder finds them.
+pub enum MoeExperts {
+    /// Every expert in device memory: the decoder builds the block's address table itself.
+    Resident(Vec<ExpertMatrices>),
+    /// Behind the caller's caches: `table` holds 3 device addresses per expert (gate, up, down;
+    /// all 0 for an expert not in device memory) as little-endian u64s, and the caller updates it
+    /// only while the device waits for it (inside `serve`, see [`Decoder::step_served`]) or
+    /// between steps. `types` are gate's, up's and down's formats, the same for every expert.
+    Served {
+        table: DeviceBytes,
+        types: [GgmlDType; 3],
+        n_expert: usize,
     },
 }
 
@@ -233,12 +253,18 @@ pub struct DecodeSpec {
 }
 
 impl DecodeSpec {
-    /// Whether some MoE block needs the host to hand its experts over (steps then go through
-    /// [`MoeStep`]).
+    /// Whether some MoE block's experts are served by the caller's caches (steps then go
+    /// through [`Decoder::step_served`]).
     pub fn needs_host(&self) -> bool {
-        self.layers
-            .iter()
-            .any(|l| matches!(l.ffn, FfnSpec::Moe { experts: None, .. }))
+        self.layers.iter().any(|l| {
+            matches!(
+                l.ffn,
+                FfnSpec::Moe {
+                    experts: MoeExperts::Served { .. },
+                    ..
+                }
+            )
+        })
     }
 
     /// The widest expert hidden state of any MoE block (0 if dense).
@@ -344,21 +370,39 @@ impl DecodeSpec {
                         ));
                     }
                     shape(router, n_expert, d, &format!("blk.{i}.ffn_gate_inp"))?;
-                    if let Some(experts) = experts {
-                        if experts.len() != n_expert {
-                            return bad(format!(
-                                "blk.{i}: {} resident experts, the router has {n_expert}",
-                                experts.len()
-                            ));
+                    match experts {
+                        MoeExperts::Resident(experts) => {
+                            if experts.len() != n_expert {
+                                return bad(format!(
+                                    "blk.{i}: {} resident experts, the router has {n_expert}",
+                                    experts.len()
+                                ));
+                            }
+                            let types = experts[0].types();
+                            for (e, x) in experts.iter().enumerate() {
+                                let name = |w: &str| format!("blk.{i}.ffn_{w}_exps[{e}]");
+                                shape(&x.gate, *n_ff, d, &name("gate"))?;
+                                shape(&x.up, *n_ff, d, &name("up"))?;
+                                shape(&x.down, d, *n_ff, &name("down"))?;
+                                if x.types() != types {
+                                    return bad(format!("blk.{i}: experts of different types"));
+                                }
+                            }
                         }
-                        let types = experts[0].types();
-                        for (e, x) in experts.iter().enumerate() {
-                            let name = |w: &str| format!("blk.{i}.ffn_{w}_exps[{e}]");
-                            shape(&x.gate, *n_ff, d, &name("gate"))?;
-                            shape(&x.up, *n_ff, d, &name("up"))?;
-                            shape(&x.down, d, *n_ff, &name("down"))?;
-                            if x.types() != types {
-                                return bad(format!("blk.{i}: experts of different types"));
+                        MoeExperts::Served {
+                            table,
+                            types,
+                            n_expert: served,
+                        } => {
+                            if *served != n_expert || table.len < n_expert * 24 {
+                                return bad(format!(
+                                    "blk.{i}: an expert table of {} bytes for {served} experts, \
+                                     the router has {n_expert} (24 bytes each)",
+                                    table.len
+                                ));
+                            }
+                            if let Some(t) = types.iter().find(|&&t| !supported(t)) {
+                                return bad(format!("blk.{i}: experts of type {t:?}"));
                             }
                         }
                     }

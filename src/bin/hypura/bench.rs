@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use hypura::loader::LoadedModel;
 use hypura::models::{LanguageModel, Logits};
 
 use crate::common::{human_bytes, ModelArgs};
@@ -13,7 +14,8 @@ use crate::common::{human_bytes, ModelArgs};
 pp N: one batch of N tokens from an empty cache. tg N: N tokens decoded one at a time from an
 empty cache. With -d D, both start from a cache already holding D tokens (filled in one untimed
 batch), as llama-bench's -d: decode speed deep into a context. Each test runs once to warm up,
-then -r times; the table shows mean ± std tok/s.
+then -r times; the table shows mean ± std tok/s. Cache counters (expert caches, uploads) cover
+the timed tg runs only.
 Compare with llama.cpp on the same file: benches/vs_llama_cpp.sh.")]
 pub struct BenchArgs {
     #[command(flatten)]
@@ -88,35 +90,38 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let depth = tokens(a.n_depth, n_vocab);
-    let mut run = |n: usize,
-                   f: fn(&mut dyn LanguageModel, &[u32], &[u32]) -> Result<f64>|
-     -> Result<Option<(f64, f64)>> {
+    type Test = fn(&mut dyn LanguageModel, &[u32], &[u32]) -> Result<f64>;
+    let warm_up = |m: &mut LoadedModel, n: usize, f: Test| -> Result<()> {
+        if n > 0 {
+            f(&mut m.model, &depth, &tokens(n.min(16), n_vocab))?;
+        }
+        Ok(())
+    };
+    let timed = |m: &mut LoadedModel, n: usize, f: Test| -> Result<Option<(f64, f64)>> {
         if n == 0 {
             return Ok(None);
         }
         let toks = tokens(n, n_vocab);
-        f(&mut m.model, &depth, &toks[..n.min(16)])?; // warm-up
         let rates = (0..a.reps.max(1))
             .map(|_| f(&mut m.model, &depth, &toks))
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(mean_std(&rates)))
     };
-    let pp = run(a.n_prompt, time_pp)?;
+    warm_up(&mut m, a.n_prompt, time_pp)?;
+    let pp = timed(&mut m, a.n_prompt, time_pp)?;
+    warm_up(&mut m, a.n_gen, time_tg)?;
+    // The caches' counters over the timed tg runs only (after their warm-up).
     let experts_before = m.experts.as_ref().map(|c| c.stats());
     #[cfg(feature = "cuda")]
     let gpu_before =
         crate::expert_stats::gpu_snapshot(m.uploader.as_ref(), m.device_experts.as_ref());
-    let tg = run(a.n_gen, time_tg)?;
-    // The expert cache over the tg runs (warm-up included): tokens decoded one at a time.
-    let experts = m.experts.as_ref().zip(experts_before).map(|(c, b)| {
-        let s = c.stats().since(&b);
-        let tokens = if a.n_gen > 0 {
-            a.n_gen.min(16) + a.n_gen * a.reps.max(1)
-        } else {
-            0
-        };
-        (s, tokens)
-    });
+    let tg = timed(&mut m, a.n_gen, time_tg)?;
+    let tg_tokens = a.n_gen * a.reps.max(1);
+    let experts = m
+        .experts
+        .as_ref()
+        .zip(experts_before)
+        .map(|(c, b)| (c.stats().since(&b), tg_tokens));
     m.save_learned()?;
     let size = m.files.tensor_bytes();
     let n_params: u64 = m
@@ -136,16 +141,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     } else {
         "CPU"
     };
-    // GPU builds: the device caches over the tg runs (warm-up included), like the expert cache.
+    // GPU builds: the device caches over the timed tg runs, like the expert cache.
     #[cfg(feature = "cuda")]
-    let gpu = {
-        let tokens = if a.n_gen > 0 {
-            a.n_gen.min(16) + a.n_gen * a.reps.max(1)
-        } else {
-            0
-        };
-        crate::expert_stats::gpu_report(&m, tokens, Some(&gpu_before))
-    };
+    let gpu = crate::expert_stats::gpu_report(&m, tg_tokens, Some(&gpu_before));
     #[cfg(not(feature = "cuda"))]
     let gpu: Option<(String, serde_json::Value)> = None;
     if a.json {

@@ -291,6 +291,22 @@ impl ExpertCache {
         self.serve_some(layer, per_token, None, &|_| false, visit)
     }
 
+    /// Learns and traces the routing `per_token` of `layer` that a cache above served entirely
+    /// (nothing is fetched or counted here).
+    pub fn observe(&self, layer: usize, per_token: &[Vec<usize>]) {
+        let mut st = self.shared.lock();
+        st.learn.observe(layer, per_token);
+        if let Some(t) = &mut st.trace {
+            let mut used: Vec<usize> = per_token.iter().flatten().copied().collect();
+            used.sort_unstable();
+            used.dedup();
+            t.push(TraceEntry {
+                layer,
+                experts: used,
+            });
+        }
+    }
+
     /// Like [`serve`](Self::serve), for a cache behind another one (the GPU's): the routing of
     /// `per_token` is learned and traced whole, but only the experts `want` names (all used ones
     /// if `None`) are fetched and visited, and prefetch skips experts `held_above` says the cache

@@ -7,16 +7,26 @@
 //! eviction policy, and the compute stream waits on that copy's event before using it. So the
 //! tiers are: device slots (most of the device budget) → host slots (the RAM budget) → disk.
 //!
-//! Ordering: before a slot is overwritten, the copy stream waits on an event recorded on the
-//! compute stream at that moment, so every product already issued that reads the slot's old
-//! expert has finished first. The host waits for each copy to complete before it lets go of the
-//! host bytes (so a small host cache is never pinned down by copies in flight); the router has
-//! just synchronised the compute stream, so that wait is about the copy itself.
+//! The fused decoder reads the slots through an address table in device memory (3 addresses per
+//! expert, 0 when not on the device), which this cache keeps in step with the slots: each copy
+//! into a slot is followed, on the same copy stream, by the table entries of the expert evicted
+//! (zeroed) and of the one arriving.
+//!
+//! Ordering ([`Order`]): candle's ops read slots through the weights handed out, so before a slot
+//! is overwritten the copy stream waits on an event recorded on the compute stream at that
+//! moment, and the compute stream waits for the copy. A fused step asks for experts while the
+//! device waits inside the step (every kernel before it has finished, none after it has started
+//! reading weights): an event on the compute stream would only fire after the step, so those
+//! copies wait for nothing and the host answers the device once they are done. Either way the
+//! host waits for each copy to complete before it lets go of the host bytes (so a small host
+//! cache is never pinned down by copies in flight).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use candle_core::cuda_backend::cudarc::driver::CudaStream;
+use candle_core::cuda_backend::cudarc::driver::{
+    result, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
+};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Device;
 
@@ -65,9 +75,23 @@ struct Slot {
     last_use: u64,
 }
 
+/// How a copy into a device slot is ordered with the compute stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// After every product already issued on the compute stream; products issued later wait
+    /// for the copy (candle's ops).
+    AfterIssued,
+    /// The device waits inside a fused step for the host's answer: nothing in flight reads the
+    /// slot, and nothing later starts before the host answers (after the copy completes).
+    DeviceWaiting,
+}
+
 struct State {
     /// Slots by the (gate, up, down) types they hold: layers of different types do not share.
     pools: HashMap<[GgmlDType; 3], Vec<Slot>>,
+    /// The host's copy of the address table (`[n_layer, n_expert, 3]`), page-locked so the
+    /// copies of changed entries run on the copy stream.
+    mirror: PinnedHostSlice<u64>,
     index: HashMap<ExpertKey, ([GgmlDType; 3], usize)>,
     freq: HashMap<ExpertKey, u64>,
     tick: u64,
@@ -81,6 +105,11 @@ pub struct DeviceExperts {
     copy: CopyStream,
     policy: EvictionPolicy,
     slots: usize,
+    /// The fused decoder's address table, `[n_layer, n_expert, 3]` device addresses.
+    table: CudaSlice<u64>,
+    table_ptr: u64,
+    n_expert: usize,
+    n_layer: usize,
     state: Mutex<State>,
 }
 
@@ -93,12 +122,14 @@ unsafe impl Sync for DeviceExperts {}
 impl DeviceExperts {
     /// `slots` device slots, shared among layers in proportion to how many layers have each
     /// (gate, up, down) type triple in `layer_metas`; every triple gets at least `min_per_kind`.
+    /// `n_layer` and `n_expert` size the address table.
     pub(crate) fn new(
         device: &Device,
         slots: usize,
         min_per_kind: usize,
         policy: EvictionPolicy,
         layer_metas: &[[SliceMeta; 3]],
+        (n_layer, n_expert): (usize, usize),
     ) -> Result<Arc<Self>> {
         let compute = device.as_cuda_device()?.cuda_stream();
         let copy = CopyStream::new(compute.context())?;
@@ -131,14 +162,27 @@ impl DeviceExperts {
             }
             pools.insert(kind, pool);
         }
-        // The zero fills ran on the compute stream; later copies wait on it per eviction.
+        let n_table = (n_layer * n_expert * 3).max(1);
+        let table = compute.alloc_zeros::<u64>(n_table).map_err(cuda_error)?;
+        let table_ptr = table.device_ptr(&compute).0;
+        // SAFETY: `n_table` u64s of uninitialised page-locked memory, zeroed before any use.
+        let mut mirror =
+            unsafe { compute.context().alloc_pinned::<u64>(n_table) }.map_err(cuda_error)?;
+        mirror.as_mut_slice().map_err(cuda_error)?.fill(0);
+        // The zero fills ran on the compute stream: copies into slots and the table come after.
+        compute.synchronize().map_err(cuda_error)?;
         Ok(Arc::new(DeviceExperts {
             device: device.clone(),
             compute,
             copy,
             policy,
             slots,
+            table,
+            table_ptr,
+            n_expert,
+            n_layer,
             state: Mutex::new(State {
+                mirror,
                 pools,
                 index: HashMap::new(),
                 freq: HashMap::new(),
@@ -206,8 +250,29 @@ impl DeviceExperts {
         self.make_weights(e, meta, &slot.tensors)
     }
 
+    /// Layer `layer`'s part of the fused decoder's address table: `n_expert` × (gate, up, down)
+    /// device addresses, 0 for experts not on the device. Kept alive by the bytes it returns.
+    pub(crate) fn table(
+        self: &Arc<Self>,
+        layer: usize,
+    ) -> Result<hypura_kernels::cuda::DeviceBytes> {
+        if layer >= self.n_layer {
+            return Err(Error::InvalidRequest(format!(
+                "device expert table: layer {layer} of {}",
+                self.n_layer
+            )));
+        }
+        let row_bytes = self.n_expert * 3 * 8;
+        let ptr = self.table_ptr + (layer * row_bytes) as u64;
+        debug_assert!(self.table.len() * 8 >= (layer + 1) * row_bytes);
+        // SAFETY: `ptr..ptr + row_bytes` lies inside `self.table` (`n_layer` rows of `row_bytes`,
+        // `layer < n_layer`), which lives as long as `self`, held by `keep`.
+        Ok(unsafe { hypura_kernels::cuda::DeviceBytes::from_raw(ptr, row_bytes, self.clone()) })
+    }
+
     /// Copies expert `(layer, e)` from the host into a device slot (evicting by the policy, never
-    /// one of `protect`) and returns its device weights, ordered after the copy.
+    /// one of `protect`), updates the address table, and returns its device weights, ordered
+    /// after the copy as `order` says.
     pub(crate) fn insert(
         &self,
         layer: usize,
@@ -215,6 +280,7 @@ impl DeviceExperts {
         data: Arc<ExpertData>,
         meta: &[SliceMeta; 3],
         protect: &[usize],
+        order: Order,
     ) -> Result<ExpertWeights> {
         let kind = [0, 1, 2].map(|i| meta[i].ty.to_candle());
         let mut st = self.lock();
@@ -244,23 +310,55 @@ impl DeviceExperts {
                 Error::InvalidRequest(format!("device expert cache: no slots for layer {layer}"))
             })?;
         let slot = &mut pool[victim];
-        if let Some(old) = slot.key.take() {
+        let old = slot.key.take();
+        if let Some(old) = old {
             st.index.remove(&old);
         }
-        // Every product issued so far (some may read the old expert) finishes before the copy.
-        let issued = record(&self.compute)?;
-        self.copy.stream.wait(&issued).map_err(cuda_error)?;
+        if order == Order::AfterIssued {
+            // Every product issued so far (some may read the old expert) finishes first.
+            let issued = record(&self.compute)?;
+            self.copy.stream.wait(&issued).map_err(cuda_error)?;
+        }
         let mut bytes = 0;
         for i in 0..3 {
             let src = data.slice(i);
-            // SAFETY: `data` outlives the copy (the host waits for its event below); the compute
-            // stream reads the slot only after waiting on that event, and the copy stream waited
-            // above for every earlier read of the slot.
+            // SAFETY: `data` outlives the copy (the host waits for its event below). AfterIssued:
+            // the compute stream reads the slot only after waiting on that event, and the copy
+            // stream waited above for every earlier read. DeviceWaiting: no kernel in flight
+            // reads the slot (the device waits for the host, which answers after the event).
             unsafe { upload_async(src, &slot.tensors[i], self.copy.raw)? };
             bytes += src.len() as u64;
         }
+        let mut ptrs = [0u64; 3];
+        for (p, t) in ptrs.iter_mut().zip(&slot.tensors) {
+            *p = t.device_ptr()? as u64;
+        }
+        let n_expert = self.n_expert;
+        let mirror = st.mirror.as_mut_slice().map_err(cuda_error)?;
+        let mut changed = Vec::with_capacity(2);
+        for (key, entry) in old
+            .map(|k| (k, [0; 3]))
+            .into_iter()
+            .chain([((layer, e), ptrs)])
+        {
+            let at = (key.0 * n_expert + key.1) * 3;
+            if key.0 < self.n_layer && key.1 < n_expert {
+                mirror[at..at + 3].copy_from_slice(&entry);
+                changed.push(at);
+            }
+        }
+        for at in changed {
+            let dst = self.table_ptr + (at * 8) as u64;
+            // SAFETY: `at + 3 <= n_layer * n_expert * 3` (checked above), inside both the table
+            // and the page-locked mirror; the mirror is changed again only under this lock after
+            // `ready` below has completed.
+            unsafe { result::memcpy_htod_async(dst, &mirror[at..at + 3], self.copy.raw) }
+                .map_err(cuda_error)?;
+        }
         let ready = record(&self.copy.stream)?;
-        self.compute.wait(&ready).map_err(cuda_error)?;
+        if order == Order::AfterIssued {
+            self.compute.wait(&ready).map_err(cuda_error)?;
+        }
         ready.synchronize().map_err(cuda_error)?;
         drop(data);
         slot.key = Some((layer, e));

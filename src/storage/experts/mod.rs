@@ -22,6 +22,8 @@ pub(crate) use cache::SliceSpec;
 pub use cache::{ExpertCache, ExpertCacheConfig, ExpertData};
 pub use coact::CoActivation;
 #[cfg(feature = "cuda")]
+use device::Order;
+#[cfg(feature = "cuda")]
 pub use device::{DeviceExpertStats, DeviceExperts};
 pub use policy::{simulate, EvictionPolicy, ExpertKey, SimResult, TraceEntry};
 pub use reads::{merged_reads, ReadPart, MAX_READ_BYTES, MAX_READ_PARTS};
@@ -156,6 +158,70 @@ impl ExpertSet {
         }
     }
 
+    /// GPU builds: the fused decoder's view of a set behind the device expert cache: the
+    /// layer's address table and the experts' (gate, up, down) types; `None` for other sets.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn served_table(
+        &self,
+    ) -> Result<
+        Option<(
+            hypura_kernels::cuda::DeviceBytes,
+            [candle_core::quantized::GgmlDType; 3],
+        )>,
+    > {
+        let Source::Cached {
+            meta,
+            gpu: Some(gpu),
+            ..
+        } = &self.source
+        else {
+            return Ok(None);
+        };
+        let types = [0, 1, 2].map(|i| meta[i].ty.to_candle());
+        Ok(Some((gpu.table(self.layer)?, types)))
+    }
+
+    /// GPU builds, inside a fused step whose device waits for the answer: puts the chosen
+    /// experts `ids` of this layer into device memory (and the address table), from the host
+    /// cache or the disk. Counts the request like [`with_routed`](Self::with_routed).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn serve_device(&self, ids: &[usize]) -> Result<()> {
+        let Source::Cached {
+            cache,
+            meta,
+            gpu: Some(gpu),
+            ..
+        } = &self.source
+        else {
+            return Err(crate::Error::InvalidRequest(format!(
+                "layer {}'s experts are not behind the device expert cache",
+                self.layer
+            )));
+        };
+        let (layer, per_token) = (self.layer, [ids.to_vec()]);
+        let (_, miss) = gpu.lookup(layer, ids);
+        let held = |k: ExpertKey| gpu.contains(k);
+        cache.serve_some(layer, &per_token, Some(&miss), &held, &mut |e, data| {
+            gpu.insert(layer, e, data, meta, ids, Order::DeviceWaiting)
+                .map(drop)
+        })
+    }
+
+    /// GPU builds, after a fused step that found this layer's chosen experts `ids` all in
+    /// device memory: counts the request and lets both caches learn from it (nothing is read).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn note_device_hits(&self, ids: &[usize]) {
+        if let Source::Cached {
+            cache,
+            gpu: Some(gpu),
+            ..
+        } = &self.source
+        {
+            gpu.lookup(self.layer, ids);
+            cache.observe(self.layer, &[ids.to_vec()]);
+        }
+    }
+
     /// Calls `visit(e, weights)` once for each expert that some token was routed to
     /// (`per_token[t]` = token `t`'s experts). Resident experts come in id order; streamed ones
     /// in the order they become available (cached first), so callers that sum expert outputs
@@ -201,7 +267,7 @@ impl ExpertSet {
                 let layer = self.layer;
                 let held = |k: ExpertKey| gpu.contains(k);
                 cache.serve_some(layer, per_token, Some(&miss), &held, &mut |e, data| {
-                    let w = gpu.insert(layer, e, data, meta, &used)?;
+                    let w = gpu.insert(layer, e, data, meta, &used, Order::AfterIssued)?;
                     visit(e, &w)
                 })
             }

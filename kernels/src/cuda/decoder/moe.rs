@@ -1,68 +1,55 @@
 //! Mixture-of-experts blocks of the [`Decoder`]: routing on the device, the chosen experts'
-//! kernels (from the resident experts' address table, or handed over one by one), the mix; and
-//! [`MoeStep`], the step driven block by block when the caller's caches hold the experts.
+//! kernels (from the block's address table), the mix; and [`Decoder::step_served`], the step of
+//! a model whose experts live behind the caller's caches (answering the device's requests for
+//! experts while the step runs).
 
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use std::time::{Duration, Instant};
 
-use super::{driver, grid1, AttShape, Decoder, MvShape, NormIn, MV_WARPS};
-use crate::cuda::{DeviceMatrix, ExpertMatrices, FfnSpec};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{driver, grid1, Decoder, MvShape, NormIn, MV_WARPS};
+use crate::cuda::{DeviceMatrix, MAX_EXPERTS_USED};
 use crate::KernelError;
 
+/// The host's answer to one request of the device: put the chosen experts `ids` of MoE block
+/// `layer` into device memory and their addresses into the block's table.
+pub type Serve<'a> = &'a mut dyn FnMut(usize, &[usize]) -> Result<(), KernelError>;
+
+/// How long the host waits for a step at most (the device gives up on an unanswered request
+/// after 60 s, so a step that takes longer is stuck).
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl Decoder {
-    /// MoE block `i` with every expert resident: route, the chosen experts from the block's
-    /// address table, the mix. No host involvement (so it can be captured into a graph).
-    pub(super) fn resident_moe(
+    /// MoE block `i`: route, the chosen experts from the block's address table (the device asks
+    /// the host for missing ones when the table is served), the mix.
+    pub(super) fn moe_block(
         &self,
         i: usize,
         router: &DeviceMatrix,
         k: usize,
         n_ff: usize,
-        experts: &[ExpertMatrices],
     ) -> Result<(), KernelError> {
-        let table = self.layers[i].expert_table.as_ref().map_or(0, |t| t.ptr);
-        let types = experts
-            .first()
-            .map(ExpertMatrices::types)
-            .unwrap_or_default();
-        self.route(router, k)?;
-        self.experts(types, table, [0; 3], 0, k, n_ff)?;
-        self.combine(k)
+        let l = &self.layers[i];
+        let served = self.mail.as_ref().filter(|_| l.served);
+        self.route(i, router, k, served.map_or(0, |m| m.device_ptr))?;
+        self.experts(i, l.expert_types, l.expert_table, k, n_ff)?;
+        self.combine(i, k)
     }
 
-    /// The `k` expert ids `moe_route` chose, once the stream has produced them (waits for it).
-    fn routing(&mut self, k: usize) -> Result<Vec<usize>, KernelError> {
-        let host = self
-            .route_host
-            .as_mut()
-            .ok_or_else(|| KernelError("no host buffer for the routing".into()))?;
-        self.stream
-            .memcpy_dtoh(&self.route.slice, host)
-            .map_err(driver("routing download"))?;
-        self.stream.synchronize().map_err(driver("synchronize"))?;
-        let r = host.as_slice().map_err(driver("routing"))?;
-        Ok(r[..k].iter().map(|&id| id as usize).collect())
+    /// Block `i`'s routing: 16 floats (ids as floats, then weights) of `route`.
+    fn route_at(&self, i: usize) -> u64 {
+        self.route.ptr + (i * 2 * MAX_EXPERTS_USED * 4) as u64
     }
 
-    /// Starts one token of a mixture-of-experts model at position `pos`; drive it with
-    /// [`MoeStep::advance`] and [`MoeStep::expert`] to the end, then [`MoeStep::finish`].
-    pub fn begin_moe(
-        &mut self,
-        token: u32,
-        pos: usize,
-        row: Option<&[f32]>,
-    ) -> Result<MoeStep<'_>, KernelError> {
-        self.upload_step(token, pos, row)?;
-        self.embed()?;
-        Ok(MoeStep {
-            att: AttShape::for_keys(pos + 1),
-            dec: self,
-            next: 0,
-            pending: None,
-        })
-    }
-
-    /// The router's logits for `xn`, then `route` = its top `k` and their weights.
-    pub(super) fn route(&self, router: &DeviceMatrix, k: usize) -> Result<(), KernelError> {
+    /// The router's logits for `xn`, then block `i`'s routing = its top `k` and their weights;
+    /// `mail` (0: none) is where the device asks for experts missing from the block's table.
+    fn route(
+        &self,
+        i: usize,
+        router: &DeviceMatrix,
+        k: usize,
+        mail: u64,
+    ) -> Result<(), KernelError> {
         self.matvec(
             router,
             self.xn.ptr,
@@ -76,7 +63,8 @@ impl Decoder {
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (n, k) = (router.rows as i32, k as i32);
+        let (n, k, layer) = (router.rows as i32, k as i32, i as i32);
+        let (route, table) = (self.route_at(i), self.layers[i].expert_table);
         launch!(
             self,
             "moe_route",
@@ -84,58 +72,50 @@ impl Decoder {
             &self.router.ptr,
             &n,
             &k,
-            &self.route.ptr
+            &route,
+            &table,
+            &layer,
+            &mail
         )
     }
 
-    /// Experts of ranks `rank0..rank0 + n`: `ffn[rank] = swiglu(xn)`, its int8 copy, and
-    /// `ys[rank] = down · ffn[rank]`. Weights from `table` (by the routed id), or `direct`
-    /// (addresses of gate, up, down) when not all zero. `types`: gate's, up's and down's.
-    pub(super) fn experts(
+    /// Block `i`'s `k` experts: `ffn[rank] = swiglu(xn)`, its int8 copy, and
+    /// `ys[rank] = down · ffn[rank]`, weights from `table` by the routed id. `types`: gate's,
+    /// up's and down's.
+    fn experts(
         &self,
+        i: usize,
         types: [i32; 3],
         table: u64,
-        direct: [u64; 3],
-        rank0: usize,
-        n: usize,
+        k: usize,
         n_ff: usize,
     ) -> Result<(), KernelError> {
         let d = self.spec.n_embd;
-        let direct = ExpertPtrs { w: direct };
-        let (rank0_i, ff_i, d_i) = (rank0 as i32, n_ff as i32, d as i32);
+        let (ff_i, d_i, route) = (n_ff as i32, d as i32, self.route_at(i));
         let [tg, tu, td] = types;
         let cfg = LaunchConfig {
-            grid_dim: ((n_ff as u32).div_ceil(MV_WARPS), n as u32, 1),
+            grid_dim: ((n_ff as u32).div_ceil(MV_WARPS), k as u32, 1),
             block_dim: (32, MV_WARPS, 1),
             shared_mem_bytes: 0,
         };
-        let label = || format!("moe_swiglu {tg}/{tu} [{n_ff}, {d}] x{n}");
+        let label = || format!("moe_swiglu {tg}/{tu} [{n_ff}, {d}] x{k}");
         launch!(@labelled self, "moe_swiglu", label, cfg, &self.xn.ptr, &self.xq.ptr,
-            &self.xd.ptr, &self.xs.ptr, &d_i, &tg, &tu, &self.ffn.ptr, &ff_i, &table,
-            &self.route.ptr, &rank0_i, &direct)?;
-        // This launch's ranks of the hidden states and their int8 copies.
-        let at = |base: u64, elem_bytes: usize, per: usize| {
-            base + (rank0 * n_ff / per * elem_bytes) as u64
-        };
-        let fq = [
-            at(self.fq.ptr, 1, 1),
-            at(self.fd.ptr, 4, 32),
-            at(self.fs.ptr, 4, 32),
-        ];
-        self.quantize(at(self.ffn.ptr, 4, 1), n * n_ff, fq)?;
+            &self.xd.ptr, &self.xs.ptr, &d_i, &tg, &tu, &self.ffn.ptr, &ff_i, &table, &route)?;
+        let fq = [self.fq.ptr, self.fd.ptr, self.fs.ptr];
+        self.quantize(self.ffn.ptr, k * n_ff, fq)?;
         let shape = MvShape::pick(&[d]);
         let name = shape.kernel("moe_down");
         let mut cfg = shape.cfg(d);
-        cfg.grid_dim.1 = n as u32;
-        let label = || format!("{name} {td} [{d}, {n_ff}] x{n}");
+        cfg.grid_dim.1 = k as u32;
+        let label = || format!("{name} {td} [{d}, {n_ff}] x{k}");
         launch!(@labelled self, &name, label, cfg, &td, &self.ffn.ptr, &self.fq.ptr,
-            &self.fd.ptr, &self.fs.ptr, &self.ys.ptr, &d_i, &ff_i, &table, &self.route.ptr,
-            &rank0_i, &direct)
+            &self.fd.ptr, &self.fs.ptr, &self.ys.ptr, &d_i, &ff_i, &table, &route)
     }
 
-    /// `x += Σ_r w[r] · ys[r]` over the `k` ranks, with the weights `moe_route` wrote.
-    pub(super) fn combine(&self, k: usize) -> Result<(), KernelError> {
+    /// `x += Σ_r w[r] · ys[r]` over the `k` ranks, with the weights block `i`'s routing holds.
+    fn combine(&self, i: usize, k: usize) -> Result<(), KernelError> {
         let (k, n) = (k as i32, self.spec.n_embd as i32);
+        let route = self.route_at(i);
         launch!(
             self,
             "moe_combine",
@@ -144,145 +124,105 @@ impl Decoder {
             &self.ys.ptr,
             &k,
             &n,
-            &self.route.ptr
+            &route
         )
     }
-}
 
-/// One token of a mixture-of-experts model in flight ([`Decoder::begin_moe`]): the caller
-/// alternates [`advance`](Self::advance) (run to the next MoE block whose experts it keeps) and
-/// [`expert`](Self::expert) (once per chosen expert), then calls [`finish`](Self::finish).
-pub struct MoeStep<'a> {
-    dec: &'a mut Decoder,
-    att: AttShape,
-    /// The next block to run.
-    next: usize,
-    /// The MoE block whose experts are being handed over.
-    pending: Option<Pending>,
-}
-
-/// `struct ExpertPtrs` in decode.cu: gate, up and down addresses, all 0 for "use the table".
-#[repr(C)]
-struct ExpertPtrs {
-    w: [u64; 3],
-}
-
-// SAFETY: plain `#[repr(C)]` integers, laid out as decode.cu's `struct ExpertPtrs` (3 pointers).
-unsafe impl DeviceRepr for ExpertPtrs {}
-
-struct Pending {
-    layer: usize,
-    n_ff: usize,
-    /// The chosen experts by rank, and whether each has run.
-    ids: Vec<usize>,
-    ran: Vec<bool>,
-}
-
-impl MoeStep<'_> {
-    /// Mixes the previous MoE block's experts in, then runs blocks (MoE blocks with resident
-    /// experts included) up to the next one whose experts the caller keeps: returns that block's
-    /// index and the experts chosen for it, by rank (most probable first), or `None` when every
-    /// block has run.
-    pub fn advance(&mut self) -> Result<Option<(usize, Vec<usize>)>, KernelError> {
-        self.combine()?;
-        while self.next < self.dec.layers.len() {
-            let i = self.next;
-            self.next += 1;
-            let dec = &*self.dec;
-            dec.attention(i, self.att)?;
-            let host = match &dec.spec.layers[i].ffn {
-                FfnSpec::Dense { gate, up, down } => {
-                    dec.dense_ffn(i, gate, up, down)?;
-                    None
-                }
-                FfnSpec::Moe {
-                    router,
-                    n_expert_used,
-                    n_ff,
-                    experts,
-                } => match experts {
-                    Some(experts) => {
-                        dec.resident_moe(i, router, *n_expert_used, *n_ff, experts)?;
-                        None
-                    }
-                    None => {
-                        dec.route(router, *n_expert_used)?;
-                        Some((*n_expert_used, *n_ff))
-                    }
-                },
-            };
-            if let Some((k, n_ff)) = host {
-                let ids = self.dec.routing(k)?;
-                self.pending = Some(Pending {
-                    layer: i,
-                    n_ff,
-                    ids: ids.clone(),
-                    ran: vec![false; k],
-                });
-                return Ok(Some((i, ids)));
-            }
-        }
-        Ok(None)
+    /// Runs one token at position `pos` of a model whose MoE blocks (some or all) are served by
+    /// the caller's caches, and returns the `[n_vocab]` logits. The step is launched whole; while
+    /// it runs, each block whose routing picks an expert missing from its table stops on the
+    /// device and `serve(block, chosen ids)` is called here to put them there. A failure of
+    /// `serve` still lets the step finish (the experts it lacked are skipped) and is returned.
+    pub fn step_served(
+        &mut self,
+        token: u32,
+        pos: usize,
+        row: Option<&[f32]>,
+        serve: Serve<'_>,
+    ) -> Result<Vec<f32>, KernelError> {
+        self.launch_step(token, pos, row, Some(&mut *serve))?;
+        let served = self.answer_requests(serve);
+        let logits = self.download_logits();
+        served?;
+        logits
     }
 
-    /// Runs the expert of rank `rank` (its place among the ids [`advance`](Self::advance)
-    /// returned) for the MoE block it stopped at. Its weights must stay in device memory until
-    /// the stream has used them.
-    pub fn expert(&mut self, rank: usize, m: &ExpertMatrices) -> Result<(), KernelError> {
-        let dec = &*self.dec;
-        let Some(p) = self.pending.as_mut() else {
-            return Err(KernelError(
-                "MoeStep::expert with no MoE block pending".into(),
-            ));
-        };
-        let (d, ff, layer) = (dec.spec.n_embd, p.n_ff, p.layer);
-        let fits = |m: &DeviceMatrix, rows: usize, cols: usize| m.rows == rows && m.cols == cols;
-        if !(fits(&m.gate, ff, d) && fits(&m.up, ff, d) && fits(&m.down, d, ff)) {
-            return Err(KernelError(format!(
-                "blk.{layer}: expert of rank {rank} is gate [{}, {}] / up [{}, {}] / down [{}, \
-                 {}], expected [{ff}, {d}] / [{ff}, {d}] / [{d}, {ff}]",
-                m.gate.rows, m.gate.cols, m.up.rows, m.up.cols, m.down.rows, m.down.cols
-            )));
-        }
-        match p.ran.get_mut(rank) {
-            Some(ran @ false) => *ran = true,
-            _ => {
-                return Err(KernelError(format!(
-                    "blk.{layer}: expert rank {rank} given twice or beyond the {} used",
-                    p.ran.len()
-                )))
-            }
-        }
-        dec.experts(m.types(), 0, m.ptrs(), rank, 1, ff)
-    }
-
-    /// `x += Σ w[r] · ys[r]` for the pending MoE block, once all its experts have run.
-    fn combine(&mut self) -> Result<(), KernelError> {
-        let Some(p) = self.pending.take() else {
+    /// Answers the device's requests until the stream has finished the work launched so far.
+    pub(super) fn answer_requests(&self, serve: Serve<'_>) -> Result<(), KernelError> {
+        let Some(mail) = &self.mail else {
             return Ok(());
         };
-        if p.ran.iter().any(|&r| !r) {
-            return Err(KernelError(format!(
-                "blk.{}: only {} of its {} experts ({:?}) ran",
-                p.layer,
-                p.ran.iter().filter(|&&r| r).count(),
-                p.ran.len(),
-                p.ids
-            )));
+        let timeouts = mail.timeouts();
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(driver("step event"))?;
+        let start = Instant::now();
+        let mut failure = None;
+        loop {
+            if let Some(r) = mail.request() {
+                if failure.is_none() {
+                    if let Err(e) = self
+                        .check_request(r.layer, &r.ids)
+                        .and_then(|()| serve(r.layer, &r.ids))
+                    {
+                        failure = Some(e);
+                    }
+                }
+                mail.answer(r.seq);
+                continue;
+            }
+            if done.try_is_complete().map_err(driver("step"))? {
+                break;
+            }
+            if start.elapsed() > STEP_TIMEOUT {
+                return Err(KernelError(format!(
+                    "fused MoE step: no progress in {} s",
+                    STEP_TIMEOUT.as_secs()
+                )));
+            }
+            std::hint::spin_loop();
         }
-        self.dec.combine(p.ran.len())
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if mail.timeouts() != timeouts {
+            return Err(KernelError(
+                "fused MoE step: the device stopped waiting for experts the host did not \
+                 supply within 60 s"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
-    /// The logits `[n_vocab]`, once [`advance`](Self::advance) has returned `None`.
-    pub fn finish(self) -> Result<Vec<f32>, KernelError> {
-        if self.pending.is_some() || self.next < self.dec.layers.len() {
-            return Err(KernelError(format!(
-                "MoeStep::finish at block {} of {}",
-                self.next,
-                self.dec.layers.len()
-            )));
+    /// A request names a served MoE block and distinct experts it has.
+    fn check_request(&self, layer: usize, ids: &[usize]) -> Result<(), KernelError> {
+        let ok = self.layers.get(layer).is_some_and(|l| l.served)
+            && ids.iter().all(|&e| e < self.layers[layer].n_expert);
+        if ok {
+            return Ok(());
         }
-        self.dec.head()?;
-        self.dec.download_logits()
+        Err(KernelError(format!(
+            "fused MoE step: the device asked for experts {ids:?} of block {layer}, which it \
+             does not serve"
+        )))
+    }
+
+    /// The chosen experts of every served MoE block at the last step, by block: `(block, ids)`.
+    pub fn last_routing(&self) -> Result<Vec<(usize, Vec<usize>)>, KernelError> {
+        let mut all = vec![0f32; self.layers.len() * 2 * MAX_EXPERTS_USED];
+        self.stream
+            .memcpy_dtoh(&self.route.slice, &mut all)
+            .map_err(driver("routing download"))?;
+        self.stream.synchronize().map_err(driver("synchronize"))?;
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.served {
+                let r = &all[i * 2 * MAX_EXPERTS_USED..][..l.n_expert_used];
+                out.push((i, r.iter().map(|&id| id as usize).collect()));
+            }
+        }
+        Ok(out)
     }
 }

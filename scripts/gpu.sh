@@ -29,8 +29,9 @@
 #                 file if built
 #       moe       synth mixtral-8x7b Q5_K_M with skewed routing (~31 GB); with a 22 GiB device
 #                 and 8 GiB RAM budget: plan, run once (learns co-activation), then bench (tg
-#                 tok/s with the expert caches' hit rates over the tg runs)
-#       moefull   the same Mixtral with no budgets (all on the GPU): hypura bench, then llama-bench
+#                 tok/s with the expert caches' hit rates over the timed tg runs, as JSON)
+#       moefull   the same Mixtral with no budgets (all on the GPU): hypura bench (then, after `moe`,
+#                 the budgeted run against its I/O and compute bounds), then llama-bench
 #                 on the same file (waits up to 6 minutes for the `lcpp` build)
 #       l70       synth llama-3-70b Q4_K_M (~40 GB); same budgets: plan, run with --stats
 #       depth8b   synth 8B: hypura bench and llama-bench at depth 4096 (-d: the cache holds 4096
@@ -152,6 +153,29 @@ print(f"{per_tok/2**30:.3f} GiB device weights per token; device copy bw {bw/1e9
 EOF
 }
 
+moebound() { # budgeted.json all-gpu.json profile.json: the MoE run against its I/O and compute
+  python3 - "$@" <<'EOF'
+import json, sys
+cut, full, prof = (json.load(open(p)) for p in sys.argv[1:4])
+ec, dc = cut["expert_cache"], cut["gpu"]["device_expert_cache"]
+n = max(ec["tokens"], 1)
+disk, up = ec["stats"]["bytes_read"] / n, dc["stats"]["bytes_uploaded"] / n
+disk_bps, up_bps = prof["disk_read_bps"], prof["device"]["upload_bps"]
+t_io = disk / disk_bps + up / up_bps
+t_c = 1 / full["tg_tok_s"]
+tg = cut["tg_tok_s"]
+io = 1 / t_io if t_io > 0 else float("inf")
+serial, overlap = 1 / (t_c + t_io), 1 / max(t_c, t_io)
+print(f"MoE under budgets: tg {tg:.1f} ± {cut['tg_tok_s_std']:.1f} tok/s over {n} timed tokens; "
+      f"device cache hit rate {100*dc['hit_rate']:.1f} % ({dc['slots']} slots), host cache "
+      f"{100*ec['hit_rate']:.1f} %; per token {disk/2**20:.1f} MiB from disk "
+      f"({disk_bps/1e9:.2f} GB/s) and {up/2**20:.1f} MiB uploaded ({up_bps/1e9:.1f} GB/s): "
+      f"I/O bound {io:.0f} tok/s (= {tg/io:.2f} x); all on the GPU {full['tg_tok_s']:.1f} tok/s; "
+      f"compute + I/O in series {serial:.1f} tok/s (= {tg/serial:.2f} x), overlapped "
+      f"{overlap:.1f} tok/s (= {tg/overlap:.2f} x)")
+EOF
+}
+
 run() {
   : "${OUT:=/tmp/out}"; mkdir -p "$OUT"
   export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -257,13 +281,17 @@ run() {
         step plan-moe "$bin/hypura" plan -m "$m" -c 512 "${budgets[@]}"
         TAIL=6 step run-moe-learn "$bin/hypura" run -m "$m" -c 512 "${budgets[@]}" -p "Once upon a time" \
           -n "${N_MOE:-48}" --temp 0 --stats
-        HYPURA_CUDA_PROFILE=20 TAIL=8 step bench-moe "$bin/hypura" bench -m "$m" -c 512 "${budgets[@]}" \
-          -p 32 -n "${N_MOE:-32}" -r 3 ;;
+        HYPURA_CUDA_PROFILE=20 TAIL=3 step bench-moe "$bin/hypura" bench -m "$m" -c 512 "${budgets[@]}" \
+          -p 32 -n "${N_MOE:-32}" -r 3 --json
+        grep '^{' "$OUT/bench-moe.log" | tail -n 1 >"$OUT/bench-moe.json" || true ;;
       moefull) # the same Mixtral all on the GPU (no budgets): hypura bench, llama-bench beside it
         local m=$M/mixtral-Q5_K_M-skew.gguf
         [ -f "$m" ] || step synth-moe "$bin/hypura" synth --preset mixtral-8x7b --type Q5_K_M \
           --router-skew "${SKEW:-1.5}" --router-corr "${CORR:-0.8}" -o "$m"
-        HYPURA_CUDA_PROFILE=20 TAIL=8 step bench-moe-full "$bin/hypura" bench -m "$m" -c 512 -p 32 -n 32 -r 3
+        HYPURA_CUDA_PROFILE=20 TAIL=3 step bench-moe-full "$bin/hypura" bench -m "$m" -c 512 -p 32 -n 32 -r 3 --json
+        grep '^{' "$OUT/bench-moe-full.log" | tail -n 1 >"$OUT/bench-moe-full.json" || true
+        [ -s "$OUT/bench-moe.json" ] && moebound "$OUT/bench-moe.json" "$OUT/bench-moe-full.json" \
+          "$OUT/profile.json" | tee -a "$OUT/log" || true
         # Waits for llama.cpp only if this call's `lcpp` step started building it.
         [ -d /tmp/lcpp ] && for _ in $(seq 72); do [ -x /tmp/lcpp/build/bin/llama-bench ] && break; sleep 5; done
         [ -x /tmp/lcpp/build/bin/llama-bench ] && step llama-bench-moe /tmp/lcpp/build/bin/llama-bench \

@@ -14,6 +14,7 @@
 //! `HYPURA_CUDA_GRAPH=0` keeps the fused kernels but launches them one by one;
 //! `HYPURA_CUDA_PDL=0` captures the graph without programmatic dependent launches;
 //! `HYPURA_CUDA_FOLD=0` keeps every RMS norm a kernel of its own (no folding into mat-vecs);
+//! `HYPURA_CUDA_ROUTER=0` runs a MoE router as a mat-vec and `moe_route` (not `moe_router`);
 //! `HYPURA_CUDA_PROFILE=N` times every kernel of the step at position N and prints the table
 //! (a MoE model's requests for experts are served the same way, between the timed kernels).
 //! Prompt batches always run on candle; both paths share the model's KV cache.
@@ -65,6 +66,7 @@ impl FusedDecode {
             graph: !std::env::var("HYPURA_CUDA_GRAPH").is_ok_and(|v| v == "0"),
             dependent_launch: !std::env::var("HYPURA_CUDA_PDL").is_ok_and(|v| v == "0"),
             fold_norms: !std::env::var("HYPURA_CUDA_FOLD").is_ok_and(|v| v == "0"),
+            fused_router: !std::env::var("HYPURA_CUDA_ROUTER").is_ok_and(|v| v == "0"),
         };
         let host_embed = spec
             .embed

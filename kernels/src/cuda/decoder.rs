@@ -148,6 +148,8 @@ pub struct Decoder {
     prof: RefCell<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
     /// [`DecodeOptions::dependent_launch`].
     dependent_launch: bool,
+    /// [`DecodeOptions::fused_router`].
+    fused_router: bool,
     /// Launches go out as programmatic dependent launches (only while a graph is captured).
     dependent: Cell<bool>,
 }
@@ -166,6 +168,9 @@ pub struct DecodeOptions {
     /// (decoder/norms.rs): two launches fewer per dense layer, the same products up to float
     /// rounding.
     pub fold_norms: bool,
+    /// MoE blocks with an F32 router: its product and the routing in one kernel
+    /// (`moe_router`) instead of a mat-vec and `moe_route`.
+    pub fused_router: bool,
 }
 
 impl Default for DecodeOptions {
@@ -174,6 +179,7 @@ impl Default for DecodeOptions {
             graph: true,
             dependent_launch: true,
             fold_norms: true,
+            fused_router: true,
         }
     }
 }
@@ -210,6 +216,7 @@ const KERNELS: &[&str] = &[
     "quantize_q8",
     "moe_combine",
     "moe_route",
+    "moe_router",
     "moe_swiglu",
     "moe_down_1_1",
     "moe_down_1_2",
@@ -301,7 +308,7 @@ impl Decoder {
                 .map_err(driver("alloc"))?;
             Ok(Buf::new(s, &stream))
         };
-        let folds = Folds::plan(&spec, options.fold_norms);
+        let folds = Folds::plan(&spec, &options);
         Ok(Decoder {
             folds,
             xq_n: int8(spec.n_embd)?,
@@ -345,6 +352,7 @@ impl Decoder {
             capture_failure: None,
             prof: RefCell::new(None),
             dependent_launch: options.dependent_launch,
+            fused_router: options.fused_router,
             dependent: Cell::new(false),
         })
     }

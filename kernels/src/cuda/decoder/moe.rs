@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::norms::fused_router;
 use super::{driver, grid1, Decoder, MvShape, NormIn, MV_WARPS};
 use crate::cuda::{DeviceMatrix, MAX_EXPERTS_USED};
 use crate::KernelError;
@@ -19,6 +20,9 @@ pub type Serve<'a> = &'a mut dyn FnMut(usize, &[usize]) -> Result<(), KernelErro
 /// after 60 s, so a step that takes longer is stuck).
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Warps of `moe_router`'s one block (`ROUTER_WARPS` in decode.cu).
+const ROUTER_WARPS: u32 = 32;
+
 impl Decoder {
     /// MoE block `i`: route, the chosen experts from the block's address table (the device asks
     /// the host for missing ones when the table is served), the mix.
@@ -30,10 +34,49 @@ impl Decoder {
         n_ff: usize,
     ) -> Result<(), KernelError> {
         let l = &self.layers[i];
-        let served = self.mail.as_ref().filter(|_| l.served);
-        self.route(i, router, k, served.map_or(0, |m| m.device_ptr))?;
+        let mail = self
+            .mail
+            .as_ref()
+            .filter(|_| l.served)
+            .map_or(0, |m| m.device_ptr);
+        if self.fused_router && fused_router(router) {
+            self.router(i, router, k, mail)?;
+        } else {
+            self.route(i, router, k, mail)?;
+        }
         self.experts(i, l.expert_types, l.expert_table, k, n_ff)?;
         self.combine(i, k)
+    }
+
+    /// `moe_router`: block `i`'s F32 router product (of `xn`) and its routing in one launch.
+    fn router(
+        &self,
+        i: usize,
+        router: &DeviceMatrix,
+        k: usize,
+        mail: u64,
+    ) -> Result<(), KernelError> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, ROUTER_WARPS, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, d, k, layer) = (router.rows as i32, router.cols as i32, k as i32, i as i32);
+        let (route, table) = (self.route_at(i), self.layers[i].expert_table);
+        launch!(
+            self,
+            "moe_router",
+            cfg,
+            &router.bytes.ptr,
+            &n,
+            &d,
+            &self.xn.ptr,
+            &k,
+            &route,
+            &table,
+            &layer,
+            &mail
+        )
     }
 
     /// Block `i`'s routing: 16 floats (ids as floats, then weights) of `route`.

@@ -6,11 +6,13 @@
 //! `1 / sqrt(mean(x²) + eps)`. The norm kernel between them, and its launch, are gone: two per
 //! layer. Where a consumer reads F32 activations (Q8_0 or F32 rows; the MoE router) or the
 //! producer is not a mat-vec (the embedding, `moe_combine`), the norm runs as its own kernel.
+//! (Folding a MoE block's norm into o, with `moe_router` norming its F32 input itself, was
+//! measured on an H200 and was slower: Mixtral 272 against 275.5 tok/s; docs/cuda.md.)
 
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::quantized::GgmlDType;
 
-use super::{driver, Decoder};
+use super::{driver, DecodeOptions, Decoder};
 use crate::cuda::{DecodeSpec, DeviceMatrix, FfnSpec};
 use crate::KernelError;
 
@@ -58,11 +60,19 @@ fn reads_int8(m: &DeviceMatrix) -> bool {
     matches!(m.ty, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K)
 }
 
+/// Whether `moe_router` computes this router's product (F32, at most 256 experts).
+pub(super) fn fused_router(router: &DeviceMatrix) -> bool {
+    router.ty == GgmlDType::F32
+        && router.rows <= crate::cuda::MAX_EXPERTS
+        && router.cols.is_multiple_of(4)
+}
+
 impl Folds {
     /// Folds every norm whose producer is a dense block's mat-vec and whose consumers all read
-    /// int8 activations (none when `enabled` is false or `n_embd` is not a multiple of 32).
-    pub(super) fn plan(spec: &DecodeSpec, enabled: bool) -> Folds {
-        let ok = enabled && spec.n_embd.is_multiple_of(NORM_ROWS);
+    /// int8 activations (none without `options.fold_norms` or when `n_embd` is not a multiple
+    /// of 32).
+    pub(super) fn plan(spec: &DecodeSpec, options: &DecodeOptions) -> Folds {
+        let ok = options.fold_norms && spec.n_embd.is_multiple_of(NORM_ROWS);
         let dense = |i: usize| matches!(spec.layers[i].ffn, FfnSpec::Dense { .. });
         let attn = (0..spec.layers.len())
             .map(|i| {

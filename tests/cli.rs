@@ -67,6 +67,21 @@ fn run_streams_text_to_stdout_and_timings_to_stderr() {
         !text(&out.stdout).contains("tok/s"),
         "stdout carries only the generated text"
     );
+    // The decode rate counts forward passes: the first token comes from the prompt's pass, and
+    // the last one (at the token limit) needs none.
+    let line = err.lines().find(|l| l.contains("generated")).expect(&err);
+    let gen = &line[line.find("generated").unwrap()..];
+    let num_before = |word: &str| -> usize {
+        let head = &gen[..gen.find(word).expect(line)];
+        head.split_whitespace().last().unwrap().parse().expect(line)
+    };
+    let (n_gen, n_steps) = (num_before(" tokens in"), num_before(" decode steps"));
+    let want = if line.contains("MaxTokens") {
+        n_gen - 1
+    } else {
+        n_gen
+    };
+    assert_eq!(n_steps, want, "{line}");
     // Greedy is deterministic.
     let again = hypura(&[
         "run",

@@ -44,6 +44,9 @@ pub enum StopReason {
 pub struct GenerationStats {
     pub n_prompt: usize,
     pub n_generated: usize,
+    /// Single-token forward passes while generating: the first token is sampled from the
+    /// prompt's logits and the last one needs no pass, so usually `n_generated - 1`.
+    pub n_decoded: usize,
     pub prompt_seconds: f64,
     pub generate_seconds: f64,
     pub stop: StopReason,
@@ -53,8 +56,11 @@ impl GenerationStats {
     pub fn prompt_tok_s(&self) -> f64 {
         self.n_prompt as f64 / self.prompt_seconds.max(1e-9)
     }
+    /// Decode speed: single-token forward passes per second (llama.cpp's "eval" rate; 0 when
+    /// no pass ran). Counting generated tokens instead would credit the prompt's pass to the
+    /// decode time (6 tokens take 5 passes).
     pub fn generate_tok_s(&self) -> f64 {
-        self.n_generated as f64 / self.generate_seconds.max(1e-9)
+        self.n_decoded as f64 / self.generate_seconds.max(1e-9)
     }
 }
 
@@ -108,7 +114,7 @@ pub fn generate_after(
         None => unreachable!("the prompt is not empty"),
     };
     let t1 = Instant::now();
-    let mut n_generated = 0;
+    let (mut n_generated, mut n_decoded) = (0, 0);
     let stop = loop {
         if n_generated >= opts.max_new_tokens {
             break StopReason::MaxTokens;
@@ -132,10 +138,12 @@ pub fn generate_after(
             .forward(&[id], Logits::Last)?
             .flatten_all()?
             .to_vec1()?;
+        n_decoded += 1;
     };
     Ok(GenerationStats {
         n_prompt: prompt.len(),
         n_generated,
+        n_decoded,
         prompt_seconds,
         generate_seconds: t1.elapsed().as_secs_f64(),
         stop,

@@ -123,13 +123,15 @@ pub fn run(a: RunArgs) -> Result<()> {
     let rest = decoder.finish();
     writeln!(out, "{rest}")?;
     eprintln!(
-        "hypura: prompt {} tokens in {:.2} s ({:.1} tok/s), generated {} tokens in {:.2} s ({:.1} tok/s), stop: {:?}",
+        "hypura: prompt {} tokens in {:.2} s ({:.1} tok/s), generated {} tokens in {:.2} s \
+         ({:.2} tok/s over {} decode steps), stop: {:?}",
         stats.n_prompt,
         stats.prompt_seconds,
         stats.prompt_tok_s(),
         stats.n_generated,
         stats.generate_seconds,
         stats.generate_tok_s(),
+        stats.n_decoded,
         stats.stop
     );
     // Forward passes: the prompt's batches, then one per generated token but the last.

@@ -224,3 +224,40 @@ fn prefetch_learns_a_repeated_sequence() {
         without.misses
     );
 }
+
+/// A routing served entirely by a cache above (the GPU's) is learned and traced by the host cache
+/// without being fetched or counted as a request.
+#[test]
+fn observed_routing_is_learned_not_fetched() {
+    let gguf = fixtures_dir().join("small-moe/small-moe-Q8_0.gguf");
+    let files = ModelFiles::open(&gguf).unwrap();
+    let config = ExpertCacheConfig {
+        slots: 2,
+        prefetch: false,
+        ..Default::default()
+    };
+    let store = WeightStore::with_placement(
+        files.clone(),
+        &Device::Cpu,
+        experts_streamed(&files, config),
+    )
+    .unwrap();
+    let cache = store.expert_cache().unwrap().clone();
+    cache.record_trace(true);
+    let seen = cache.learned().tokens_seen();
+    cache.observe(0, &[vec![2, 0], vec![0, 1]]);
+    let trace = cache.trace();
+    assert_eq!(trace.len(), 1);
+    assert_eq!(
+        (trace[0].layer, trace[0].experts.clone()),
+        (0, vec![0, 1, 2])
+    );
+    // Layer 0's popularity counts each (token, expert) use: 2 tokens × 2 experts.
+    assert_eq!(
+        cache.learned().tokens_seen(),
+        seen + 4,
+        "layer 0's uses learned"
+    );
+    let s = cache.stats();
+    assert_eq!((s.requests, s.reads, s.bytes_read), (0, 0, 0), "{s:?}");
+}

@@ -16,8 +16,8 @@ use crate::KernelError;
 /// `layer` into device memory and their addresses into the block's table.
 pub type Serve<'a> = &'a mut dyn FnMut(usize, &[usize]) -> Result<(), KernelError>;
 
-/// How long the host waits for a step at most (the device gives up on an unanswered request
-/// after 60 s, so a step that takes longer is stuck).
+/// How long the host waits for a step with neither a request nor its end (the device gives up
+/// on an unanswered request after 60 s, so a step silent for longer is stuck).
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Warps of `moe_router`'s one block (`ROUTER_WARPS` in decode.cu).
@@ -200,7 +200,7 @@ impl Decoder {
             .stream
             .record_event(None)
             .map_err(driver("step event"))?;
-        let start = Instant::now();
+        let mut heard = Instant::now();
         let mut failure = None;
         loop {
             if let Some(r) = mail.request() {
@@ -213,12 +213,13 @@ impl Decoder {
                     }
                 }
                 mail.answer(r.seq);
+                heard = Instant::now();
                 continue;
             }
             if done.try_is_complete().map_err(driver("step"))? {
                 break;
             }
-            if start.elapsed() > STEP_TIMEOUT {
+            if heard.elapsed() > STEP_TIMEOUT {
                 return Err(KernelError(format!(
                     "fused MoE step: no progress in {} s",
                     STEP_TIMEOUT.as_secs()

@@ -49,6 +49,12 @@ fn run_on(
     (first.0, first.1, stats)
 }
 
+/// A CPU store of `files` with its experts streamed through a cache of `config`.
+fn streamed_on_cpu(files: &ModelFiles, config: ExpertCacheConfig) -> WeightStore {
+    WeightStore::with_placement(files.clone(), &Device::Cpu, experts_streamed(files, config))
+        .unwrap()
+}
+
 /// Experts on NVMe (through the cache), everything else on the device.
 fn experts_streamed(files: &ModelFiles, config: ExpertCacheConfig) -> Placement {
     let tiers: HashMap<String, TierKind> = files
@@ -147,12 +153,7 @@ fn only_routed_experts_are_read_without_prefetch() {
         prefetch: false,
         ..Default::default()
     };
-    let store = WeightStore::with_placement(
-        files.clone(),
-        &Device::Cpu,
-        experts_streamed(&files, config),
-    )
-    .unwrap();
+    let store = streamed_on_cpu(&files, config);
     let mut model = Transformer::load(&store, &cfg, 64).unwrap();
     let cache = store.expert_cache().unwrap().clone();
     cache.record_trace(true);
@@ -194,12 +195,7 @@ fn prefetch_learns_a_repeated_sequence() {
             io_threads: 1,
             device_slots: 0,
         };
-        let store = WeightStore::with_placement(
-            files.clone(),
-            &Device::Cpu,
-            experts_streamed(&files, config),
-        )
-        .unwrap();
+        let store = streamed_on_cpu(&files, config);
         let mut model = Transformer::load(&store, &cfg, 128).unwrap();
         let seq: Vec<u32> = (0..24).map(|i| (i * 37 % 500) as u32 + 3).collect();
         for &id in &seq {
@@ -236,12 +232,7 @@ fn observed_routing_is_learned_not_fetched() {
         prefetch: false,
         ..Default::default()
     };
-    let store = WeightStore::with_placement(
-        files.clone(),
-        &Device::Cpu,
-        experts_streamed(&files, config),
-    )
-    .unwrap();
+    let store = streamed_on_cpu(&files, config);
     let cache = store.expert_cache().unwrap().clone();
     cache.record_trace(true);
     let seen = cache.learned().tokens_seen();

@@ -134,10 +134,11 @@ pub fn run(a: RunArgs) -> Result<()> {
         stats.n_decoded,
         stats.stop
     );
-    // Forward passes: the prompt's batches, then one per generated token but the last.
-    let passes = stats.n_prompt.div_ceil(a.batch_size.max(1)) + stats.n_generated.saturating_sub(1);
+    // Forward passes: the prompt's batches, then the decode steps.
+    let passes = stats.n_prompt.div_ceil(a.batch_size.max(1)) + stats.n_decoded;
+    // Tokens through the model: the prompt's and each decode step's.
+    let tokens = stats.n_prompt + stats.n_decoded;
     if let Some(c) = &m.experts {
-        let tokens = stats.n_prompt + stats.n_generated.saturating_sub(1);
         eprintln!("hypura: {}", describe(&c.stats(), tokens));
         if a.stats {
             eprintln!(
@@ -147,11 +148,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
     }
     #[cfg(feature = "cuda")]
-    if let Some((line, _)) = crate::expert_stats::gpu_report(
-        &m,
-        stats.n_prompt + stats.n_generated.saturating_sub(1),
-        None,
-    ) {
+    if let Some((line, _)) = crate::expert_stats::gpu_report(&m, tokens, None) {
         eprintln!("hypura: {line}");
     }
     if a.stats && m.experts.is_none() {

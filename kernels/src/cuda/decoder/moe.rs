@@ -39,44 +39,9 @@ impl Decoder {
             .as_ref()
             .filter(|_| l.served)
             .map_or(0, |m| m.device_ptr);
-        if self.fused_router && fused_router(router) {
-            self.router(i, router, k, mail)?;
-        } else {
-            self.route(i, router, k, mail)?;
-        }
+        self.route(i, router, k, mail)?;
         self.experts(i, l.expert_types, l.expert_table, k, n_ff)?;
         self.combine(i, k)
-    }
-
-    /// `moe_router`: block `i`'s F32 router product (of `xn`) and its routing in one launch.
-    fn router(
-        &self,
-        i: usize,
-        router: &DeviceMatrix,
-        k: usize,
-        mail: u64,
-    ) -> Result<(), KernelError> {
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (32, ROUTER_WARPS, 1),
-            shared_mem_bytes: 0,
-        };
-        let (n, d, k, layer) = (router.rows as i32, router.cols as i32, k as i32, i as i32);
-        let (route, table) = (self.route_at(i), self.layers[i].expert_table);
-        launch!(
-            self,
-            "moe_router",
-            cfg,
-            &router.bytes.ptr,
-            &n,
-            &d,
-            &self.xn.ptr,
-            &k,
-            &route,
-            &table,
-            &layer,
-            &mail
-        )
     }
 
     /// Block `i`'s routing: 16 floats (ids as floats, then weights) of `route`.
@@ -84,8 +49,10 @@ impl Decoder {
         self.route.ptr + (i * 2 * MAX_EXPERTS_USED * 4) as u64
     }
 
-    /// The router's logits for `xn`, then block `i`'s routing = its top `k` and their weights;
+    /// Block `i`'s routing from `xn`: the router's logits, their top `k` and the weights;
     /// `mail` (0: none) is where the device asks for experts missing from the block's table.
+    /// An F32 router takes `moe_router` (product and top-k in one block), others a mat-vec and
+    /// `moe_route`.
     fn route(
         &self,
         i: usize,
@@ -93,26 +60,37 @@ impl Decoder {
         k: usize,
         mail: u64,
     ) -> Result<(), KernelError> {
-        self.matvec(
-            router,
-            self.xn.ptr,
-            self.q8(),
-            self.router.ptr,
-            0,
-            NormIn::NONE,
-        )?;
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let (n, k, layer) = (router.rows as i32, k as i32, i as i32);
         let (route, table) = (self.route_at(i), self.layers[i].expert_table);
+        let one_block = |warps: u32| LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, warps, 1),
+            shared_mem_bytes: 0,
+        };
+        if self.fused_router && fused_router(router) {
+            let d = router.cols as i32;
+            return launch!(
+                self,
+                "moe_router",
+                one_block(ROUTER_WARPS),
+                &router.bytes.ptr,
+                &n,
+                &d,
+                &self.xn.ptr,
+                &k,
+                &route,
+                &table,
+                &layer,
+                &mail
+            );
+        }
+        let logits = self.router.ptr;
+        self.matvec(router, self.xn.ptr, self.q8(), logits, 0, NormIn::NONE)?;
         launch!(
             self,
             "moe_route",
-            cfg,
-            &self.router.ptr,
+            one_block(1),
+            &logits,
             &n,
             &k,
             &route,

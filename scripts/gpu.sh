@@ -20,6 +20,7 @@
 #                                  bench8b):
 #       tests     the CUDA cases of the fixture suites (--test-threads=1)
 #       kbench    the decode kernels' micro-benchmark: µs, GB/s and error per shape and variant
+#       kbenchpdl the same in chains of dependent launches, as in the step's graph (kbench pdl)
 #       profile   hypura profile --reprofile (GPU memory, PCIe and device bandwidth, disk)
 #       lcpp      start building llama.cpp with CUDA in the background (log: $OUT/lcpp-build.log)
 #       bench8b   synth llama-3-8b Q4_K_M; plan; hypura bench pp512/tg128 ×3 (BENCH8B_MODES: fused
@@ -208,6 +209,7 @@ run() {
         HYPURA_CUDA_DECODE=candle HYPURA_CUDA_MATVEC=exact step test-fidelity-candle-exact \
           "$bin/fidelity" cuda --test-threads=1 ;;
       kbench) TAIL=60 step kbench "$bin/kbench" ;;
+      kbenchpdl) TAIL=30 step kbench-pdl "$bin/kbench" pdl ;;
       profile)
         step profile "$bin/hypura" profile --dir "$M" --reprofile
         "$bin/hypura" profile --dir "$M" --json >"$OUT/profile.json" ;;

@@ -3,7 +3,9 @@
 // fit in L2 (and, `warm`, over one copy: from L2 where it fits, the kernel's own ceiling), and
 // checked against simple reference kernels.
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90 -o kbench kernels/cuda/bench.cu && ./kbench
+//   nvcc -O3 -std=c++17 -arch=sm_90 -o kbench kernels/cuda/bench.cu && ./kbench [pdl]
+//
+// `pdl`: kernels in chains of dependent launches, as in the decoder's graph (bench_pdl.cuh).
 //
 // (scripts/gpu.sh step `kbench` builds it here with the PyPI nvcc and runs it on the GPU.)
 // Output: one line per (shape, kernel): µs per launch, weight GB/s, and max |Δ| / max |y|
@@ -194,6 +196,38 @@ static void report(const char* shape, const char* variant, float us, double byte
 }
 
 
+// Launches k as a programmatic dependent launch, as the decoder's graph does.
+template <typename... Exp, typename... Act>
+static void pdl(void (*k)(Exp...), dim3 g, dim3 b, size_t smem, cudaStream_t s, Act&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = g;
+  cfg.blockDim = b;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = 1;
+  CK(cudaLaunchKernelEx(&cfg, k, std::forward<Act>(args)...));
+}
+
+static float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  float m = 0.f;
+  for (size_t i = 0; i < a.size(); ++i) m = fmaxf(m, fabsf(a[i] - b[i]));
+  return m;
+}
+
+typedef void (*NormKernel)(const uint8_t*, const float*, const int8_t*, const float*,
+                           const float*, float*, int, const float*, const float*, int8_t*,
+                           float*, float*, float*);
+
+// The decoder's norm producer for rows of type ty.
+static NormKernel norm_kernel(int ty) {
+  return ty == T_Q4_K ? matvec_norm_q4_k : ty == T_Q5_K ? matvec_norm_q5_k : matvec_norm_q6_k;
+}
+
+
 // Shapes the decoder does not launch, for comparison (decode.cu instantiates 1/2 × 1/2, U 1).
 template <int R, int KS, int U = 1>
 __global__ void __launch_bounds__(WARP * MV_WARPS) matvec_x(MV_ARGS) {
@@ -266,9 +300,9 @@ static void bench_matvec(const char* shape, int ty, int rows, int cols, uint32_t
     CK(cudaMalloc(&nq, rows));
     CK(cudaMemcpy(nw, a.x, std::min(rows, cols) * 4, cudaMemcpyDeviceToDevice));
     auto f = [&](cudaStream_t s, int i) {
-      matvec_norm<<<rows / 32, dim3(32, NORM_WARPS), 0, s>>>(
-          m.p + (i % m.copies) * m.bytes, ty, a.x, a.q, a.d, a.s, y, rows, cols, nullptr,
-          nullptr, nw, nq, nd, ns, np);
+      norm_kernel(ty)<<<rows / 32, dim3(32, NORM_WARPS), 0, s>>>(
+          m.p + (i % m.copies) * m.bytes, a.x, a.q, a.d, a.s, y, cols, nullptr, nw, nq, nd, ns,
+          np);
     };
     CK(cudaMemset(y, 0, rows * 4));
     f(0, 0);
@@ -327,7 +361,7 @@ typedef void (*AttKernel)(const float*, const float*, const float*, float*, floa
                           int, float, int8_t*, float*, float*, float*, int, int);
 
 static void bench_attention(int n_kv, int n_split, const char* kname, AttKernel kern, int warps,
-                            int chunk_min) {
+                            int chunk_min, bool dependent = false) {
   const int nh = 32, nkv = 8, hd = 128, n_ctx = 4096;
   Act q = make_act(nh * hd), kc = make_act(nkv * n_ctx * hd), vc = make_act(nkv * n_ctx * hd);
   float *o, *orf, *od, *os, *part;
@@ -359,9 +393,13 @@ static void bench_attention(int n_kv, int n_split, const char* kname, AttKernel 
   CK(cudaMemcpy2D(v, hd * 4, vc.x + (size_t)(n_kv - 1) * hd, (size_t)n_ctx * hd * 4, hd * 4, nkv,
                   cudaMemcpyDeviceToDevice));
   auto f = [&](cudaStream_t s, int) {
-    kern<<<dim3(nh, n_split), dim3(32, warps), 0, s>>>(q.x, k, v, kc.x, vc.x, o, cs, sn, step,
-                                                        nh, nkv, hd, hd, 1, n_ctx, scale, oq,
-                                                        od, os, part, n_split, chunk_min);
+    if (dependent)
+      pdl(kern, dim3(nh, n_split), dim3(32, warps), 0, s, q.x, k, v, kc.x, vc.x, o, cs, sn, step,
+          nh, nkv, hd, hd, 1, n_ctx, scale, oq, od, os, part, n_split, chunk_min);
+    else
+      kern<<<dim3(nh, n_split), dim3(32, warps), 0, s>>>(q.x, k, v, kc.x, vc.x, o, cs, sn, step,
+                                                          nh, nkv, hd, hd, 1, n_ctx, scale, oq,
+                                                          od, os, part, n_split, chunk_min);
     if (n_split > 1)
       attention_merge<<<nh, hd, 0, s>>>(part, o, step, hd, n_split, chunk_min, oq, od, os);
   };
@@ -404,22 +442,28 @@ static void bench_norm(int n) {
          rel_err(download(s2, n / 32), download(s, n / 32)) + diff);
 }
 
+#include "bench_pdl.cuh"
+
 // An empty kernel: the floor of one launch in a graph.
 __global__ void nothing() {}
 
-int main() {
+int main(int argc, char** argv) {
   cudaDeviceProp p;
   CK(cudaGetDeviceProperties(&p, 0));
   printf("%s, %d SMs, L2 %d MiB\n", p.name, p.multiProcessorCount, p.l2CacheSize >> 20);
+  if (argc > 1 && std::string(argv[1]) == "pdl") {
+    bench_pdl();
+    return 0;
+  }
   report("empty kernel", "<<<1, 32>>>",
          time_graph([](cudaStream_t s, int) { nothing<<<1, 32, 0, s>>>(); }, 64), 0, 0.f);
   bench_norm(4096);
   // The decoder's two shapes (kernels/src/cuda/decoder.rs, AttShape) at n_ctx 4096, and the
   // single-block kernel for comparison.
   for (int n_kv : {9, 128, 300, 512, 513, 1024, 4096}) {
-    bench_attention(n_kv, 1, "attention_32_1", attention_32_1, 32, 4096);
+    bench_attention(n_kv, 1, "attention_32_4", attention_32_4, 32, 4096);
     if (n_kv <= 512)
-      bench_attention(n_kv, 2, "attention_32_1", attention_32_1, 32, 256);
+      bench_attention(n_kv, 2, "attention_32_4", attention_32_4, 32, 256);
     else
       bench_attention(n_kv, 16, "attention_8_4", attention_8_4, 8, 64);
   }

@@ -11,15 +11,15 @@
 // kernel costs on an H200, and why it is shaped this way, is in docs/cuda.md; bench.cu times
 // the variants.
 //
-// Per layer (6 launches): matvec_qkv, attention (with RoPE and the KV-cache write; past 256
-// keys also attention_merge), matvec_norm (o, + residual, and the next norm's input),
-// matvec_swiglu, quantize_q8, matvec_norm (down, + residual, and the next norm's input). The RMS
-// norms fold into the mat-vecs around them (see NormIn); where they cannot (the first layer, F32
-// or Q8_0 consumers, MoE blocks) `rms_norm` runs before its consumer and o and down are plain
-// `matvec`s. A mixture-of-experts block replaces the last three with
-// the router's matvec, moe_route (top-k on the device; it waits for the host when a chosen expert
-// is not in device memory), moe_swiglu, quantize_q8 and moe_down over the chosen experts, and
-// moe_combine.
+// Per layer (5 launches): matvec_qkv, attention (with RoPE and the KV-cache write; past 256
+// keys also attention_merge), matvec_norm_<type> (o, + residual, and the next norm's input),
+// matvec_swiglu, matvec_norm_qin_<type> (down, quantizing SwiGLU's output itself, + residual, and
+// the next norm's input). The RMS norms fold into the mat-vecs around them (see NormIn); where
+// they cannot (the first layer, F32 or Q8_0 consumers, MoE blocks) `rms_norm` runs before its
+// consumer, and o and down are plain `matvec`s (down after quantize_q8). A mixture-of-experts
+// block replaces the last three with the router's matvec, moe_route (top-k on the device; it
+// waits for the host when a chosen expert is not in device memory), moe_swiglu, quantize_q8 and
+// moe_down over the chosen experts, and moe_combine.
 //
 // Conventions: `step[0]` = token id, `step[1]` = position of that token (= tokens already cached).
 // Matrices are row-major `[rows, cols]`, one row per output; `y[r] = dot(W[r], x) (+ bias[r])
@@ -32,7 +32,8 @@
 // previous grid to complete with its writes visible (so each kernel still sees all earlier ones:
 // each completes only after its own wait), then lets the next kernel launch, whose blocks take
 // their places as this one's last wave runs instead of after it. Without the launch attribute
-// both instructions do nothing.
+// both instructions do nothing. (Issuing each mat-vec's first weight loads before the wait was
+// measured and is slower: docs/cuda.md.)
 __device__ __forceinline__ void pdl_entry() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -217,41 +218,116 @@ MATVEC_KERNELS(1, 2)
 MATVEC_KERNELS(2, 1)
 MATVEC_KERNELS(2, 2)
 
-// A norm's producer (see NormIn): y = W x (+ bias) (+ res) as `matvec_2_1`, 32 rows a block
-// (two per warp, NORM_WARPS warps; `rows` a multiple of 32), then each block writes the int8
-// copy of its rows of y ⊙ nw (nw: the next norm's weight) to (nq, nd, ns) and its Σ y² to
-// npart[blockIdx.x]. The int8 copy goes to buffers of its own: other blocks may still be reading
-// this kernel's input. (One int8 block per thread block: spreading a block's rows over several
-// thread blocks and letting the last one to finish write the copy, counted with atomics, cost
-// more than the norm kernel it saves: docs/cuda.md.)
-#define NORM_WARPS 16
-extern "C" __global__ void __launch_bounds__(WARP * NORM_WARPS)
-    matvec_norm(const uint8_t* __restrict__ w, int ty, const float* __restrict__ x,
-                const int8_t* xq, const float* xd, const float* xs, float* y, int rows, int cols,
-                const float* bias, const float* res, const float* __restrict__ nw, int8_t* nq,
-                float* nd, float* ns, float* npart) {
-  pdl_entry();
-  __shared__ float yb[2 * NORM_WARPS];
-  const int row = (blockIdx.x * NORM_WARPS + threadIdx.y) * 2;
-  float acc[2] = {};
-  rows_dot<2, 1>(w, ty, row, x, Q8x{xq, xd, xs}, cols, 0, acc);
-  const float a0 = warp_sum(acc[0]), a1 = warp_sum(acc[1]);
-  if (threadIdx.x < 2) {
-    const int r = row + threadIdx.x;
-    float t = threadIdx.x ? a1 : a0;
-    if (bias) t += bias[r];
-    if (res) t += res[r];
-    y[r] = t;
-    yb[2 * threadIdx.y + threadIdx.x] = t;
+// A norm's producer (see NormIn): y = W x (+ res) for rows of type TY, 32 rows a block (one int8
+// block: the rows' groups of KS warps own R rows each, R · NORM_WARPS / KS = 32), then warp 0
+// writes the int8 copy of its rows of y ⊙ nw (nw: the next norm's weight) to (nq, nd, ns) and
+// their Σ y² to npart[blockIdx.x]. The int8 copy goes to buffers of its own: other blocks may
+// still be reading this kernel's input. (Spreading an int8 block's rows over several thread
+// blocks, the last to finish writing the copy, cost more than the norm kernel it saves:
+// docs/cuda.md.)
+//
+// QIN (k-quant rows; down, whose input is SwiGLU's F32 output): the block first quantizes its
+// F32 input x (`cols` of it) into shared memory, int8 blocks padded by 16 bytes every 64 against
+// bank conflicts (dynamic shared memory: qin_smem_bytes), and reads its activations there. Every
+// block repeats that work (57 KB of x from L2 at n_ff 14336), and no quantize_q8 kernel runs
+// between SwiGLU and down, which cost 4 µs a layer in drains and launches (docs/cuda.md).
+#define NORM_WARPS 32
+#define QIN_PAD 16
+
+__host__ __device__ constexpr int qin_smem_bytes(int cols) {
+  return cols / 64 * (64 + QIN_PAD) + cols / 32 * 8;
+}
+
+// Quantizes x [cols] into shared memory as Q8x, padded by QIN_PAD bytes every 64 (see above);
+// 8 consecutive values a lane, 4 lanes an int8 block, the same values as quantize_q8's.
+__device__ __forceinline__ Q8x quantize_to_smem(const float* __restrict__ x, int cols,
+                                                int8_t* smem) {
+  int8_t* sq = smem;
+  float* sd = reinterpret_cast<float*>(smem + cols / 64 * (64 + QIN_PAD));
+  float* ss = sd + cols / 32;
+  const float4* x4 = reinterpret_cast<const float4*>(x);
+  const int lane = threadIdx.x;
+  for (int i = threadIdx.y * WARP + lane; i < cols / 8; i += blockDim.y * WARP) {
+    const float4 a = x4[2 * i], b = x4[2 * i + 1]; // whole warps: cols / 8 % 32 == 0
+    float amax = fmaxf(fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(a.z), fabsf(a.w))),
+                       fmaxf(fmaxf(fabsf(b.x), fabsf(b.y)), fmaxf(fabsf(b.z), fabsf(b.w))));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    const float dq = amax / 127.f;
+    auto qz = [&](float v) { return amax == 0.f ? 0 : __float2int_rn(v / dq); };
+    const int q0 = qz(a.x), q1 = qz(a.y), q2 = qz(a.z), q3 = qz(a.w);
+    const int q4 = qz(b.x), q5 = qz(b.y), q6 = qz(b.z), q7 = qz(b.w);
+    float sum = (float)(q0 + q1 + q2 + q3 + q4 + q5 + q6 + q7);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int e = 8 * i;
+    const uint2 pk = make_uint2(__byte_perm(__byte_perm(q0, q1, 0x40), __byte_perm(q2, q3, 0x40), 0x5410),
+                                __byte_perm(__byte_perm(q4, q5, 0x40), __byte_perm(q6, q7, 0x40), 0x5410));
+    *reinterpret_cast<uint2*>(sq + e / 64 * (64 + QIN_PAD) + e % 64) = pk;
+    if ((lane & 3) == 0) {
+      sd[e / 32] = dq;
+      ss[e / 32] = dq * sum;
+    }
+  }
+  __syncthreads();
+  return Q8x{sq, sd, ss};
+}
+
+template <int TY, bool QIN>
+__device__ __forceinline__ void matvec_norm_t(const uint8_t* __restrict__ w,
+                                              const float* __restrict__ x, Q8x q8, float* y,
+                                              int cols, const float* res,
+                                              const float* __restrict__ nw, int8_t* nq,
+                                              float* nd, float* ns, float* npart) {
+  constexpr int R = 2, KS = 2;
+  static_assert(R * NORM_WARPS / KS == 32, "one int8 block of rows per thread block");
+  __shared__ float red[NORM_WARPS][R];
+  const int lane = threadIdx.x, g = threadIdx.y / KS, ks = threadIdx.y % KS;
+  float acc[R] = {};
+  const int row = blockIdx.x * 32 + g * R;
+  if constexpr (QIN) {
+    extern __shared__ __align__(16) int8_t qin_smem[];
+    // Every thread calls this once, after its first weight loads: wait, then quantize.
+    rows_dot_t<TY, R, KS, 1, QIN_PAD>(w, row, x, quantize_to_smem(x, cols, qin_smem), cols, ks,
+                                      acc);
+  } else {
+    rows_dot_t<TY, R, KS>(w, row, x, q8, cols, ks, acc);
+  }
+#pragma unroll
+  for (int i = 0; i < R; ++i) acc[i] = warp_sum(acc[i]);
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) red[threadIdx.y][i] = acc[i];
   }
   __syncthreads();
   if (threadIdx.y != 0) return;
-  const int i = blockIdx.x * 2 * NORM_WARPS + threadIdx.x;
-  const float v = yb[threadIdx.x];
-  const float ss = warp_sum(v * v);
-  if (threadIdx.x == 0) npart[blockIdx.x] = ss;
-  warp_quantize(v * nw[i], i, nq, nd, ns);
+  const int r = blockIdx.x * 32 + lane; // row g · R + i of the block: lane = (g, i)
+  float t = 0.f;
+#pragma unroll
+  for (int k = 0; k < KS; ++k) t += red[lane / R * KS + k][lane % R];
+  if (res) t += res[r];
+  y[r] = t;
+  const float ss = warp_sum(t * t);
+  if (lane == 0) npart[blockIdx.x] = ss;
+  warp_quantize(t * nw[r], r, nq, nd, ns);
 }
+
+#define MATVEC_NORM(NAME, TY, QIN)                                                          \
+  extern "C" __global__ void __launch_bounds__(WARP * NORM_WARPS)                            \
+      NAME(const uint8_t* __restrict__ w, const float* __restrict__ x, const int8_t* xq,     \
+           const float* xd, const float* xs, float* y, int cols, const float* res,           \
+           const float* __restrict__ nw, int8_t* nq, float* nd, float* ns, float* npart) {   \
+    pdl_entry();                                                                            \
+    matvec_norm_t<TY, QIN>(w, x, Q8x{xq, xd, xs}, y, cols, res, nw, nq, nd, ns, npart);      \
+  }
+MATVEC_NORM(matvec_norm_q4_k, T_Q4_K, false)
+MATVEC_NORM(matvec_norm_q5_k, T_Q5_K, false)
+MATVEC_NORM(matvec_norm_q6_k, T_Q6_K, false)
+MATVEC_NORM(matvec_norm_q8_0, T_Q8_0, false)
+MATVEC_NORM(matvec_norm_f32, T_F32, false)
+MATVEC_NORM(matvec_norm_qin_q4_k, T_Q4_K, true)
+MATVEC_NORM(matvec_norm_qin_q5_k, T_Q5_K, true)
+MATVEC_NORM(matvec_norm_qin_q6_k, T_Q6_K, true)
 
 // The SwiGLU hidden state: out[r] = silu(gate[r] · x) * (up[r] · x); one warp per row. Two Q4_K
 // (or two Q5_K) rows run interleaved, sharing each activation load.
@@ -581,16 +657,18 @@ extern "C" __global__ void rms_norm4(const float* __restrict__ x, const float* _
 }
 
 // ---- Attention for one query token over keys 0..=pos, with RoPE. Grid: n_head blocks of
-// (32, ATT_WARPS); caches are [n_head_kv, n_ctx, hd]; head_dim ≤ 256.
+// (32, W) (times n_split, below); caches are [n_head_kv, n_ctx, hd]; head_dim ≤ 32 · PL.
 // Each block rotates its head's q and its kv head's k for this position (style 0: interleaved
 // pairs (2i, 2i+1); style 1: half-split pairs (i, i + rope_dim/2); dims ≥ rope_dim unrotated),
-// takes key `pos` from shared memory, and the first block of each kv group stores this token's
-// k and v into the cache (other blocks read only keys < pos there). Each warp keeps an online
-// softmax over runs of ATT_KEYS keys (warp w: keys 4w.., then 4(w + ATT_WARPS).., ...); the
-// warps are merged at the end. (8 warps of 48 registers: 8 blocks per SM, the chunks of a long
-// context in one wave.)
-
-#define ATT_MAX_PER_LANE 8
+// and the first block of each kv group stores this token's k and v into the cache. Each warp
+// keeps an online softmax over runs of KEYS keys (warp w: keys KEYS·w.., then KEYS·(w + W)..,
+// ...); the warps are merged at the end.
+//
+// A run's K and V rows are loaded together, with plain global loads, before any of its scores
+// (row `pos`, this token's, is then replaced by its value from shared memory: other blocks may
+// not have stored it yet). The first run's loads are issued before the dependency wait: those
+// rows were written by earlier steps, so they overlap the q/k/v mat-vec's tail. (H200, 32 heads
+// of 128, bench.cu: 4.3 -> 3.1 µs at 9 keys, 6.4 -> 3.4 at 128; docs/cuda.md.)
 
 // Element t of a head after RoPE with cosines `cs` and sines `sn` of this position.
 __device__ __forceinline__ float rope_at(const float* x, int t, int rope_dim, int style,
@@ -623,22 +701,37 @@ __device__ __forceinline__ int att_splits(int n_kv, int n_split, int chunk_min, 
       int rope_dim, int style, int n_ctx, float scale, int8_t *oq, float *od, float *os,       \
       float *part, int n_split, int chunk_min
 
-// ATT_WARPS warps per block, ATT_KEYS keys per warp iteration (their loads in flight together).
-template <int ATT_WARPS, int ATT_KEYS>
+template <int W, int KEYS, int PL>
 __device__ __forceinline__ void attention_t(ATT_ARGS) {
-  __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS], sm_f[ATT_WARPS];
-  __shared__ float sm_acc[ATT_WARPS][WARP * ATT_MAX_PER_LANE];
-  __shared__ float sm_raw[2][WARP * ATT_MAX_PER_LANE];  // this token's q, k before RoPE
-  __shared__ float sm_new[3][WARP * ATT_MAX_PER_LANE];  // q, k after RoPE; v
+  __shared__ float sm_m[W], sm_l[W], sm_f[W];
+  __shared__ float sm_acc[W][WARP * PL];
+  __shared__ float sm_raw[2][WARP * PL]; // this token's q, k before RoPE
+  __shared__ float sm_new[3][WARP * PL]; // q, k after RoPE; v
   const int group = n_head / n_head_kv, h = blockIdx.x, kvh = h / group, c = blockIdx.y;
   const int lane = threadIdx.x, wid = threadIdx.y, t = wid * WARP + lane;
-  const int pos = step[1], n_kv = pos + 1;
+  const int pos = step[1], n_kv = pos + 1; // step is written by the host before the step
   int chunk;
   const int splits = att_splits(n_kv, n_split, chunk_min, chunk);
-  if (c >= splits) return; // the whole block
+  if (c >= splits) return; // the whole block (exiting also lets the next kernel launch)
   const int j0 = c * chunk, j1 = min(n_kv, j0 + chunk);
   float* K = kc + (size_t)kvh * n_ctx * hd;
   float* V = vc + (size_t)kvh * n_ctx * hd;
+  float kr[KEYS][PL], vr[KEYS][PL];
+  auto load = [&](int j) { // keys past the chunk: a valid row, weighed 0 below
+#pragma unroll
+    for (int u = 0; u < KEYS; ++u) {
+      const size_t o = (size_t)min(j + u, j1 - 1) * hd;
+#pragma unroll
+      for (int i = 0; i < PL; ++i) {
+        const int d = lane + WARP * i;
+        kr[u][i] = d < hd ? K[o + d] : 0.f;
+        vr[u][i] = d < hd ? V[o + d] : 0.f;
+      }
+    }
+  };
+  int j = j0 + KEYS * wid;
+  load(j);
+  pdl_entry();
   if (t < hd) {
     sm_raw[0][t] = q[(size_t)h * hd + t];
     sm_raw[1][t] = k[(size_t)kvh * hd + t];
@@ -648,65 +741,60 @@ __device__ __forceinline__ void attention_t(ATT_ARGS) {
   if (t < hd) {
     const float* cs = cos_t + (size_t)pos * (rope_dim / 2);
     const float* sn = sin_t + (size_t)pos * (rope_dim / 2);
-    const float kr = rope_at(sm_raw[1], t, rope_dim, style, cs, sn);
+    const float kt = rope_at(sm_raw[1], t, rope_dim, style, cs, sn);
     sm_new[0][t] = rope_at(sm_raw[0], t, rope_dim, style, cs, sn);
-    sm_new[1][t] = kr;
+    sm_new[1][t] = kt;
     if (h % group == 0 && c == 0) {
-      K[(size_t)pos * hd + t] = kr;
+      K[(size_t)pos * hd + t] = kt;
       V[(size_t)pos * hd + t] = sm_new[2][t];
     }
   }
   __syncthreads();
-  float qr[ATT_MAX_PER_LANE], acc[ATT_MAX_PER_LANE];
+  float qr[PL], acc[PL];
 #pragma unroll
-  for (int i = 0; i < ATT_MAX_PER_LANE; ++i) {
+  for (int i = 0; i < PL; ++i) {
     const int d = lane + WARP * i;
     qr[i] = d < hd ? sm_new[0][d] * scale : 0.f;
     acc[i] = 0.f;
   }
   float m = -INFINITY, l = 0.f;
-  for (int j = j0 + ATT_KEYS * wid; j < j1; j += ATT_KEYS * ATT_WARPS) {
-    const float* kj[ATT_KEYS];
-    const float* vj[ATT_KEYS];
-    float sc[ATT_KEYS];
+  for (bool first = true; j < j1; j += KEYS * W, first = false) {
+    if (!first) load(j);
+    float sc[KEYS];
 #pragma unroll
-    for (int u = 0; u < ATT_KEYS; ++u) {
-      const int jj = min(j + u, j1 - 1); // past the chunk: a valid row, weighed 0 below
-      kj[u] = jj == pos ? sm_new[1] : K + (size_t)jj * hd;
-      vj[u] = jj == pos ? sm_new[2] : V + (size_t)jj * hd;
-      sc[u] = 0.f;
-    }
+    for (int u = 0; u < KEYS; ++u) {
+      if (min(j + u, j1 - 1) == pos) { // this token's key and value, from shared memory
 #pragma unroll
-    for (int i = 0; i < ATT_MAX_PER_LANE; ++i) {
-      const int d = lane + WARP * i;
-      if (d < hd) {
-#pragma unroll
-        for (int u = 0; u < ATT_KEYS; ++u) sc[u] += qr[i] * kj[u][d];
+        for (int i = 0; i < PL; ++i) {
+          const int d = lane + WARP * i;
+          kr[u][i] = d < hd ? sm_new[1][d] : 0.f;
+          vr[u][i] = d < hd ? sm_new[2][d] : 0.f;
+        }
       }
+      sc[u] = 0.f;
+#pragma unroll
+      for (int i = 0; i < PL; ++i) sc[u] += qr[i] * kr[u][i];
     }
     float m2 = m;
 #pragma unroll
-    for (int u = 0; u < ATT_KEYS; ++u) {
+    for (int u = 0; u < KEYS; ++u) {
       sc[u] = j + u < j1 ? warp_sum(sc[u]) : -INFINITY;
       m2 = fmaxf(m2, sc[u]);
     }
     const float cf = expf(m - m2); // 0 on the first run (m = -inf; m2 is finite: key j)
-    float p[ATT_KEYS];
+    float p[KEYS];
     l *= cf;
 #pragma unroll
-    for (int u = 0; u < ATT_KEYS; ++u) {
+    for (int u = 0; u < KEYS; ++u) {
       p[u] = expf(sc[u] - m2); // 0 past the chunk
       l += p[u];
     }
 #pragma unroll
-    for (int i = 0; i < ATT_MAX_PER_LANE; ++i) {
-      const int d = lane + WARP * i;
-      if (d < hd) {
-        float a = acc[i] * cf;
+    for (int i = 0; i < PL; ++i) {
+      float a = acc[i] * cf;
 #pragma unroll
-        for (int u = 0; u < ATT_KEYS; ++u) a += p[u] * vj[u][d];
-        acc[i] = a;
-      }
+      for (int u = 0; u < KEYS; ++u) a += p[u] * vr[u][i];
+      acc[i] = a;
     }
     m = m2;
   }
@@ -715,43 +803,47 @@ __device__ __forceinline__ void attention_t(ATT_ARGS) {
     sm_l[wid] = l;
   }
 #pragma unroll
-  for (int i = 0; i < ATT_MAX_PER_LANE; ++i) sm_acc[wid][lane + WARP * i] = acc[i];
+  for (int i = 0; i < PL; ++i) sm_acc[wid][lane + WARP * i] = acc[i];
   __syncthreads();
-  // Merge (lane w < ATT_WARPS of warp 0 weighs warp w's partial softmax), then one thread per
-  // output element. Warp 0 saw key j0, so the block's max is finite.
+  // Merge (lane w < W of warp 0 weighs warp w's partial softmax), then one thread per output
+  // element. Warp 0 saw key j0, so the block's max is finite.
   float* pp = part + ((size_t)h * n_split + c) * (hd + 2);
   if (wid == 0) {
-    const float mw = lane < ATT_WARPS ? sm_m[lane] : -INFINITY, mm = warp_max(mw);
+    const float mw = lane < W ? sm_m[lane] : -INFINITY, mm = warp_max(mw);
     const float f = mw == -INFINITY ? 0.f : expf(mw - mm); // warps that saw no key weigh 0
-    const float ll = warp_sum(lane < ATT_WARPS ? sm_l[lane] * f : 0.f);
-    if (lane < ATT_WARPS) sm_f[lane] = splits == 1 ? f / ll : f;
+    const float ll = warp_sum(lane < W ? sm_l[lane] * f : 0.f);
+    if (lane < W) sm_f[lane] = splits == 1 ? f / ll : f;
     if (splits > 1 && lane == 0) {
       pp[hd] = mm;
       pp[hd + 1] = ll;
     }
   }
   __syncthreads();
-  const int dd = wid * WARP + lane; // ATT_WARPS * WARP ≥ 256 ≥ hd
-  if (dd >= hd) return; // whole warps when hd % 32 == 0 (the int8 copy needs that)
-  float o = 0.f;
+  for (int dd = wid * WARP + lane; dd < hd; dd += W * WARP) { // whole warps when hd % 32 == 0
+    float o = 0.f;
 #pragma unroll 8
-  for (int w = 0; w < ATT_WARPS; ++w) o += sm_acc[w][dd] * sm_f[w];
-  if (splits > 1) {
-    pp[dd] = o;
-    return;
+    for (int w = 0; w < W; ++w) o += sm_acc[w][dd] * sm_f[w];
+    if (splits > 1) {
+      pp[dd] = o;
+      continue;
+    }
+    out[(size_t)h * hd + dd] = o;
+    if (oq) warp_quantize(o, h * hd + dd, oq, od, os);
   }
-  out[(size_t)h * hd + dd] = o;
-  if (oq) warp_quantize(o, h * hd + dd, oq, od, os);
 }
 
-#define ATTENTION(W, KEYS)                                                                  \
-  extern "C" __global__ void __launch_bounds__(WARP * W) attention_##W##_##KEYS(ATT_ARGS) { \
-    pdl_entry();                                                                            \
-    attention_t<W, KEYS>(q, k, v, kc, vc, out, cos_t, sin_t, step, n_head, n_head_kv, hd,      \
-                         rope_dim, style, n_ctx, scale, oq, od, os, part, n_split, chunk_min); \
+// attention_<W>_<KEYS> for head_dim ≤ 128, attention_<W>_<KEYS>_256 for head_dim ≤ 256 (fewer
+// keys a run: the rows are twice as long in registers).
+#define ATTENTION(NAME, W, KEYS, PL)                                                        \
+  extern "C" __global__ void __launch_bounds__(WARP * W) NAME(ATT_ARGS) {                    \
+    attention_t<W, KEYS, PL>(q, k, v, kc, vc, out, cos_t, sin_t, step, n_head, n_head_kv, hd, \
+                             rope_dim, style, n_ctx, scale, oq, od, os, part, n_split,        \
+                             chunk_min);                                                      \
   }
-ATTENTION(32, 1)
-ATTENTION(8, 4)
+ATTENTION(attention_32_4, 32, 4, 4)
+ATTENTION(attention_8_4, 8, 4, 4)
+ATTENTION(attention_32_1_256, 32, 1, 8)
+ATTENTION(attention_8_2_256, 8, 2, 8)
 
 // Combines the per-block partials of `attention` when a head's keys were split (else returns
 // at once). Grid: n_head blocks of head_dim threads, rounded up to whole warps.

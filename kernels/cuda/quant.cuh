@@ -165,14 +165,16 @@ __device__ __forceinline__ float qk_part(uint4 hd, uint4 qa, uint4 qb, uint4 ha,
 
 // R Q4_K (Q5 false) or Q5_K rows · x: 4 lanes per super-block, 8 super-blocks per warp iteration
 // (see qk_part); slice `ks` of KS takes iterations ks, ks + KS, ... (Measured against 8 lanes
-// per super-block, 16 bytes each: 1.2-1.4x faster, docs/cuda.md.)
-template <int R, int KS, bool Q5, int U = 1>
+// per super-block, 16 bytes each: 1.2-1.4x faster, docs/cuda.md.) XP: padding bytes after every
+// 64 int8 activations (0 in global memory; a copy in shared memory is padded against bank
+// conflicts).
+template <int R, int KS, bool Q5, int U = 1, int XP = 0>
 __device__ __forceinline__ void dot_qk(const uint8_t* const (&rows)[R], Q8x x, int nb, int ks,
                                        float (&acc)[R]) {
   const int lane = threadIdx.x, j = lane & 3;
 #pragma unroll U
   for (int b = (lane >> 2) + 8 * ks; b < nb; b += 8 * KS) {
-    const int8_t* xq = x.q + b * 256 + j * 64;
+    const int8_t* xq = x.q + (b * 4 + j) * (64 + XP);
     const int4 xl0 = *reinterpret_cast<const int4*>(xq);
     const int4 xl1 = *reinterpret_cast<const int4*>(xq + 16);
     const int4 xh0 = *reinterpret_cast<const int4*>(xq + 32);
@@ -244,7 +246,7 @@ struct Q6Block {
 // positions 8c..8c+7 of all 8 runs of 32 (k = 4n + q), two dp4a each, so the scales (byte
 // 8c / 16 of each pair) are loaded once per 64 weights, and with aligned 32-bit loads. The zero
 // point comes off once per run for all R rows: dot(v - 32, x) = dot(v, x) + dot(-32, x).
-template <int R, int KS>
+template <int R, int KS, int XP = 0>
 __device__ __forceinline__ void dot_q6_k(const uint8_t* const (&rows)[R], Q8x x, int nb, int ks,
                                          float (&acc)[R]) {
   const int lane = threadIdx.x, c = lane & 3, l0 = 8 * c, s = c >> 1;
@@ -256,7 +258,7 @@ __device__ __forceinline__ void dot_q6_k(const uint8_t* const (&rows)[R], Q8x x,
     int zp[8]; // -32 · Σ of this lane's 8 activations of run k
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      xv[k] = *reinterpret_cast<const int2*>(x.q + b * 256 + 32 * k + l0);
+      xv[k] = *reinterpret_cast<const int2*>(x.q + (b * 4 + k / 2) * (64 + XP) + 32 * (k & 1) + l0);
       zp[k] = __dp4a((int)0xE0E0E0E0u, xv[k].x, __dp4a((int)0xE0E0E0E0u, xv[k].y, 0));
     }
 #pragma unroll
@@ -350,28 +352,44 @@ __device__ __forceinline__ float f32_at(const uint8_t* row, int i) {
   return reinterpret_cast<const float*>(row)[i];
 }
 
-// This lane's partial sums of rows row..row+R of a matrix of type `ty` · x (slice `ks` of KS);
+// This lane's partial sums of rows row..row+R of a matrix of type TY · x (slice `ks` of KS);
 // U: how many warp iterations of the Q4_K / Q5_K loop are unrolled (their loads issued together;
 // Q6_K's loop, already heavy in registers and instructions, was slower unrolled: docs/cuda.md).
+// XP: see dot_qk. A kernel instantiated for one type allocates registers for that type's loop
+// alone.
+template <int TY, int R, int KS, int U = 1, int XP = 0>
+__device__ __forceinline__ void rows_dot_t(const uint8_t* __restrict__ w, int row,
+                                           const float* __restrict__ x, Q8x xq, int cols, int ks,
+                                           float (&acc)[R]) {
+  const size_t rb = row_bytes(TY, cols);
+  const uint8_t* rows[R];
+#pragma unroll
+  for (int i = 0; i < R; ++i) rows[i] = w + (size_t)(row + i) * rb;
+  if constexpr (TY == T_Q4_K) {
+    dot_qk<R, KS, false, U, XP>(rows, xq, cols / 256, ks, acc);
+  } else if constexpr (TY == T_Q5_K) {
+    dot_qk<R, KS, true, U, XP>(rows, xq, cols / 256, ks, acc);
+  } else if constexpr (TY == T_Q6_K) {
+    dot_q6_k<R, KS, XP>(rows, xq, cols / 256, ks, acc);
+  } else if constexpr (TY == T_Q8_0) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) acc[i] += dot_q8_0<KS>(rows[i], x, cols, ks);
+  } else {
+#pragma unroll
+    for (int i = 0; i < R; ++i) acc[i] += dot_f32<KS>(rows[i], x, cols, ks);
+  }
+}
+
+// The same for a type known only at run time (every format's loop in one kernel).
 template <int R, int KS, int U = 1>
 __device__ __forceinline__ void rows_dot(const uint8_t* __restrict__ w, int ty, int row,
                                          const float* __restrict__ x, Q8x xq, int cols, int ks,
                                          float (&acc)[R]) {
-  const size_t rb = row_bytes(ty, cols);
-  const uint8_t* rows[R];
-#pragma unroll
-  for (int i = 0; i < R; ++i) rows[i] = w + (size_t)(row + i) * rb;
   switch (ty) {
-    case T_Q4_K: dot_qk<R, KS, false, U>(rows, xq, cols / 256, ks, acc); break;
-    case T_Q5_K: dot_qk<R, KS, true, U>(rows, xq, cols / 256, ks, acc); break;
-    case T_Q6_K: dot_q6_k<R, KS>(rows, xq, cols / 256, ks, acc); break;
-    case T_Q8_0:
-#pragma unroll
-      for (int i = 0; i < R; ++i) acc[i] += dot_q8_0<KS>(rows[i], x, cols, ks);
-      break;
-    default:
-#pragma unroll
-      for (int i = 0; i < R; ++i) acc[i] += dot_f32<KS>(rows[i], x, cols, ks);
-      break;
+    case T_Q4_K: rows_dot_t<T_Q4_K, R, KS, U>(w, row, x, xq, cols, ks, acc); break;
+    case T_Q5_K: rows_dot_t<T_Q5_K, R, KS, U>(w, row, x, xq, cols, ks, acc); break;
+    case T_Q6_K: rows_dot_t<T_Q6_K, R, KS, U>(w, row, x, xq, cols, ks, acc); break;
+    case T_Q8_0: rows_dot_t<T_Q8_0, R, KS, U>(w, row, x, xq, cols, ks, acc); break;
+    default: rows_dot_t<T_F32, R, KS, U>(w, row, x, xq, cols, ks, acc); break;
   }
 }

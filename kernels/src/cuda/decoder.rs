@@ -202,7 +202,14 @@ const KERNELS: &[&str] = &[
     "matvec_qkv_2_1",
     "matvec_qkv_2_2",
     "matvec_swiglu",
-    "matvec_norm",
+    "matvec_norm_q4_k",
+    "matvec_norm_q5_k",
+    "matvec_norm_q6_k",
+    "matvec_norm_q8_0",
+    "matvec_norm_f32",
+    "matvec_norm_qin_q4_k",
+    "matvec_norm_qin_q5_k",
+    "matvec_norm_qin_q6_k",
     "embed_q4_k",
     "embed_q5_k",
     "embed_q6_k",
@@ -210,8 +217,10 @@ const KERNELS: &[&str] = &[
     "embed_f32",
     "rms_norm",
     "rms_norm4",
-    "attention_32_1",
+    "attention_32_4",
     "attention_8_4",
+    "attention_32_1_256",
+    "attention_8_2_256",
     "attention_merge",
     "quantize_q8",
     "moe_combine",
@@ -544,7 +553,7 @@ impl Decoder {
     /// Launched directly (not captured), with `serve`: after each served MoE block's routing,
     /// answers the device's requests until the stream has got past it.
     fn record(&self, n_kv: usize, mut serve: Option<Serve<'_>>) -> Result<(), KernelError> {
-        let att = AttShape::for_keys(n_kv);
+        let att = AttShape::for_keys(n_kv, self.spec.head_dim);
         self.embed()?;
         for i in 0..self.layers.len() {
             self.attention(i, att)?;
@@ -576,9 +585,13 @@ impl Decoder {
         down: &DeviceMatrix,
     ) -> Result<(), KernelError> {
         self.swiglu(gate, up, self.folds.ffn[i])?;
+        let norm = self.norm_after(i);
+        if let Some(w) = norm.filter(|_| quantizes_own_input(down)) {
+            return self.matvec_norm(down, ProducerInput::F32(self.ffn.ptr), w);
+        }
         self.quantize(self.ffn.ptr, gate.rows, self.q8())?;
-        match self.norm_after(i) {
-            Some(w) => self.matvec_norm(down, self.ffn.ptr, w),
+        match norm {
+            Some(w) => self.matvec_norm(down, ProducerInput::Int8(self.ffn.ptr), w),
             None => {
                 let (x, q8) = (self.x.ptr, self.q8());
                 self.matvec(down, self.ffn.ptr, q8, x, x, NormIn::NONE)
@@ -680,7 +693,8 @@ impl Decoder {
             self.quantize(self.att.ptr, s.n_head * s.head_dim, self.q8())?;
         }
         if self.folds.ffn[i] {
-            return self.matvec_norm(&spec.o, self.att.ptr, l.ffn_norm.ptr);
+            let input = ProducerInput::Int8(self.att.ptr);
+            return self.matvec_norm(&spec.o, input, l.ffn_norm.ptr);
         }
         let (x, q8) = (self.x.ptr, self.q8());
         self.matvec(&spec.o, self.att.ptr, q8, x, x, NormIn::NONE)?;
@@ -695,4 +709,4 @@ mod norms;
 use launches::grid1;
 use mail::Mail;
 pub use moe::Serve;
-use norms::{Folds, NormIn, NORM_ROWS};
+use norms::{quantizes_own_input, Folds, NormIn, ProducerInput, NORM_ROWS};

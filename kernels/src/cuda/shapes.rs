@@ -62,28 +62,24 @@ pub(super) const ATT_LONG_SPLIT: u32 = 16;
 
 impl AttShape {
     /// Up to 256 keys: one block of 32 warps per head, no merge. Up to 512: two such blocks and
-    /// the merge (idle blocks are not free: few of them). Beyond: 16 blocks of 8 warps per head,
-    /// each warp four keys at a time.
-    pub fn for_keys(n_kv: usize) -> AttShape {
-        match AttShape::regime(n_kv) {
-            0 => AttShape {
-                kernel: "attention_32_1",
-                warps: 32,
-                n_split: 1,
-                chunk_min: 256,
-            },
-            1 => AttShape {
-                kernel: "attention_32_1",
-                warps: 32,
-                n_split: 2,
-                chunk_min: 256,
-            },
-            _ => AttShape {
-                kernel: "attention_8_4",
-                warps: 8,
-                n_split: ATT_LONG_SPLIT,
-                chunk_min: 64,
-            },
+    /// the merge (idle blocks are not free: few of them). Beyond: 16 blocks of 8 warps per head.
+    /// Each warp takes four keys a run (their K and V rows loaded together), two for heads
+    /// over 128 wide and one in 32-warp blocks (`_256` kernels: twice the registers a row).
+    pub fn for_keys(n_kv: usize, head_dim: usize) -> AttShape {
+        let wide = head_dim > 128;
+        let (kernel, warps, n_split, chunk_min) = match (AttShape::regime(n_kv), wide) {
+            (0, false) => ("attention_32_4", 32, 1, 256),
+            (0, true) => ("attention_32_1_256", 32, 1, 256),
+            (1, false) => ("attention_32_4", 32, 2, 256),
+            (1, true) => ("attention_32_1_256", 32, 2, 256),
+            (_, false) => ("attention_8_4", 8, ATT_LONG_SPLIT, 64),
+            (_, true) => ("attention_8_2_256", 8, ATT_LONG_SPLIT, 64),
+        };
+        AttShape {
+            kernel,
+            warps,
+            n_split,
+            chunk_min,
         }
     }
 

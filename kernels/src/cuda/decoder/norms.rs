@@ -16,10 +16,34 @@ use super::{driver, DecodeOptions, Decoder};
 use crate::cuda::{DecodeSpec, DeviceMatrix, FfnSpec};
 use crate::KernelError;
 
-/// Warps per block of `matvec_norm` (two rows each: 32 rows, one int8 block, per block).
-const NORM_WARPS: u32 = 16;
-/// Rows per block of `matvec_norm`.
-pub(super) const NORM_ROWS: usize = 2 * NORM_WARPS as usize;
+/// Warps per block of `matvec_norm_*` (`NORM_WARPS` in decode.cu: pairs of warps share two
+/// rows, so 32 rows, one int8 block, per block).
+const NORM_WARPS: u32 = 32;
+/// Rows per block of `matvec_norm_*`.
+pub(super) const NORM_ROWS: usize = 32;
+/// Shared memory a block may take without opting in (`matvec_norm_qin_*` keeps its input's
+/// int8 copy there).
+const SHARED_MEM_DEFAULT: usize = 48 << 10;
+
+/// decode.cu's `qin_smem_bytes`: the padded int8 copy of `cols` activations and its block
+/// scales.
+fn qin_smem_bytes(cols: usize) -> usize {
+    cols / 64 * (64 + 16) + cols / 32 * 8
+}
+
+/// Whether down (`m`) quantizes its F32 input itself (`matvec_norm_qin_*`: k-quant rows whose
+/// input's int8 copy fits in a block's shared memory), so no `quantize_q8` runs before it.
+pub(super) fn quantizes_own_input(m: &DeviceMatrix) -> bool {
+    reads_int8(m) && qin_smem_bytes(m.cols) <= SHARED_MEM_DEFAULT
+}
+
+/// A norm producer's input.
+pub(super) enum ProducerInput {
+    /// F32 at this address, its int8 copy in the main buffers (the kernel before wrote both).
+    Int8(u64),
+    /// F32 only: the kernel quantizes it itself (see [`quantizes_own_input`]).
+    F32(u64),
+}
 
 /// `struct NormIn` in decode.cu: where a consumer's norm scale comes from.
 #[repr(C)]
@@ -126,25 +150,32 @@ impl Decoder {
         }
     }
 
-    /// `x += m · input` (its int8 copy in the main buffers), then the folded norm's inputs:
-    /// the int8 copy of `x ⊙ w` and the per-block `Σx²`.
+    /// `x += m · input`, then the folded norm's inputs: the int8 copy of `x ⊙ w` and the
+    /// per-block `Σx²`.
     pub(super) fn matvec_norm(
         &self,
         m: &DeviceMatrix,
-        input: u64,
+        input: ProducerInput,
         w: u64,
     ) -> Result<(), KernelError> {
-        let (rows, cols, ty) = (m.rows as i32, m.cols as i32, m.type_id());
+        let (cols, suffix) = (m.cols as i32, m.kernel_suffix());
+        let (name, input, shared) = match input {
+            ProducerInput::Int8(x) => (format!("matvec_norm_{suffix}"), x, 0),
+            ProducerInput::F32(x) => (
+                format!("matvec_norm_qin_{suffix}"),
+                x,
+                qin_smem_bytes(m.cols) as u32,
+            ),
+        };
         let cfg = LaunchConfig {
             grid_dim: ((m.rows / NORM_ROWS) as u32, 1, 1),
             block_dim: (32, NORM_WARPS, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: shared,
         };
-        let label = || format!("matvec_norm {:?} [{rows}, {cols}]", m.ty);
+        let label = || format!("{name} [{}, {cols}]", m.rows);
         let [xq, xd, xs] = self.q8();
-        let (x, bias) = (self.x.ptr, 0u64);
-        launch!(@labelled self, "matvec_norm", label, cfg, &m.bytes.ptr, &ty, &input, &xq, &xd,
-            &xs, &x, &rows, &cols, &bias, &x, &w, &self.xq_n.ptr, &self.xd_n.ptr,
-            &self.xs_n.ptr, &self.norm_part.ptr)
+        let x = self.x.ptr;
+        launch!(@labelled self, &name, label, cfg, &m.bytes.ptr, &input, &xq, &xd, &xs, &x,
+            &cols, &x, &w, &self.xq_n.ptr, &self.xd_n.ptr, &self.xs_n.ptr, &self.norm_part.ptr)
     }
 }

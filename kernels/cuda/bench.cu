@@ -245,6 +245,11 @@ __global__ void __launch_bounds__(WARP * MV_WARPS)
 typedef void (*MvKernel)(const uint8_t*, int, const float*, const int8_t*, const float*,
                          const float*, float*, int, int, const float*, const float*, NormIn);
 
+// The decoder's row-pair kernel for rows of type ty.
+static MvKernel matvec_2_1_for(int ty) {
+  return ty == T_Q4_K ? matvec_2_1_q4_k : ty == T_Q5_K ? matvec_2_1_q5_k : matvec_2_1_q6_k;
+}
+
 static void bench_matvec(const char* shape, int ty, int rows, int cols, uint32_t seed) {
   Mat m = make_mat(ty, rows, cols, seed);
   Act a = make_act(cols);
@@ -263,13 +268,14 @@ static void bench_matvec(const char* shape, int ty, int rows, int cols, uint32_t
   // `warm`: the same copy every launch (in L2 where it fits: the kernel's own ceiling).
   const V vs[] = {{"matvec_1_1", matvec_1_1, MV_WARPS},
                   {"matvec_1_2", matvec_1_2, MV_WARPS / 2},
-                  {"matvec_2_1", matvec_2_1, 2 * MV_WARPS},
+                  {"matvec_2_1_<type>", matvec_2_1_for(ty), 2 * MV_WARPS},
                   {"matvec_2_2", matvec_2_2, MV_WARPS},
                   {"(matvec_2_4)", matvec_x<2, 4>, MV_WARPS / 2},
                   {"(matvec_4_2)", matvec_x<4, 2>, 2 * MV_WARPS},
                   {"(matvec_4_4)", matvec_x<4, 4>, MV_WARPS},
-                  {"(matvec_2_1 no unroll)", matvec_x<2, 1, 1>, 2 * MV_WARPS},
-                  {"(matvec_2_1 unroll 4)", matvec_x<2, 1, 4>, 2 * MV_WARPS},
+                  {"(matvec_2_1 any type)", matvec_x<2, 1, 1>, 2 * MV_WARPS},
+                  {"(matvec_2_1 any type, unroll 2)", matvec_x<2, 1, 2>, 2 * MV_WARPS},
+                  {"(matvec_2_1 any type, unroll 4)", matvec_x<2, 1, 4>, 2 * MV_WARPS},
                   {"(matvec_1_2 unroll 2)", matvec_x<1, 2, 2>, MV_WARPS / 2}};
   for (const V& v : vs) {
     for (int warm = 0; warm < 2; ++warm) {
@@ -361,8 +367,8 @@ typedef void (*AttKernel)(const float*, const float*, const float*, float*, floa
                           int, float, int8_t*, float*, float*, float*, int, int);
 
 static void bench_attention(int n_kv, int n_split, const char* kname, AttKernel kern, int warps,
-                            int chunk_min, bool dependent = false) {
-  const int nh = 32, nkv = 8, hd = 128, n_ctx = 4096;
+                            int chunk_min, bool dependent = false, int hd = 128) {
+  const int nh = 32, nkv = 8, n_ctx = 4096;
   Act q = make_act(nh * hd), kc = make_act(nkv * n_ctx * hd), vc = make_act(nkv * n_ctx * hd);
   float *o, *orf, *od, *os, *part;
   int8_t* oq;
@@ -406,7 +412,8 @@ static void bench_attention(int n_kv, int n_split, const char* kname, AttKernel 
   f(0, 0);
   CK(cudaDeviceSynchronize());
   CK(cudaGetLastError());
-  const std::string shape = "attention 32/8 x 128, n_kv " + std::to_string(n_kv);
+  const std::string shape =
+      "attention 32/8 x " + std::to_string(hd) + ", n_kv " + std::to_string(n_kv);
   const std::string name = std::string(kname) + " split " + std::to_string(n_split) +
                            " chunk " + std::to_string(chunk_min);
   report(shape.c_str(), name.c_str(), time_graph(f, 64), 0,

@@ -106,7 +106,49 @@ static void pdl_layer() {
   for (Mat* m : {&wq, &wk, &wv, &wo, &wg, &wu, &w4, &w6}) CK(cudaFree(m->p));
 }
 
+typedef void (*MoeQinKernel)(const float*, float*, int, int, const uint64_t*, const float*);
+
+// A MoE block's two experts' down [4096, 14336] of type ty: quantize_q8 of their hidden states
+// then moe_down_2_1 (the decoder before), and moe_down_qin_<t> (now). err: max |Δ| of ys.
+static void pdl_moe_down(const char* shape, int ty, MoeQinKernel qin) {
+  const int rows = 4096, cols = 14336, k = 2;
+  Mat m = make_mat(ty, rows, cols, 31);
+  Act h = make_act(k * cols);
+  float *ys, *route;
+  uint64_t* table;
+  CK(cudaMalloc(&ys, k * rows * 4));
+  CK(cudaMalloc(&route, 2 * MOE_MAX_USED * 4));
+  CK(cudaMalloc(&table, 2 * 3 * 8));
+  const float rt[2 * MOE_MAX_USED] = {0.f, 1.f, 0, 0, 0, 0, 0, 0, 0.5f, 0.5f};
+  CK(cudaMemcpy(route, rt, sizeof rt, cudaMemcpyHostToDevice));
+  const int c1 = std::min(1, m.copies - 1);
+  const uint64_t tb[6] = {0, 0, (uint64_t)m.p, 0, 0, (uint64_t)(m.p + c1 * m.bytes)};
+  CK(cudaMemcpy(table, tb, sizeof tb, cudaMemcpyHostToDevice));
+  std::vector<float> ref;
+  auto run = [&](const char* name, const std::function<void(cudaStream_t, int)>& f) {
+    CK(cudaMemset(ys, 0, k * rows * 4));
+    f(0, 0);
+    CK(cudaDeviceSynchronize());
+    CK(cudaGetLastError());
+    const auto out = download(ys, k * rows);
+    if (ref.empty()) ref = out;
+    report(shape, name, time_graph(f, 32), k * (double)m.bytes, max_abs_diff(out, ref));
+  };
+  run("quantize_q8 + moe_down_2_1", [&](cudaStream_t s, int) {
+    pdl(quantize_q8, k * cols / 256, 256, 0, s, h.x, h.q, h.d, h.s, k * cols);
+    pdl(moe_down_2_1, dim3(rows / 8, k), dim3(32, MV_WARPS), 0, s, ty, h.x, h.q, h.d, h.s, ys,
+        rows, cols, table, route);
+  });
+  run("moe_down_qin", [&](cudaStream_t s, int) {
+    pdl(qin, dim3(rows / 32, k), dim3(32, NORM_WARPS), qin_smem_bytes(cols), s, h.x, ys, rows,
+        cols, table, route);
+  });
+  CK(cudaFree(m.p));
+}
+
 static void bench_pdl() {
+  pdl_moe_down("Q5_K [4096, 14336] x2 (experts' down)", T_Q5_K, moe_down_qin_q5_k);
+  pdl_moe_down("Q6_K [4096, 14336] x2 (experts' down)", T_Q6_K, moe_down_qin_q6_k);
   pdl_layer();
   pdl_producer("Q4_K [4096, 14336] (down)", T_Q4_K, 4096, 14336, matvec_norm_q4_k,
                matvec_norm_qin_q4_k);
@@ -117,5 +159,11 @@ static void bench_pdl() {
   for (int n_kv : {9, 64, 128, 256}) {
     bench_attention(n_kv, 1, "attention_32_4 (pdl)", attention_32_4, 32, 4096, true);
     bench_attention(n_kv, 1, "attention_32_1_256 (pdl)", attention_32_1_256, 32, 4096, true);
+  }
+  // Heads over 128 wide (the _256 kernels; no fixture model has them): 256 and 192.
+  for (int hd : {256, 192}) {
+    bench_attention(9, 1, "attention_32_1_256 (pdl)", attention_32_1_256, 32, 4096, true, hd);
+    bench_attention(300, 2, "attention_32_1_256 (pdl)", attention_32_1_256, 32, 256, true, hd);
+    bench_attention(1024, 16, "attention_8_2_256 (pdl)", attention_8_2_256, 8, 64, true, hd);
   }
 }

@@ -17,9 +17,10 @@
 // the next norm's input). The RMS norms fold into the mat-vecs around them (see NormIn); where
 // they cannot (the first layer, F32 or Q8_0 consumers, MoE blocks) `rms_norm` runs before its
 // consumer, and o and down are plain `matvec`s (down after quantize_q8). A mixture-of-experts
-// block replaces the last three with the router's matvec, moe_route (top-k on the device; it
-// waits for the host when a chosen expert is not in device memory), moe_swiglu, quantize_q8 and
-// moe_down over the chosen experts, and moe_combine.
+// block replaces the last three with moe_router (the router's product and top-k on the device;
+// it waits for the host when a chosen expert is not in device memory), moe_swiglu and
+// moe_down_qin_<type> (quantizing the hidden states itself) over the chosen experts, and
+// moe_combine.
 //
 // Conventions: `step[0]` = token id, `step[1]` = position of that token (= tokens already cached).
 // Matrices are row-major `[rows, cols]`, one row per output; `y[r] = dot(W[r], x) (+ bias[r])
@@ -32,8 +33,8 @@
 // previous grid to complete with its writes visible (so each kernel still sees all earlier ones:
 // each completes only after its own wait), then lets the next kernel launch, whose blocks take
 // their places as this one's last wave runs instead of after it. Without the launch attribute
-// both instructions do nothing. (Issuing each mat-vec's first weight loads before the wait was
-// measured and is slower: docs/cuda.md.)
+// both instructions do nothing. (Issuing each mat-vec's first weight loads before the wait, into
+// registers or as L2 prefetches, was measured and is not faster: docs/cuda.md.)
 __device__ __forceinline__ void pdl_entry() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -129,8 +130,8 @@ __device__ __forceinline__ bool mv_combine(float (&acc)[R], float& total) {
   return true;
 }
 
-// y = W x (+ bias) (+ res). `rows` is a multiple of R.
-template <int R, int KS, int U = 1>
+// y = W x (+ bias) (+ res). `rows` is a multiple of R. TY: the rows' type, or -1 for `ty`'s.
+template <int R, int KS, int U = 1, int TY = -1>
 __device__ __forceinline__ void matvec_t(const uint8_t* __restrict__ w, int ty,
                                          const float* __restrict__ x, Q8x xq, float* y,
                                          int rows, int cols, const float* bias,
@@ -138,7 +139,12 @@ __device__ __forceinline__ void matvec_t(const uint8_t* __restrict__ w, int ty,
   const int row = mv_first_row<R, KS>();
   const float ns = norm_lane_sum(nin);
   float acc[R] = {};
-  if (row < rows) rows_dot<R, KS, U>(w, ty, row, x, xq, cols, threadIdx.y % KS, acc);
+  if (row < rows) {
+    if constexpr (TY < 0)
+      rows_dot<R, KS, U>(w, ty, row, x, xq, cols, threadIdx.y % KS, acc);
+    else
+      rows_dot_t<TY, R, KS, U>(w, row, x, xq, cols, threadIdx.y % KS, acc);
+  }
   const float scale = norm_scale(nin, ns);
   float t;
   if (mv_combine<R, KS>(acc, t) && row < rows) {
@@ -195,28 +201,40 @@ __device__ __forceinline__ void matvec_qkv_t(const float* __restrict__ x, Q8x xq
       const uint8_t *wq, int tq, float *yq, const float *bq, int rq, const uint8_t *wk,      \
       int tk, float *yk, const float *bk, int rk, const uint8_t *wv, int tv, float *yv,      \
       const float *bv, int rv, NormIn nin
-// How many warp iterations of a mat-vec's Q4_K / Q5_K loop are unrolled: 2 in `matvec_2_1`
-// (bench.cu, H200: Q4_K down 11.3 -> 11.0 µs, o 4.8 -> 4.6, and the Q6_K output matrix, whose
-// loop is not unrolled, 127 -> 120 in the same kernel), else 1: q/k/v, split rows, the 16-warp
-// `matvec_norm` and the experts' down (its Q6_K rows 19.3 -> 21.8) were slower unrolled.
-#define MV_UNROLL(R, KS) ((R) == 2 && (KS) == 1 ? 2 : 1)
-#define MATVEC_KERNELS(R, KS)                                                               \
+#define MATVEC(R, KS)                                                                       \
   extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS) matvec_##R##_##KS(MV_ARGS) { \
     pdl_entry();                                                                            \
-    matvec_t<R, KS, MV_UNROLL(R, KS)>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res,  \
-                                       nin);                                                \
-  }                                                                                         \
+    matvec_t<R, KS>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res, nin);              \
+  }
+#define MATVEC_QKV(R, KS)                                                                   \
   extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS)                              \
       matvec_qkv_##R##_##KS(QKV_ARGS) {                                                     \
     pdl_entry();                                                                            \
     matvec_qkv_t<R, KS>(x, Q8x{xq, xd, xs}, cols, wq, tq, yq, bq, rq, wk, tk, yk, bk, rk,   \
                         wv, tv, yv, bv, rv, nin);                                           \
   }
+// Row pairs in one warp (the shape of every matrix of ≥ 4096 rows: the output matrix, and o and
+// down where their norm does not fold), one kernel per format, U warp iterations of the Q4_K /
+// Q5_K loop unrolled: `matvec_2_1_<type>`. (In one kernel over every format the unrolled Q4_K
+// loop cost the Q6_K output matrix 9 µs on an H200: 132.6 against 124.1, bench.cu.)
+#define MATVEC_2_1(NAME, TY, U)                                                             \
+  extern "C" __global__ void __launch_bounds__(WARP * MV_WARPS) NAME(MV_ARGS) {              \
+    pdl_entry();                                                                            \
+    matvec_t<2, 1, U, TY>(w, ty, x, Q8x{xq, xd, xs}, y, rows, cols, bias, res, nin);        \
+  }
 
-MATVEC_KERNELS(1, 1)
-MATVEC_KERNELS(1, 2)
-MATVEC_KERNELS(2, 1)
-MATVEC_KERNELS(2, 2)
+MATVEC(1, 1)
+MATVEC(1, 2)
+MATVEC(2, 2)
+MATVEC_2_1(matvec_2_1_q4_k, T_Q4_K, 2)
+MATVEC_2_1(matvec_2_1_q5_k, T_Q5_K, 2)
+MATVEC_2_1(matvec_2_1_q6_k, T_Q6_K, 1)
+MATVEC_2_1(matvec_2_1_q8_0, T_Q8_0, 1)
+MATVEC_2_1(matvec_2_1_f32, T_F32, 1)
+MATVEC_QKV(1, 1)
+MATVEC_QKV(1, 2)
+MATVEC_QKV(2, 1)
+MATVEC_QKV(2, 2)
 
 // A norm's producer (see NormIn): y = W x (+ res) for rows of type TY, 32 rows a block (one int8
 // block: the rows' groups of KS warps own R rows each, R · NORM_WARPS / KS = 32), then warp 0
@@ -273,6 +291,28 @@ __device__ __forceinline__ Q8x quantize_to_smem(const float* __restrict__ x, int
   return Q8x{sq, sd, ss};
 }
 
+// The totals of a block's 32 rows (NORM_WARPS warps, groups of KS warps owning R rows each, `acc`
+// each lane's partial sums): lane l of warp 0 returns row l's (row g · R + i: l = (g, i)).
+// Every thread of the block must call it.
+template <int R, int KS>
+__device__ __forceinline__ float rows32_total(float (&acc)[R]) {
+  __shared__ float red[NORM_WARPS][R];
+  const int lane = threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < R; ++i) acc[i] = warp_sum(acc[i]);
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) red[threadIdx.y][i] = acc[i];
+  }
+  __syncthreads();
+  float t = 0.f;
+  if (threadIdx.y == 0) {
+#pragma unroll
+    for (int k = 0; k < KS; ++k) t += red[lane / R * KS + k][lane % R];
+  }
+  return t;
+}
+
 template <int TY, bool QIN>
 __device__ __forceinline__ void matvec_norm_t(const uint8_t* __restrict__ w,
                                               const float* __restrict__ x, Q8x q8, float* y,
@@ -281,7 +321,6 @@ __device__ __forceinline__ void matvec_norm_t(const uint8_t* __restrict__ w,
                                               float* nd, float* ns, float* npart) {
   constexpr int R = 2, KS = 2;
   static_assert(R * NORM_WARPS / KS == 32, "one int8 block of rows per thread block");
-  __shared__ float red[NORM_WARPS][R];
   const int lane = threadIdx.x, g = threadIdx.y / KS, ks = threadIdx.y % KS;
   float acc[R] = {};
   const int row = blockIdx.x * 32 + g * R;
@@ -293,18 +332,9 @@ __device__ __forceinline__ void matvec_norm_t(const uint8_t* __restrict__ w,
   } else {
     rows_dot_t<TY, R, KS>(w, row, x, q8, cols, ks, acc);
   }
-#pragma unroll
-  for (int i = 0; i < R; ++i) acc[i] = warp_sum(acc[i]);
-  if (lane == 0) {
-#pragma unroll
-    for (int i = 0; i < R; ++i) red[threadIdx.y][i] = acc[i];
-  }
-  __syncthreads();
+  float t = rows32_total<R, KS>(acc);
   if (threadIdx.y != 0) return;
-  const int r = blockIdx.x * 32 + lane; // row g · R + i of the block: lane = (g, i)
-  float t = 0.f;
-#pragma unroll
-  for (int k = 0; k < KS; ++k) t += red[lane / R * KS + k][lane % R];
+  const int r = blockIdx.x * 32 + lane;
   if (res) t += res[r];
   y[r] = t;
   const float ss = warp_sum(t * t);
@@ -561,6 +591,36 @@ MOE_DOWN(1, 1)
 MOE_DOWN(1, 2)
 MOE_DOWN(2, 1)
 MOE_DOWN(2, 2)
+
+// The same quantizing ffn[rank] itself into shared memory (as matvec_norm_qin_*): no quantize_q8
+// between moe_swiglu and it. Grid (rows / 32, ranks), NORM_WARPS warps, dynamic shared memory
+// qin_smem_bytes(cols); k-quant rows.
+template <int TY>
+__device__ __forceinline__ void moe_down_qin_t(const float* ffn, float* ys, int rows, int cols,
+                                               const uint64_t* table, const float* route) {
+  constexpr int R = 2, KS = 2;
+  extern __shared__ __align__(16) int8_t qin_smem[];
+  const int rank = blockIdx.y, g = threadIdx.y / KS, ks = threadIdx.y % KS;
+  const uint8_t* w = expert_w(table, route, rank, 2);
+  if (!w) return; // the whole block (see moe_fetch)
+  const float* x = ffn + (size_t)rank * cols;
+  float acc[R] = {};
+  rows_dot_t<TY, R, KS, 1, QIN_PAD>(w, blockIdx.x * 32 + g * R, x,
+                                    quantize_to_smem(x, cols, qin_smem), cols, ks, acc);
+  const float t = rows32_total<R, KS>(acc);
+  if (threadIdx.y == 0) ys[(size_t)rank * rows + blockIdx.x * 32 + threadIdx.x] = t;
+}
+
+#define MOE_DOWN_QIN(NAME, TY)                                                              \
+  extern "C" __global__ void __launch_bounds__(WARP * NORM_WARPS)                            \
+      NAME(const float* ffn, float* ys, int rows, int cols, const uint64_t* table,           \
+           const float* route) {                                                            \
+    pdl_entry();                                                                            \
+    moe_down_qin_t<TY>(ffn, ys, rows, cols, table, route);                                  \
+  }
+MOE_DOWN_QIN(moe_down_qin_q4_k, T_Q4_K)
+MOE_DOWN_QIN(moe_down_qin_q5_k, T_Q5_K)
+MOE_DOWN_QIN(moe_down_qin_q6_k, T_Q6_K)
 
 // x += Σ_r w[r] · ys[r], in rank order whatever order the experts ran in.
 extern "C" __global__ void moe_combine(float* x, const float* __restrict__ ys, int k, int n,

@@ -195,7 +195,11 @@ pub struct KernelTime {
 const KERNELS: &[&str] = &[
     "matvec_1_1",
     "matvec_1_2",
-    "matvec_2_1",
+    "matvec_2_1_q4_k",
+    "matvec_2_1_q5_k",
+    "matvec_2_1_q6_k",
+    "matvec_2_1_q8_0",
+    "matvec_2_1_f32",
     "matvec_2_2",
     "matvec_qkv_1_1",
     "matvec_qkv_1_2",
@@ -231,6 +235,9 @@ const KERNELS: &[&str] = &[
     "moe_down_1_2",
     "moe_down_2_1",
     "moe_down_2_2",
+    "moe_down_qin_q4_k",
+    "moe_down_qin_q5_k",
+    "moe_down_qin_q6_k",
 ];
 
 impl Decoder {

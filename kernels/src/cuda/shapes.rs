@@ -34,6 +34,15 @@ impl MvShape {
         format!("{base}_{}_{}", self.rows_per_group, self.k_split)
     }
 
+    /// The plain mat-vec for rows of the type `suffix` names (`MvShape::kernel` of "matvec",
+    /// but row pairs have a kernel per format: `matvec_2_1_<suffix>`).
+    pub fn matvec_kernel(self, suffix: &str) -> String {
+        match (self.rows_per_group, self.k_split) {
+            (2, 1) => format!("matvec_2_1_{suffix}"),
+            _ => self.kernel("matvec"),
+        }
+    }
+
     pub fn cfg(self, rows: usize) -> LaunchConfig {
         let rows_per_block = MV_WARPS / self.k_split * self.rows_per_group;
         LaunchConfig {

@@ -119,8 +119,14 @@ impl Decoder {
     ) -> Result<(), KernelError> {
         let (rows, cols, ty) = (m.rows as i32, m.cols as i32, m.type_id());
         let shape = MvShape::pick(&[m.rows]);
-        let name = shape.kernel("matvec");
-        let label = || format!("{name} {:?} [{rows}, {cols}]", m.ty);
+        let name = shape.matvec_kernel(m.kernel_suffix());
+        let label = || {
+            if name.ends_with(m.kernel_suffix()) {
+                format!("{name} [{rows}, {cols}]") // the type is in the kernel's name
+            } else {
+                format!("{name} {:?} [{rows}, {cols}]", m.ty)
+            }
+        };
         let [xq, xd, xs] = q8;
         let bias = 0u64; // the kernel's bias: q/k/v take theirs in matvec_qkv
         launch!(@labelled self, &name, label, shape.cfg(m.rows), &m.bytes.ptr, &ty, &x, &xq,

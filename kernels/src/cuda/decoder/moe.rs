@@ -6,10 +6,11 @@
 use std::time::{Duration, Instant};
 
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::quantized::GgmlDType;
 
-use super::norms::fused_router;
+use super::norms::{fused_router, qin_smem_bytes, NORM_ROWS, NORM_WARPS, SHARED_MEM_DEFAULT};
 use super::{driver, grid1, Decoder, MvShape, NormIn, MV_WARPS};
-use crate::cuda::{DeviceMatrix, MAX_EXPERTS_USED};
+use crate::cuda::{type_id, DeviceMatrix, MAX_EXPERTS_USED};
 use crate::KernelError;
 
 /// The host's answer to one request of the device: put the chosen experts `ids` of MoE block
@@ -122,6 +123,16 @@ impl Decoder {
         let label = || format!("moe_swiglu {tg}/{tu} [{n_ff}, {d}] x{k}");
         launch!(@labelled self, "moe_swiglu", label, cfg, &self.xn.ptr, &self.xq.ptr,
             &self.xd.ptr, &self.xs.ptr, &d_i, &tg, &tu, &self.ffn.ptr, &ff_i, &table, &route)?;
+        if let Some(name) = down_qin_kernel(td, n_ff, d) {
+            let cfg = LaunchConfig {
+                grid_dim: ((d / NORM_ROWS) as u32, k as u32, 1),
+                block_dim: (32, NORM_WARPS, 1),
+                shared_mem_bytes: qin_smem_bytes(n_ff) as u32,
+            };
+            let label = || format!("{name} [{d}, {n_ff}] x{k}");
+            return launch!(@labelled self, name, label, cfg, &self.ffn.ptr, &self.ys.ptr, &d_i,
+                &ff_i, &table, &route);
+        }
         let fq = [self.fq.ptr, self.fd.ptr, self.fs.ptr];
         self.quantize(self.ffn.ptr, k * n_ff, fq)?;
         let shape = MvShape::pick(&[d]);
@@ -247,4 +258,22 @@ impl Decoder {
         }
         Ok(out)
     }
+}
+
+/// `moe_down_qin_<type>` for experts' down rows of kernel type `td` (k-quants): each block
+/// quantizes its rank's hidden states into shared memory, so no `quantize_q8` runs before it.
+/// None (quantize, then `moe_down_*`) where the int8 copy does not fit a block's shared memory
+/// or the rows are not whole blocks of 32.
+fn down_qin_kernel(td: i32, n_ff: usize, d: usize) -> Option<&'static str> {
+    if !d.is_multiple_of(NORM_ROWS) || qin_smem_bytes(n_ff) > SHARED_MEM_DEFAULT {
+        return None;
+    }
+    [
+        (GgmlDType::Q4K, "moe_down_qin_q4_k"),
+        (GgmlDType::Q5K, "moe_down_qin_q5_k"),
+        (GgmlDType::Q6K, "moe_down_qin_q6_k"),
+    ]
+    .into_iter()
+    .find(|&(ty, _)| type_id(ty) == td)
+    .map(|(_, name)| name)
 }

@@ -16,18 +16,18 @@ use super::{driver, DecodeOptions, Decoder};
 use crate::cuda::{DecodeSpec, DeviceMatrix, FfnSpec};
 use crate::KernelError;
 
-/// Warps per block of `matvec_norm_*` (`NORM_WARPS` in decode.cu: pairs of warps share two
-/// rows, so 32 rows, one int8 block, per block).
-const NORM_WARPS: u32 = 32;
+/// Warps per block of `matvec_norm_*` and `moe_down_qin_*` (`NORM_WARPS` in decode.cu: pairs of
+/// warps share two rows, so 32 rows, one int8 block, per block).
+pub(super) const NORM_WARPS: u32 = 32;
 /// Rows per block of `matvec_norm_*`.
 pub(super) const NORM_ROWS: usize = 32;
 /// Shared memory a block may take without opting in (`matvec_norm_qin_*` keeps its input's
 /// int8 copy there).
-const SHARED_MEM_DEFAULT: usize = 48 << 10;
+pub(super) const SHARED_MEM_DEFAULT: usize = 48 << 10;
 
 /// decode.cu's `qin_smem_bytes`: the padded int8 copy of `cols` activations and its block
 /// scales.
-fn qin_smem_bytes(cols: usize) -> usize {
+pub(super) fn qin_smem_bytes(cols: usize) -> usize {
     cols / 64 * (64 + 16) + cols / 32 * 8
 }
 

@@ -120,6 +120,8 @@ pub struct Decoder {
     xd: Buf<f32>,     // [that / 32] block scales
     xs: Buf<f32>,     // [that / 32] scale · Σq per block
     logits: Buf<f32>, // [n_vocab]
+    /// Where the logits are downloaded to (page-locked).
+    logits_host: HostLogits,
     // Mixture-of-experts blocks: the router's logits; each block's routing (`moe_route`: the
     // chosen ids as floats, then their weights); each chosen expert's output by rank; and the
     // experts' hidden states as int8 (so `xq` keeps the normed input for every expert). `ffn`
@@ -347,6 +349,7 @@ impl Decoder {
             xd: zeros(widest / 32)?,
             xs: zeros(widest / 32)?,
             logits: zeros(spec.n_vocab)?,
+            logits_host: HostLogits::new(&stream, spec.n_vocab)?,
             router: zeros(n_expert)?,
             route: zeros(spec.layers.len() * 2 * MAX_EXPERTS_USED)?,
             mail: if spec.needs_host() {
@@ -463,13 +466,8 @@ impl Decoder {
         Ok(())
     }
 
-    fn download_logits(&self) -> Result<Vec<f32>, KernelError> {
-        let mut out = vec![0f32; self.spec.n_vocab];
-        self.stream
-            .memcpy_dtoh(&self.logits.slice, &mut out)
-            .map_err(driver("logits download"))?;
-        self.stream.synchronize().map_err(driver("synchronize"))?;
-        Ok(out)
+    fn download_logits(&mut self) -> Result<Vec<f32>, KernelError> {
+        self.logits_host.download(&self.stream, self.logits.ptr)
     }
 
     /// Like [`step_served`](Self::step_served) (for a dense model or resident experts `serve`
@@ -713,7 +711,9 @@ mod launches;
 mod mail;
 mod moe;
 mod norms;
+mod pinned;
 use launches::grid1;
 use mail::Mail;
 pub use moe::Serve;
 use norms::{quantizes_own_input, Folds, NormIn, ProducerInput, NORM_ROWS};
+use pinned::HostLogits;

@@ -55,7 +55,7 @@ __device__ __forceinline__ void warp_quantize(float v, int i, int8_t* q, float* 
   }
 }
 
-// ---- RMS norms folded into the mat-vecs around them. A norm's producer (`matvec_norm`: o or
+// ---- RMS norms folded into the mat-vecs around them. A norm's producer (`matvec_norm_*`: o or
 // down, plus the residual) writes the residual stream x, the int8 copy of x ⊙ w (w the norm's
 // weight) and each block's Σx² (`part`); its consumers (q/k/v, SwiGLU, the output matrix) take
 // that int8 copy as their input and scale each dot product by 1 / sqrt(mean(x²) + eps) at the

@@ -1,4 +1,4 @@
-//! RMS norms folded into the mat-vecs around them (decode.cu's `NormIn` and `matvec_norm`).
+//! RMS norms folded into the mat-vecs around them (decode.cu's `NormIn` and `matvec_norm_*`).
 //!
 //! A norm's producer (o or down, which add into the residual stream `x`) also writes the int8
 //! copy of `x ⊙ w` (w: the norm's weight) into buffers of its own and `Σx²` per block; its

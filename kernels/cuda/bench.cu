@@ -222,6 +222,24 @@ typedef void (*NormKernel)(const uint8_t*, const float*, const int8_t*, const fl
                            const float*, float*, int, const float*, const float*, int8_t*,
                            float*, float*, float*);
 
+// A norm producer's outputs over `rows` (the int8 copy of y ⊙ w, its scales, Σ y² per block),
+// w a copy of the first `rows` values of `w_src` (n_src of them).
+struct NormOut {
+  float *w, *d, *s, *part;
+  int8_t* q;
+};
+
+static NormOut make_norm_out(int rows, const float* w_src, int n_src) {
+  NormOut o{};
+  CK(cudaMalloc(&o.w, rows * 4));
+  CK(cudaMalloc(&o.d, rows / 8));
+  CK(cudaMalloc(&o.s, rows / 8));
+  CK(cudaMalloc(&o.part, rows / 8));
+  CK(cudaMalloc(&o.q, rows));
+  CK(cudaMemcpy(o.w, w_src, std::min(rows, n_src) * 4, cudaMemcpyDeviceToDevice));
+  return o;
+}
+
 // The decoder's norm producer for rows of type ty.
 static NormKernel norm_kernel(int ty) {
   return ty == T_Q4_K ? matvec_norm_q4_k : ty == T_Q5_K ? matvec_norm_q5_k : matvec_norm_q6_k;
@@ -297,18 +315,11 @@ static void bench_matvec(const char* shape, int ty, int rows, int cols, uint32_t
   if (rows % 32 == 0 && rows <= 8192) {
     // The norm's producer: the same product, then the int8 copy of y ⊙ w and Σ y² per block
     // (err: y against the reference, as above).
-    float *nw, *nd, *ns, *np;
-    int8_t* nq;
-    CK(cudaMalloc(&nw, rows * 4));
-    CK(cudaMalloc(&nd, rows / 8));
-    CK(cudaMalloc(&ns, rows / 8));
-    CK(cudaMalloc(&np, rows / 8));
-    CK(cudaMalloc(&nq, rows));
-    CK(cudaMemcpy(nw, a.x, std::min(rows, cols) * 4, cudaMemcpyDeviceToDevice));
+    const NormOut o = make_norm_out(rows, a.x, cols);
     auto f = [&](cudaStream_t s, int i) {
       norm_kernel(ty)<<<rows / 32, dim3(32, NORM_WARPS), 0, s>>>(
-          m.p + (i % m.copies) * m.bytes, a.x, a.q, a.d, a.s, y, cols, nullptr, nw, nq, nd, ns,
-          np);
+          m.p + (i % m.copies) * m.bytes, a.x, a.q, a.d, a.s, y, cols, nullptr, o.w, o.q, o.d,
+          o.s, o.part);
     };
     CK(cudaMemset(y, 0, rows * 4));
     f(0, 0);

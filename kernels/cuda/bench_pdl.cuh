@@ -12,15 +12,9 @@ static void pdl_producer(const char* shape, int ty, int rows, int cols, NormKern
                          NormKernel qin) {
   Mat m = make_mat(ty, rows, cols, 11);
   Act a = make_act(cols);
-  float *y, *nw, *nd, *ns, *np;
-  int8_t* nq;
+  float* y;
   CK(cudaMalloc(&y, rows * 4));
-  CK(cudaMalloc(&nw, rows * 4));
-  CK(cudaMalloc(&nd, rows / 8));
-  CK(cudaMalloc(&ns, rows / 8));
-  CK(cudaMalloc(&np, rows / 8));
-  CK(cudaMalloc(&nq, rows));
-  CK(cudaMemcpy(nw, a.x, std::min(rows, cols) * 4, cudaMemcpyDeviceToDevice));
+  const NormOut o = make_norm_out(rows, a.x, cols);
   const int n = std::max(8, std::min(64, 2 * m.copies));
   auto wp = [&](int i) { return m.p + (i % m.copies) * m.bytes; };
   std::vector<float> ref;
@@ -35,8 +29,8 @@ static void pdl_producer(const char* shape, int ty, int rows, int cols, NormKern
   };
   const dim3 block(32, NORM_WARPS);
   auto norm = [&](NormKernel k, size_t smem, cudaStream_t s, int i) {
-    pdl(k, rows / 32, block, smem, s, wp(i), a.x, a.q, a.d, a.s, y, cols, nullptr, nw, nq, nd,
-        ns, np);
+    pdl(k, rows / 32, block, smem, s, wp(i), a.x, a.q, a.d, a.s, y, cols, nullptr, o.w, o.q, o.d,
+        o.s, o.part);
   };
   run("quantize_q8 + matvec_norm", [&](cudaStream_t s, int i) {
     pdl(quantize_q8, (cols + 255) / 256, 256, 0, s, a.x, a.q, a.d, a.s, cols);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::quantized::GgmlDType;
 
-use super::norms::{fused_router, qin_smem_bytes, NORM_ROWS, NORM_WARPS, SHARED_MEM_DEFAULT};
+use super::norms::{fused_router, qin_fits, qin_smem_bytes, NORM_ROWS, NORM_WARPS};
 use super::{driver, grid1, Decoder, MvShape, NormIn, MV_WARPS};
 use crate::cuda::{type_id, DeviceMatrix, MAX_EXPERTS_USED};
 use crate::KernelError;
@@ -265,7 +265,7 @@ impl Decoder {
 /// None (quantize, then `moe_down_*`) where the int8 copy does not fit a block's shared memory
 /// or the rows are not whole blocks of 32.
 fn down_qin_kernel(td: i32, n_ff: usize, d: usize) -> Option<&'static str> {
-    if !d.is_multiple_of(NORM_ROWS) || qin_smem_bytes(n_ff) > SHARED_MEM_DEFAULT {
+    if !d.is_multiple_of(NORM_ROWS) || !qin_fits(n_ff) {
         return None;
     }
     [

@@ -19,11 +19,11 @@ use crate::KernelError;
 /// Warps per block of `matvec_norm_*` and `moe_down_qin_*` (`NORM_WARPS` in decode.cu: pairs of
 /// warps share two rows, so 32 rows, one int8 block, per block).
 pub(super) const NORM_WARPS: u32 = 32;
-/// Rows per block of `matvec_norm_*`.
+/// Rows per block of `matvec_norm_*` and `moe_down_qin_*`.
 pub(super) const NORM_ROWS: usize = 32;
-/// Shared memory a block may take without opting in (`matvec_norm_qin_*` keeps its input's
+/// Shared memory a block may take without opting in (the `_qin_` kernels keep their input's
 /// int8 copy there).
-pub(super) const SHARED_MEM_DEFAULT: usize = 48 << 10;
+const SHARED_MEM_DEFAULT: usize = 48 << 10;
 
 /// decode.cu's `qin_smem_bytes`: the padded int8 copy of `cols` activations and its block
 /// scales.
@@ -31,10 +31,15 @@ pub(super) fn qin_smem_bytes(cols: usize) -> usize {
     cols / 64 * (64 + 16) + cols / 32 * 8
 }
 
+/// Whether a `_qin_` kernel's int8 copy of `cols` inputs fits a block's shared memory.
+pub(super) fn qin_fits(cols: usize) -> bool {
+    qin_smem_bytes(cols) <= SHARED_MEM_DEFAULT
+}
+
 /// Whether down (`m`) quantizes its F32 input itself (`matvec_norm_qin_*`: k-quant rows whose
 /// input's int8 copy fits in a block's shared memory), so no `quantize_q8` runs before it.
 pub(super) fn quantizes_own_input(m: &DeviceMatrix) -> bool {
-    reads_int8(m) && qin_smem_bytes(m.cols) <= SHARED_MEM_DEFAULT
+    reads_int8(m) && qin_fits(m.cols)
 }
 
 /// A norm producer's input.

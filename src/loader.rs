@@ -135,10 +135,43 @@ const UNMEASURED: Rates = Rates {
 pub fn default_device_budget(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Some((free, total)) = hardware::gpu::memory(device) {
-        return Some(free.saturating_sub((total / 20).max(1 << 30)));
+        return Some(device_budget_of(free, total, false, 0));
+    }
+    #[cfg(feature = "metal")]
+    if let Some((free, total)) = hardware::metal::memory(device) {
+        let ram = default_ram_budget(&hardware::read_memory());
+        return Some(device_budget_of(free, total, true, ram));
     }
     let _ = device;
     None
+}
+
+/// Whether `device`'s memory is the machine's RAM (Metal on Apple Silicon): the device tier and
+/// the RAM tier then draw on one pool of memory.
+pub fn unified_memory(device: &Device) -> bool {
+    device.is_metal()
+}
+
+/// The default device budget from the device's `free` and `total` memory. A discrete GPU keeps
+/// 5 % of its total (at least 1 GiB) free. On unified memory, `free` is what Metal recommends
+/// this process keep resident, less 512 MiB for command buffers and candle's intermediates, and
+/// never more than `ram_default`, the RAM budget the machine allows as a whole.
+pub fn device_budget_of(free: u64, total: u64, unified: bool, ram_default: u64) -> u64 {
+    if unified {
+        free.saturating_sub(512 << 20).min(ram_default)
+    } else {
+        free.saturating_sub((total / 20).max(1 << 30))
+    }
+}
+
+/// The default RAM budget beside a device budget. On unified memory the device tier's buffers
+/// are RAM too, so the RAM tier gets what is left of `ram_default` after them: the two together
+/// never ask for more than the machine has (the seed's 32 GB Mac: 22 GiB device, 8 GiB RAM).
+pub fn ram_budget_beside(ram_default: u64, device_budget: Option<u64>, unified: bool) -> u64 {
+    match device_budget {
+        Some(d) if unified => ram_default.saturating_sub(d),
+        _ => ram_default,
+    }
 }
 
 /// Plans `files` for this machine, running on `device`. Reads the cached profile; measures the
@@ -178,11 +211,18 @@ fn plan_model_with(
     measure: Option<bool>,
 ) -> Result<(Plan, Option<Profile>)> {
     let mem = hardware::read_memory();
+    let device_bytes = tiers
+        .device_budget
+        .or_else(|| default_device_budget(device));
     let budgets = Budgets {
-        ram_bytes: tiers.ram_budget.unwrap_or_else(|| default_ram_budget(&mem)),
-        device_bytes: tiers
-            .device_budget
-            .or_else(|| default_device_budget(device)),
+        ram_bytes: tiers.ram_budget.unwrap_or_else(|| {
+            ram_budget_beside(
+                default_ram_budget(&mem),
+                device_bytes,
+                unified_memory(device),
+            )
+        }),
+        device_bytes,
     };
     let cached = hardware::cached_profile(files.path());
     let rates = |p: &Option<Profile>| {
@@ -302,4 +342,45 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         learn_path,
         load_seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn discrete_gpu_keeps_five_percent_free() {
+        // An H200: 140 GiB free of 141; 5 % of the total stays free.
+        assert_eq!(
+            device_budget_of(140 * GIB, 141 * GIB, false, 0),
+            140 * GIB - 141 * GIB / 20
+        );
+        // A small card: at least 1 GiB.
+        assert_eq!(device_budget_of(7 * GIB, 8 * GIB, false, 0), 6 * GIB);
+        // The RAM budget does not bound a discrete GPU, nor the other way round.
+        assert_eq!(
+            ram_budget_beside(20 * GIB, Some(100 * GIB), false),
+            20 * GIB
+        );
+    }
+
+    #[test]
+    fn unified_memory_shares_one_pool() {
+        // A 32 GB Mac: Metal recommends ~21.3 GiB resident; 27 GiB of RAM may be taken.
+        let ws = 21 * GIB + 300 * (1 << 20);
+        let dev = device_budget_of(ws, ws, true, 27 * GIB);
+        assert_eq!(dev, ws - 512 * (1 << 20));
+        // The RAM tier gets what the device tier leaves, so the two fit the machine together.
+        let ram = ram_budget_beside(27 * GIB, Some(dev), true);
+        assert_eq!(ram + dev, 27 * GIB);
+        // The device budget never exceeds what RAM allows.
+        assert_eq!(device_budget_of(ws, ws, true, 4 * GIB), 4 * GIB);
+        // The seed's budgets, given by hand on unified memory: RAM left after the device's.
+        assert_eq!(ram_budget_beside(30 * GIB, Some(22 * GIB), true), 8 * GIB);
+        assert_eq!(ram_budget_beside(10 * GIB, Some(22 * GIB), true), 0);
+        // No device budget (a CPU build): the whole RAM budget.
+        assert_eq!(ram_budget_beside(27 * GIB, None, true), 27 * GIB);
+    }
 }

@@ -1,6 +1,7 @@
-//! How much RAM there is and how much hypura may use: `/proc/meminfo`, narrowed by the memory
-//! cgroup the process runs in (v1 or v2), since a container's limit — page cache included — is
-//! what the OOM killer enforces.
+//! How much RAM there is and how much hypura may use. Linux: `/proc/meminfo`, narrowed by the
+//! memory cgroup the process runs in (v1 or v2), since a container's limit — page cache included —
+//! is what the OOM killer enforces. macOS: `sysctl hw.memsize` and `vm_stat` (free + inactive
+//! pages, what can be had without compressing or swapping).
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,54 @@ pub struct MemoryInfo {
 }
 
 /// Reads the current memory picture.
+#[cfg(target_os = "macos")]
+pub fn read_memory() -> MemoryInfo {
+    let run = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let total = run("/usr/sbin/sysctl", &["-n", "hw.memsize"])
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0);
+    let available = vm_stat_available(&run("/usr/bin/vm_stat", &[])).unwrap_or(0);
+    MemoryInfo {
+        total_bytes: total,
+        available_bytes: available.min(total),
+        cgroup_limit_bytes: None,
+        cgroup_version: None,
+    }
+}
+
+/// Bytes that can be had without compressing or swapping, from `vm_stat`'s output: free plus
+/// inactive pages (as psutil counts macOS's available memory), at the page size its first line
+/// names. `None` when the text lacks them.
+#[cfg(any(test, target_os = "macos"))]
+fn vm_stat_available(text: &str) -> Option<u64> {
+    let page_bytes: u64 = text
+        .lines()
+        .next()?
+        .split("page size of ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let pages = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches('.').parse().ok())
+    };
+    Some((pages("Pages free:")? + pages("Pages inactive:")?) * page_bytes)
+}
+
+/// Reads the current memory picture.
+#[cfg(not(target_os = "macos"))]
 pub fn read_memory() -> MemoryInfo {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let field = |name: &str| -> Option<u64> {
@@ -190,6 +239,21 @@ mod tests {
             }
         );
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// `vm_stat` as macOS 14 prints it on an Apple Silicon Mac (16 KiB pages).
+    #[test]
+    fn macos_available_from_vm_stat() {
+        let text = "Mach Virtual Memory Statistics: (page size of 16384 bytes)\n\
+            Pages free:                               13919.\n\
+            Pages active:                            211567.\n\
+            Pages inactive:                          209282.\n\
+            Pages speculative:                         1820.\n\
+            Pages wired down:                        117484.\n\
+            \"Translation faults\":                 251740394.\n";
+        assert_eq!(vm_stat_available(text), Some((13919 + 209282) * 16384));
+        assert_eq!(vm_stat_available("Pages free: 3.\n"), None);
+        assert_eq!(vm_stat_available(""), None);
     }
 
     #[test]

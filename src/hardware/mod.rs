@@ -6,6 +6,8 @@
 pub mod gpu;
 mod measure;
 mod memory;
+#[cfg(feature = "metal")]
+pub mod metal;
 
 use std::path::{Path, PathBuf};
 
@@ -72,11 +74,15 @@ fn device_id(path: &Path) -> Result<u64> {
         .dev())
 }
 
-/// The compute device: CUDA device 0 on a CUDA build that finds one (bandwidths measured when
-/// `measure`), else the CPU.
+/// The compute device: CUDA device 0 on a CUDA build that finds one, Metal device 0 on a Metal
+/// build (bandwidths measured when `measure`), else the CPU.
 fn current_device(measure: bool) -> Result<DeviceInfo> {
     #[cfg(feature = "cuda")]
     if let Some(info) = gpu::info(measure) {
+        return info;
+    }
+    #[cfg(feature = "metal")]
+    if let Some(info) = metal::info(measure) {
         return info;
     }
     let _ = measure;
@@ -91,10 +97,12 @@ fn current_device(measure: bool) -> Result<DeviceInfo> {
     })
 }
 
-/// Profiles are cached per filesystem and per build kind (a CUDA build measures its GPU).
+/// Profiles are cached per filesystem and per build kind (a GPU build measures its GPU).
 fn cache_file(dev: u64) -> PathBuf {
     let build = if cfg!(feature = "cuda") {
         "cuda"
+    } else if cfg!(feature = "metal") {
+        "metal"
     } else {
         "cpu"
     };

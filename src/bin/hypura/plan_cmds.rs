@@ -7,7 +7,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hypura::gguf::ModelFiles;
 use hypura::hardware;
-use hypura::loader::{default_n_ctx, default_ram_budget, plan_model};
+use hypura::loader::{
+    default_n_ctx, default_ram_budget, device_budget_of, plan_model, ram_budget_beside,
+};
 use hypura::plan::{gib, layer_of, Plan, TierKind};
 
 use crate::common::{plan_summary, ModelArgs};
@@ -68,6 +70,7 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
     println!("| what | value |");
     println!("| --- | --- |");
     println!("| compute device | {} |", p.device.name);
+    let unified = p.device.kind == "metal";
     match (p.device.memory_bytes, p.device.free_bytes) {
         (Some(total), free) => {
             println!(
@@ -76,10 +79,10 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
                 gib(total)
             );
             if let Some(f) = free {
-                let headroom = (total / 20).max(1 << 30);
+                let ram = default_ram_budget(&p.memory);
                 println!(
                     "| default device budget | {} |",
-                    gib(f.saturating_sub(headroom))
+                    gib(device_budget_of(f, total, unified, ram))
                 );
             }
         }
@@ -109,9 +112,23 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
                 p.memory.cgroup_version.clone().unwrap_or_default()
             ))
     );
+    let device_budget = p
+        .device
+        .memory_bytes
+        .zip(p.device.free_bytes)
+        .map(|(total, free)| device_budget_of(free, total, unified, default_ram_budget(&p.memory)));
     println!(
-        "| default RAM budget | {} |",
-        gib(default_ram_budget(&p.memory))
+        "| default RAM budget | {}{} |",
+        gib(ram_budget_beside(
+            default_ram_budget(&p.memory),
+            device_budget,
+            unified
+        )),
+        if unified {
+            " (unified memory: what the device budget leaves)"
+        } else {
+            ""
+        }
     );
     println!(
         "| memory read, 1 thread / all | {} / {} |",

@@ -24,14 +24,15 @@
 #       profile   hypura profile --reprofile (GPU memory, PCIe and device bandwidth, disk)
 #       lcpp      start building llama.cpp with CUDA in the background (log: $OUT/lcpp-build.log)
 #       bench8b   synth llama-3-8b Q4_K_M; plan; hypura bench pp512/tg128 ×3 (BENCH8B_MODES: fused
-#                 direct candle nopdl nofold: the graph without dependent launches, without
-#                 norms folded into the mat-vecs); the
+#                 direct candle nopdl nofold nostage: the graph without dependent launches,
+#                 without norms folded into the mat-vecs, with down read in place, not staged); the
 #                 bound = device bandwidth / weight bytes per token; llama-bench on the same
 #                 file if built
 #       moe       synth mixtral-8x7b Q5_K_M with skewed routing (~31 GB); with a 22 GiB device
 #                 and 8 GiB RAM budget: plan, run once (learns co-activation), then bench (tg
 #                 tok/s with the expert caches' hit rates over the timed tg runs, as JSON)
-#       moefull   the same Mixtral with no budgets (all on the GPU): hypura bench (then, after `moe`,
+#       moefull   the same Mixtral with no budgets (all on the GPU): hypura bench (MOE_NOSTAGE=1:
+#                 again with the experts' down not staged; then, after `moe`,
 #                 the budgeted run against its I/O and compute bounds), then llama-bench
 #                 on the same file (waits up to 6 minutes for the `lcpp` build)
 #       l70       synth llama-3-70b Q4_K_M (~40 GB); same budgets: plan, run with --stats
@@ -233,7 +234,7 @@ run() {
         for mv in ${BENCH8B_MODES:-fused direct candle}; do
           case $mv in
             fused) e=HYPURA_CUDA_DECODE=fused ;; direct) e=HYPURA_CUDA_GRAPH=0 ;; candle) e=HYPURA_CUDA_DECODE=candle ;;
-            nopdl) e=HYPURA_CUDA_PDL=0 ;; nofold) e=HYPURA_CUDA_FOLD=0 ;;
+            nopdl) e=HYPURA_CUDA_PDL=0 ;; nofold) e=HYPURA_CUDA_FOLD=0 ;; nostage) e=HYPURA_CUDA_STAGED=0 ;;
             *) echo "unknown bench8b mode $mv" >&2; continue ;;
           esac
           ( export "${e?}"; TAIL=3 step "bench8b-$mv" "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 512 -n 128 -r 3 --json )
@@ -292,6 +293,9 @@ run() {
           --router-skew "${SKEW:-1.5}" --router-corr "${CORR:-0.8}" -o "$m"
         HYPURA_CUDA_PROFILE=20 TAIL=3 step bench-moe-full "$bin/hypura" bench -m "$m" -c 512 -p 32 -n 32 -r 3 --json
         grep '^{' "$OUT/bench-moe-full.log" | tail -n 1 >"$OUT/bench-moe-full.json" || true
+        # MOE_NOSTAGE=1: the same with the experts' down read in place (not staged), to compare.
+        [ -n "${MOE_NOSTAGE:-}" ] && HYPURA_CUDA_STAGED=0 TAIL=3 step bench-moe-full-nostage \
+          "$bin/hypura" bench -m "$m" -c 512 -p 32 -n 32 -r 3
         [ -s "$OUT/bench-moe.json" ] && moebound "$OUT/bench-moe.json" "$OUT/bench-moe-full.json" \
           "$OUT/profile.json" | tee -a "$OUT/log" || true
         # Waits for llama.cpp only if this call's `lcpp` step started building it.

@@ -8,8 +8,20 @@
 // A norm's producer over `rows × cols` of type ty: quantize_q8 of its F32 input then
 // matvec_norm_<t> (the decoder before), matvec_norm_qin_<t> (the decoder now), and
 // matvec_norm_<t> alone. err: max |Δ| of y against the first (0: the same sums).
+// Staging depths other than the decoder's (bench only).
+#define ST_VARIANT(NAME, TY, ST)                                                             \
+  __global__ void __launch_bounds__(WARP * NORM_WARPS)                                       \
+      NAME(const uint8_t* __restrict__ w, const float* __restrict__ x, const int8_t*,        \
+           const float*, const float*, float* y, int cols, const float* res,                 \
+           const float* __restrict__ nw, int8_t* nq, float* nd, float* ns, float* npart) {   \
+    matvec_norm_st_t<TY, ST>(w, x, y, cols, res, nw, nq, nd, ns, npart);                     \
+  }
+ST_VARIANT(st2_q4_k, T_Q4_K, 2)
+ST_VARIANT(st4_q4_k, T_Q4_K, 4)
+ST_VARIANT(st3_q6_k, T_Q6_K, 3)
+
 static void pdl_producer(const char* shape, int ty, int rows, int cols, NormKernel plain,
-                         NormKernel qin) {
+                         NormKernel qin, NormKernel staged = nullptr, int staged_smem = 0) {
   Mat m = make_mat(ty, rows, cols, 11);
   Act a = make_act(cols);
   float* y;
@@ -38,6 +50,20 @@ static void pdl_producer(const char* shape, int ty, int rows, int cols, NormKern
   });
   run("matvec_norm_qin", [&](cudaStream_t s, int i) { norm(qin, qin_smem_bytes(cols), s, i); });
   run("matvec_norm alone", [&](cudaStream_t s, int i) { norm(plain, 0, s, i); });
+  if (staged) {
+    CK(cudaFuncSetAttribute(staged, cudaFuncAttributeMaxDynamicSharedMemorySize, staged_smem));
+    run("matvec_norm_st (staged)", [&](cudaStream_t s, int i) { norm(staged, staged_smem, s, i); });
+  }
+  auto variant = [&](const char* name, NormKernel k, int stages) {
+    const int sm = nst_smem_bytes(ty, cols, stages);
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+    run(name, [&](cudaStream_t s, int i) { norm(k, sm, s, i); });
+  };
+  if (ty == T_Q4_K) {
+    variant("staged, 2 stages", st2_q4_k, 2);
+    variant("staged, 4 stages", st4_q4_k, 4);
+  }
+  if (ty == T_Q6_K) variant("staged, 3 stages", st3_q6_k, 3);
   CK(cudaFree(m.p));
   CK(cudaFree(y));
 }
@@ -45,7 +71,8 @@ static void pdl_producer(const char* shape, int ty, int rows, int cols, NormKern
 // Llama-3-8B Q4_K_M's dense block as the decoder's graph runs it (norms folded): matvec_qkv_2_1,
 // attention_32_4 at 64 keys, matvec_norm_q4_k (o), matvec_swiglu, matvec_norm_qin (down: Q4_K
 // and Q6_K in alternate layers), `n_layer` of them over weight copies larger than L2.
-static void pdl_layer() {
+static void pdl_layer(const char* name, NormKernel down4, int smem4, NormKernel down6,
+                      int smem6) {
   const int d = 4096, ff = 14336, nh = 32, nkv = 8, hd = 128, n_ctx = 256, n_layer = 32;
   Mat wq = make_mat(T_Q4_K, d, d, 21), wk = make_mat(T_Q4_K, nkv * hd, d, 22),
       wv = make_mat(T_Q6_K, nkv * hd, d, 23), wo = make_mat(T_Q4_K, d, d, 24),
@@ -83,10 +110,10 @@ static void pdl_layer() {
     pdl(matvec_swiglu, ff / MV_WARPS, dim3(32, MV_WARPS), 0, s, xn.x, xn.q, xn.d, xn.s, d,
         at(wg, i), T_Q4_K, at(wu, i), T_Q4_K, ffn.x, ff, nin);
     if (i % 2)
-      pdl(matvec_norm_qin_q6_k, d / 32, dim3(32, NORM_WARPS), qin_smem_bytes(ff), s, at(w6, i),
+      pdl(down6, d / 32, dim3(32, NORM_WARPS), smem6, s, at(w6, i),
           ffn.x, ffn.q, ffn.d, ffn.s, x.x, ff, x.x, nw, xn.q, xn.d, xn.s, npart);
     else
-      pdl(matvec_norm_qin_q4_k, d / 32, dim3(32, NORM_WARPS), qin_smem_bytes(ff), s, at(w4, i),
+      pdl(down4, d / 32, dim3(32, NORM_WARPS), smem4, s, at(w4, i),
           ffn.x, ffn.q, ffn.d, ffn.s, x.x, ff, x.x, nw, xn.q, xn.d, xn.s, npart);
   };
   f(0, 0);
@@ -95,7 +122,7 @@ static void pdl_layer() {
   CK(cudaGetLastError());
   const double bytes = wq.bytes + wk.bytes + wv.bytes + wo.bytes + wg.bytes + wu.bytes +
                        (w4.bytes + w6.bytes) / 2.0;
-  report("8B dense layer (5 kernels, 64 keys)", "pdl chain of 32 layers", time_graph(f, n_layer),
+  report("8B dense layer (5 kernels, 64 keys)", name, time_graph(f, n_layer),
          bytes, 0.f);
   for (Mat* m : {&wq, &wk, &wv, &wo, &wg, &wu, &w4, &w6}) CK(cudaFree(m->p));
 }
@@ -104,7 +131,7 @@ typedef void (*MoeQinKernel)(const float*, float*, int, int, const uint64_t*, co
 
 // A MoE block's two experts' down [4096, 14336] of type ty: quantize_q8 of their hidden states
 // then moe_down_2_1 (the decoder before), and moe_down_qin_<t> (now). err: max |Δ| of ys.
-static void pdl_moe_down(const char* shape, int ty, MoeQinKernel qin) {
+static void pdl_moe_down(const char* shape, int ty, MoeQinKernel qin, MoeQinKernel staged) {
   const int rows = 4096, cols = 14336, k = 2;
   Mat m = make_mat(ty, rows, cols, 31);
   Act h = make_act(k * cols);
@@ -137,19 +164,36 @@ static void pdl_moe_down(const char* shape, int ty, MoeQinKernel qin) {
     pdl(qin, dim3(rows / 32, k), dim3(32, NORM_WARPS), qin_smem_bytes(cols), s, h.x, ys, rows,
         cols, table, route);
   });
+  const int sm = nst_smem_bytes(ty, cols);
+  CK(cudaFuncSetAttribute(staged, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+  run("moe_down_st (staged)", [&](cudaStream_t s, int) {
+    pdl(staged, dim3(rows / 32, k), dim3(32, NORM_WARPS), sm, s, h.x, ys, rows, cols, table,
+        route);
+  });
   CK(cudaFree(m.p));
 }
 
 static void bench_pdl() {
-  pdl_moe_down("Q5_K [4096, 14336] x2 (experts' down)", T_Q5_K, moe_down_qin_q5_k);
-  pdl_moe_down("Q6_K [4096, 14336] x2 (experts' down)", T_Q6_K, moe_down_qin_q6_k);
-  pdl_layer();
+  pdl_moe_down("Q5_K [4096, 14336] x2 (experts' down)", T_Q5_K, moe_down_qin_q5_k,
+               moe_down_st_q5_k);
+  pdl_moe_down("Q6_K [4096, 14336] x2 (experts' down)", T_Q6_K, moe_down_qin_q6_k,
+               moe_down_st_q6_k);
+  const int st4 = nst_smem_bytes(T_Q4_K, 14336), st6 = nst_smem_bytes(T_Q6_K, 14336);
+  CK(cudaFuncSetAttribute(matvec_norm_st_q4_k, cudaFuncAttributeMaxDynamicSharedMemorySize, st4));
+  CK(cudaFuncSetAttribute(matvec_norm_st_q6_k, cudaFuncAttributeMaxDynamicSharedMemorySize, st6));
+  for (int rep = 0; rep < 2; ++rep) {
+    pdl_layer("pdl chain of 32 layers", matvec_norm_qin_q4_k, qin_smem_bytes(14336),
+              matvec_norm_qin_q6_k, qin_smem_bytes(14336));
+    pdl_layer("the same, Q6_K down staged", matvec_norm_qin_q4_k, qin_smem_bytes(14336),
+              matvec_norm_st_q6_k, st6);
+    pdl_layer("the same, both downs staged", matvec_norm_st_q4_k, st4, matvec_norm_st_q6_k, st6);
+  }
   pdl_producer("Q4_K [4096, 14336] (down)", T_Q4_K, 4096, 14336, matvec_norm_q4_k,
-               matvec_norm_qin_q4_k);
+               matvec_norm_qin_q4_k, matvec_norm_st_q4_k, nst_smem_bytes(T_Q4_K, 14336));
   pdl_producer("Q5_K [4096, 14336] (down)", T_Q5_K, 4096, 14336, matvec_norm_q5_k,
-               matvec_norm_qin_q5_k);
+               matvec_norm_qin_q5_k, matvec_norm_st_q5_k, nst_smem_bytes(T_Q5_K, 14336));
   pdl_producer("Q6_K [4096, 14336] (down)", T_Q6_K, 4096, 14336, matvec_norm_q6_k,
-               matvec_norm_qin_q6_k);
+               matvec_norm_qin_q6_k, matvec_norm_st_q6_k, nst_smem_bytes(T_Q6_K, 14336));
   for (int n_kv : {9, 64, 128, 256}) {
     bench_attention(n_kv, 1, "attention_32_4 (pdl)", attention_32_4, 32, 4096, true);
     bench_attention(n_kv, 1, "attention_32_1_256 (pdl)", attention_32_1_256, 32, 4096, true);

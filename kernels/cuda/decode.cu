@@ -13,13 +13,15 @@
 //
 // Per layer (5 launches): matvec_qkv, attention (with RoPE and the KV-cache write; past 256
 // keys also attention_merge), matvec_norm_<type> (o, + residual, and the next norm's input),
-// matvec_swiglu, matvec_norm_qin_<type> (down, quantizing SwiGLU's output itself, + residual, and
-// the next norm's input). The RMS norms fold into the mat-vecs around them (see NormIn); where
+// matvec_swiglu, matvec_norm_st_<type> (down, quantizing SwiGLU's output itself and staging its
+// weights through shared memory, + residual, and the next norm's input; matvec_norm_qin_<type>,
+// reading them in place, where n_ff is not a multiple of 2048 or the device lacks the shared
+// memory). The RMS norms fold into the mat-vecs around them (see NormIn); where
 // they cannot (the first layer, F32 or Q8_0 consumers, MoE blocks) `rms_norm` runs before its
 // consumer, and o and down are plain `matvec`s (down after quantize_q8). A mixture-of-experts
 // block replaces the last three with moe_router (the router's product and top-k on the device;
 // it waits for the host when a chosen expert is not in device memory), moe_swiglu and
-// moe_down_qin_<type> (quantizing the hidden states itself) over the chosen experts, and
+// moe_down_st_<type> (or _qin_: quantizing the hidden states itself) over the chosen experts, and
 // moe_combine.
 //
 // Conventions: `step[0]` = token id, `step[1]` = position of that token (= tokens already cached).
@@ -313,6 +315,20 @@ __device__ __forceinline__ float rows32_total(float (&acc)[R]) {
   return t;
 }
 
+// Warp 0 of a norm producer's block: `t` (lane l: row 32 · blockIdx.x + l's total) + res into y,
+// then the int8 copy of y ⊙ nw and the block's Σ y². Every thread calls it.
+__device__ __forceinline__ void norm_out(float t, float* y, const float* res,
+                                         const float* __restrict__ nw, int8_t* nq, float* nd,
+                                         float* ns, float* npart) {
+  if (threadIdx.y != 0) return;
+  const int lane = threadIdx.x, r = blockIdx.x * 32 + lane;
+  if (res) t += res[r];
+  y[r] = t;
+  const float ss = warp_sum(t * t);
+  if (lane == 0) npart[blockIdx.x] = ss;
+  warp_quantize(t * nw[r], r, nq, nd, ns);
+}
+
 template <int TY, bool QIN>
 __device__ __forceinline__ void matvec_norm_t(const uint8_t* __restrict__ w,
                                               const float* __restrict__ x, Q8x q8, float* y,
@@ -321,7 +337,7 @@ __device__ __forceinline__ void matvec_norm_t(const uint8_t* __restrict__ w,
                                               float* nd, float* ns, float* npart) {
   constexpr int R = 2, KS = 2;
   static_assert(R * NORM_WARPS / KS == 32, "one int8 block of rows per thread block");
-  const int lane = threadIdx.x, g = threadIdx.y / KS, ks = threadIdx.y % KS;
+  const int g = threadIdx.y / KS, ks = threadIdx.y % KS;
   float acc[R] = {};
   const int row = blockIdx.x * 32 + g * R;
   if constexpr (QIN) {
@@ -332,14 +348,7 @@ __device__ __forceinline__ void matvec_norm_t(const uint8_t* __restrict__ w,
   } else {
     rows_dot_t<TY, R, KS>(w, row, x, q8, cols, ks, acc);
   }
-  float t = rows32_total<R, KS>(acc);
-  if (threadIdx.y != 0) return;
-  const int r = blockIdx.x * 32 + lane;
-  if (res) t += res[r];
-  y[r] = t;
-  const float ss = warp_sum(t * t);
-  if (lane == 0) npart[blockIdx.x] = ss;
-  warp_quantize(t * nw[r], r, nq, nd, ns);
+  norm_out(rows32_total<R, KS>(acc), y, res, nw, nq, nd, ns, npart);
 }
 
 #define MATVEC_NORM(NAME, TY, QIN)                                                          \
@@ -358,6 +367,100 @@ MATVEC_NORM(matvec_norm_f32, T_F32, false)
 MATVEC_NORM(matvec_norm_qin_q4_k, T_Q4_K, true)
 MATVEC_NORM(matvec_norm_qin_q5_k, T_Q5_K, true)
 MATVEC_NORM(matvec_norm_qin_q6_k, T_Q6_K, true)
+
+// Down staged through shared memory (k-quant rows, cols a multiple of 2048): each warp owns one
+// row (32 a block) and copies its next 8 super-blocks (a 16-byte aligned run) into its own
+// shared buffer with cp.async, 16 bytes a lane, nst_stages deep; the lanes then read their
+// words there. Q6_K's 210-byte super-blocks are only 2-byte aligned, so read in place
+// (dot_q6_k) each lane makes 24 32-bit loads per super-block, scattered over 8 super-blocks per
+// warp instruction. The first stages are issued before the dependency wait (weights do not
+// depend on the previous kernel, and cp.async holds no registers), so they arrive while the
+// block quantizes its input (as the _qin_ kernels). Runs copied ahead: nst_stages (each type's
+// faster on an H200, kbench pdl). Dynamic shared memory: nst_smem_bytes (past the default
+// 48 KiB: the host opts in). H200, [4096, 14336] in a chain of dependent launches, against
+// matvec_norm_qin_<t>: Q4_K 13.6 → 11.1 µs, Q5_K 15.2 → 13.5, Q6_K 20.5 → 17.7.
+__host__ __device__ constexpr int nst_stages(int ty) { return ty == T_Q6_K ? 2 : 3; }
+
+__host__ __device__ constexpr int kq_block_bytes(int ty) {
+  return ty == T_Q4_K ? 144 : ty == T_Q5_K ? 176 : 210;
+}
+
+__host__ __device__ constexpr int nst_smem_bytes(int ty, int cols, int stages = 0) {
+  return qin_smem_bytes(cols) +
+         NORM_WARPS * (stages ? stages : nst_stages(ty)) * 8 * kq_block_bytes(ty);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(gmem) : "memory");
+}
+
+// This warp's copy of run g (super-blocks 8g .. 8g+7, G bytes) of `row` into `buf`, as one
+// cp.async group (empty past the row's end, so the group count stays the same).
+template <int G>
+__device__ __forceinline__ void nst_issue(const uint8_t* row, int g, int ng, uint8_t* buf) {
+  if (g < ng) {
+    const uint8_t* src = row + (size_t)g * G;
+    for (int j = threadIdx.x; j < G / 16; j += WARP) cp_async16(buf + 16 * j, src + 16 * j);
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// This lane's partial sum of its warp's row `wr` (cols of type TY) · x, staged as above in this
+// warp's part of the dynamic shared memory, past x's int8 copy. EARLY: the weights do not
+// depend on the previous kernel, so the first copies go out before the dependency wait (which
+// this then does); else the caller has waited. Every thread of the block calls it (it
+// quantizes x with the whole block).
+template <int TY, bool EARLY, int ST = nst_stages(TY)>
+__device__ __forceinline__ float staged_row_dot(const uint8_t* __restrict__ wr,
+                                                const float* __restrict__ x, int cols) {
+  constexpr int BB = kq_block_bytes(TY), G = 8 * BB;
+  extern __shared__ __align__(16) int8_t nst_smem[];
+  const int lane = threadIdx.x, c = lane & 3, ng = cols / 2048;
+  uint8_t* stage = reinterpret_cast<uint8_t*>(nst_smem) + qin_smem_bytes(cols) +
+                   threadIdx.y * ST * G;
+#pragma unroll
+  for (int g = 0; g < ST - 1; ++g) nst_issue<G>(wr, g, ng, stage + g * G);
+  if (EARLY) pdl_entry();
+  const Q8x xq = quantize_to_smem(x, cols, nst_smem);
+  float acc = 0.f;
+  for (int g = 0; g < ng; ++g) {
+    const int gi = g + ST - 1;
+    nst_issue<G>(wr, gi, ng, stage + (gi % ST) * G);
+    asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1) : "memory");
+    __syncwarp();
+    const int b = 8 * g + (lane >> 2);
+    const uint8_t* blk = stage + (g % ST) * G + (lane >> 2) * BB;
+    if constexpr (TY == T_Q6_K)
+      acc += q6_lane_dot(blk, q6_lane_x<QIN_PAD>(xq, b, 8 * c), c);
+    else
+      acc += qk_lane_dot<TY == T_Q5_K>(blk, qk_lane_x<QIN_PAD>(xq, b, c), c);
+    __syncwarp(); // every lane has read this stage before it is refilled
+  }
+  return acc;
+}
+
+template <int TY, int ST = nst_stages(TY)>
+__device__ __forceinline__ void matvec_norm_st_t(const uint8_t* __restrict__ w,
+                                                 const float* __restrict__ x, float* y,
+                                                 int cols, const float* res,
+                                                 const float* __restrict__ nw, int8_t* nq,
+                                                 float* nd, float* ns, float* npart) {
+  const size_t rb = (size_t)(cols / 256) * kq_block_bytes(TY);
+  float acc[1] = {staged_row_dot<TY, true, ST>(w + (blockIdx.x * 32 + threadIdx.y) * rb, x, cols)};
+  norm_out(rows32_total<1, 1>(acc), y, res, nw, nq, nd, ns, npart);
+}
+
+#define MATVEC_NORM_ST(NAME, TY)                                                            \
+  extern "C" __global__ void __launch_bounds__(WARP * NORM_WARPS)                            \
+      NAME(const uint8_t* __restrict__ w, const float* __restrict__ x, const int8_t* xq,     \
+           const float* xd, const float* xs, float* y, int cols, const float* res,           \
+           const float* __restrict__ nw, int8_t* nq, float* nd, float* ns, float* npart) {   \
+    matvec_norm_st_t<TY>(w, x, y, cols, res, nw, nq, nd, ns, npart);                         \
+  }
+MATVEC_NORM_ST(matvec_norm_st_q4_k, T_Q4_K)
+MATVEC_NORM_ST(matvec_norm_st_q5_k, T_Q5_K)
+MATVEC_NORM_ST(matvec_norm_st_q6_k, T_Q6_K)
 
 // The SwiGLU hidden state: out[r] = silu(gate[r] · x) * (up[r] · x); one warp per row. Two Q4_K
 // (or two Q5_K) rows run interleaved, sharing each activation load.
@@ -621,6 +724,33 @@ __device__ __forceinline__ void moe_down_qin_t(const float* ffn, float* ys, int 
 MOE_DOWN_QIN(moe_down_qin_q4_k, T_Q4_K)
 MOE_DOWN_QIN(moe_down_qin_q5_k, T_Q5_K)
 MOE_DOWN_QIN(moe_down_qin_q6_k, T_Q6_K)
+
+// The same staged (see matvec_norm_st_t; cols a multiple of 2048): each warp one row of its
+// rank's expert. The expert's address comes from the table after the wait, so no copy goes out
+// before it.
+template <int TY>
+__device__ __forceinline__ void moe_down_st_t(const float* ffn, float* ys, int rows, int cols,
+                                              const uint64_t* table, const float* route) {
+  const int rank = blockIdx.y;
+  const uint8_t* w = expert_w(table, route, rank, 2);
+  if (!w) return; // the whole block (see moe_fetch)
+  const size_t rb = (size_t)(cols / 256) * kq_block_bytes(TY);
+  const float* x = ffn + (size_t)rank * cols;
+  float acc[1] = {staged_row_dot<TY, false>(w + (blockIdx.x * 32 + threadIdx.y) * rb, x, cols)};
+  const float t = rows32_total<1, 1>(acc);
+  if (threadIdx.y == 0) ys[(size_t)rank * rows + blockIdx.x * 32 + threadIdx.x] = t;
+}
+
+#define MOE_DOWN_ST(NAME, TY)                                                               \
+  extern "C" __global__ void __launch_bounds__(WARP * NORM_WARPS)                            \
+      NAME(const float* ffn, float* ys, int rows, int cols, const uint64_t* table,           \
+           const float* route) {                                                            \
+    pdl_entry();                                                                            \
+    moe_down_st_t<TY>(ffn, ys, rows, cols, table, route);                                   \
+  }
+MOE_DOWN_ST(moe_down_st_q4_k, T_Q4_K)
+MOE_DOWN_ST(moe_down_st_q5_k, T_Q5_K)
+MOE_DOWN_ST(moe_down_st_q6_k, T_Q6_K)
 
 // x += Σ_r w[r] · ys[r], in rank order whatever order the experts ran in.
 extern "C" __global__ void moe_combine(float* x, const float* __restrict__ ys, int k, int n,

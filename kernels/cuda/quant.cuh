@@ -163,6 +163,42 @@ __device__ __forceinline__ float qk_part(uint4 hd, uint4 qa, uint4 qb, uint4 ha,
          dm.y * (m0 * xs.x + m1 * xs.y);
 }
 
+// A lane's activations for its share (lane j of 4) of Q4_K / Q5_K super-block b (see qk_part),
+// and that share of a super-block at `blk` (global or shared memory) · them: dot_qk's inner
+// step, for the staged kernels. (dot_qk keeps its own copy: calling these from it cost
+// moe_swiglu 14 registers, 56 → 70.) XP: see dot_qk.
+struct QKx {
+  int4 xl0, xl1, xh0, xh1;
+  float2 xd, xs;
+};
+
+template <int XP = 0>
+__device__ __forceinline__ QKx qk_lane_x(Q8x x, int b, int j) {
+  const int8_t* xq = x.q + (b * 4 + j) * (64 + XP);
+  QKx a;
+  a.xl0 = *reinterpret_cast<const int4*>(xq);
+  a.xl1 = *reinterpret_cast<const int4*>(xq + 16);
+  a.xh0 = *reinterpret_cast<const int4*>(xq + 32);
+  a.xh1 = *reinterpret_cast<const int4*>(xq + 48);
+  a.xd = *reinterpret_cast<const float2*>(x.d + b * 8 + 2 * j);
+  a.xs = *reinterpret_cast<const float2*>(x.s + b * 8 + 2 * j);
+  return a;
+}
+
+template <bool Q5>
+__device__ __forceinline__ float qk_lane_dot(const uint8_t* blk, const QKx& a, int j) {
+  const uint4 hd = *reinterpret_cast<const uint4*>(blk); // d, dmin, scales[12]
+  const uint8_t* qs = blk + QK<Q5>::NIBBLES + 32 * j;
+  const uint4 qa = *reinterpret_cast<const uint4*>(qs);
+  const uint4 qb = *reinterpret_cast<const uint4*>(qs + 16);
+  uint4 ha{}, hb{};
+  if constexpr (Q5) {
+    ha = *reinterpret_cast<const uint4*>(blk + 16);
+    hb = *reinterpret_cast<const uint4*>(blk + 32);
+  }
+  return qk_part<Q5>(hd, qa, qb, ha, hb, a.xl0, a.xl1, a.xh0, a.xh1, j, a.xd, a.xs);
+}
+
 // R Q4_K (Q5 false) or Q5_K rows · x: 4 lanes per super-block, 8 super-blocks per warp iteration
 // (see qk_part); slice `ks` of KS takes iterations ks, ks + KS, ... (Measured against 8 lanes
 // per super-block, 16 bytes each: 1.2-1.4x faster, docs/cuda.md.) XP: padding bytes after every
@@ -241,6 +277,64 @@ struct Q6Block {
     for (int i = 0; i < N; ++i) w[i] = __funnelshift_r(v[i], v[i + 1], sh);
   }
 };
+
+// A lane's activations for its share of Q6_K super-block b (see dot_q6_k): the 8 runs' int8
+// scales, its 8 values of each run, and -32 · their sum (the zero point).
+struct Q6x {
+  float dx[8];
+  int2 xv[8];
+  int zp[8];
+};
+
+template <int XP = 0>
+__device__ __forceinline__ Q6x q6_lane_x(Q8x x, int b, int l0) {
+  Q6x a;
+  const float4 d0 = *reinterpret_cast<const float4*>(x.d + b * 8);
+  const float4 d1 = *reinterpret_cast<const float4*>(x.d + b * 8 + 4);
+  a.dx[0] = d0.x, a.dx[1] = d0.y, a.dx[2] = d0.z, a.dx[3] = d0.w;
+  a.dx[4] = d1.x, a.dx[5] = d1.y, a.dx[6] = d1.z, a.dx[7] = d1.w;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    a.xv[k] = *reinterpret_cast<const int2*>(x.q + (b * 4 + k / 2) * (64 + XP) + 32 * (k & 1) + l0);
+    a.zp[k] = __dp4a((int)0xE0E0E0E0u, a.xv[k].x, __dp4a((int)0xE0E0E0E0u, a.xv[k].y, 0));
+  }
+  return a;
+}
+
+// A lane's share (lane c of its 4) of one Q6_K super-block at `blk` (global or shared memory)
+// · its activations `a`: dot_q6_k's inner step, for the staged kernels. (dot_q6_k keeps its own
+// copy: calling this from it cost the run-time-typed mat-vecs 16 registers, 80 → 96 in
+// matvec_qkv_2_1, a second wave of blocks on an 8B's q/k/v.)
+__device__ __forceinline__ float q6_lane_dot(const uint8_t* blk, const Q6x& a, int c) {
+  const int l0 = 8 * c, s = c >> 1;
+  const Q6Block qb(blk);
+  uint32_t L[4][2], H[2][2], S[4];
+#pragma unroll
+  for (int t = 0; t < 4; ++t) qb.words<2>(32 * t + l0, L[t]);
+#pragma unroll
+  for (int n = 0; n < 2; ++n) qb.words<2>(128 + 32 * n + l0, H[n]);
+  qb.words<4>(192, S);
+  const float D = f16_at(blk + 208);
+  float part = 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const int n = k >> 2, q = k & 3;
+    int dot = a.zp[k];
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      // Bits 0..3 from the low or high nibble of ql, bits 4..5 from bits 2q.. of qh.
+      const uint32_t lw = L[2 * n + (q & 1)][w], hw = H[n][w];
+      const uint32_t lo = (q >> 1 ? lw >> 4 : lw) & 0x0F0F0F0Fu;
+      const uint32_t hi = (q == 0 ? hw << 4 : q == 1 ? hw << 2 : q == 2 ? hw : hw >> 2) &
+                          0x30303030u;
+      dot = __dp4a((int)(lo | hi), w ? a.xv[k].y : a.xv[k].x, dot);
+    }
+    // Scale 2k + s: byte s of the k-th 16-bit pair.
+    const float sc = (float)(int8_t)(S[k >> 1] >> (16 * (k & 1) + 8 * s));
+    part += sc * a.dx[k] * (float)dot;
+  }
+  return D * part;
+}
 
 // R Q6_K rows · x: 4 lanes per super-block, 8 super-blocks per warp iteration; lane c takes
 // positions 8c..8c+7 of all 8 runs of 32 (k = 4n + q), two dp4a each, so the scales (byte

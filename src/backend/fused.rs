@@ -67,6 +67,7 @@ impl FusedDecode {
             dependent_launch: !std::env::var("HYPURA_CUDA_PDL").is_ok_and(|v| v == "0"),
             fold_norms: !std::env::var("HYPURA_CUDA_FOLD").is_ok_and(|v| v == "0"),
             fused_router: !std::env::var("HYPURA_CUDA_ROUTER").is_ok_and(|v| v == "0"),
+            staged_down: !std::env::var("HYPURA_CUDA_STAGED").is_ok_and(|v| v == "0"),
         };
         let host_embed = spec
             .embed

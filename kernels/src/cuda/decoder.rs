@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{
-    CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
+    CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUgraphInstantiate_flags,
+    CUstreamCaptureMode,
 };
 use candle_core::cuda_backend::cudarc::driver::{
     CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
@@ -154,6 +155,37 @@ pub struct Decoder {
     fused_router: bool,
     /// Launches go out as programmatic dependent launches (only while a graph is captured).
     dependent: Cell<bool>,
+    /// The most dynamic shared memory a staged kernel (`matvec_norm_st_*`, `moe_down_st_*`) may
+    /// take here.
+    staged_smem_max: usize,
+}
+
+/// Lets the staged kernels (`matvec_norm_st_*`, `moe_down_st_*`, which copy weights into shared
+/// memory) take what the device allows a block past the default 48 KiB, and returns how much that
+/// is.
+fn allow_staged_smem(
+    stream: &CudaStream,
+    funcs: &HashMap<&'static str, CudaFunction>,
+) -> Result<usize, KernelError> {
+    let optin = stream
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(driver("shared memory limit"))?;
+    let mut max = usize::MAX;
+    let staged = |n: &str| n.starts_with("matvec_norm_st_") || n.starts_with("moe_down_st_");
+    for (name, f) in funcs.iter().filter(|(n, _)| staged(n)) {
+        let fixed = f
+            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+            .map_err(driver(name))?;
+        let dynamic = (optin - fixed).max(0);
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            dynamic,
+        )
+        .map_err(driver(name))?;
+        max = max.min(dynamic as usize);
+    }
+    Ok(if max == usize::MAX { 0 } else { max })
 }
 
 /// How a [`Decoder`] launches its steps.
@@ -173,6 +205,10 @@ pub struct DecodeOptions {
     /// MoE blocks with an F32 router: its product and the routing in one kernel
     /// (`moe_router`) instead of a mat-vec and `moe_route`.
     pub fused_router: bool,
+    /// Down (dense and experts') with k-quant rows staged through shared memory
+    /// (`matvec_norm_st_*`, `moe_down_st_*`) where the device allows the shared memory; otherwise
+    /// read in place (`*_qin_*`). Same products up to float rounding.
+    pub staged_down: bool,
 }
 
 impl Default for DecodeOptions {
@@ -182,6 +218,7 @@ impl Default for DecodeOptions {
             dependent_launch: true,
             fold_norms: true,
             fused_router: true,
+            staged_down: true,
         }
     }
 }
@@ -216,6 +253,9 @@ const KERNELS: &[&str] = &[
     "matvec_norm_qin_q4_k",
     "matvec_norm_qin_q5_k",
     "matvec_norm_qin_q6_k",
+    "matvec_norm_st_q4_k",
+    "matvec_norm_st_q5_k",
+    "matvec_norm_st_q6_k",
     "embed_q4_k",
     "embed_q5_k",
     "embed_q6_k",
@@ -240,6 +280,9 @@ const KERNELS: &[&str] = &[
     "moe_down_qin_q4_k",
     "moe_down_qin_q5_k",
     "moe_down_qin_q6_k",
+    "moe_down_st_q4_k",
+    "moe_down_st_q5_k",
+    "moe_down_st_q6_k",
 ];
 
 impl Decoder {
@@ -261,6 +304,11 @@ impl Decoder {
             let f = module.load_function(name).map_err(driver(name))?;
             funcs.insert(name, f);
         }
+        let staged_smem_max = if options.staged_down {
+            allow_staged_smem(&stream, &funcs)?
+        } else {
+            0
+        };
         let up = |v: &[f32]| -> Result<Buf<f32>, KernelError> {
             let s = stream.clone_htod(v).map_err(driver("upload"))?;
             Ok(Buf::new(s, &stream))
@@ -373,6 +421,7 @@ impl Decoder {
             dependent_launch: options.dependent_launch,
             fused_router: options.fused_router,
             dependent: Cell::new(false),
+            staged_smem_max,
         })
     }
 

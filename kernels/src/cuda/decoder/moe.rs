@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::quantized::GgmlDType;
 
-use super::norms::{fused_router, qin_fits, qin_smem_bytes, NORM_ROWS, NORM_WARPS};
+use super::norms::{
+    fused_router, qin_fits, qin_smem_bytes, staged_smem_bytes, NORM_ROWS, NORM_WARPS,
+};
 use super::{driver, grid1, Decoder, MvShape, NormIn, MV_WARPS};
 use crate::cuda::{type_id, DeviceMatrix, MAX_EXPERTS_USED};
 use crate::KernelError;
@@ -123,11 +125,11 @@ impl Decoder {
         let label = || format!("moe_swiglu {tg}/{tu} [{n_ff}, {d}] x{k}");
         launch!(@labelled self, "moe_swiglu", label, cfg, &self.xn.ptr, &self.xq.ptr,
             &self.xd.ptr, &self.xs.ptr, &d_i, &tg, &tu, &self.ffn.ptr, &ff_i, &table, &route)?;
-        if let Some(name) = down_qin_kernel(td, n_ff, d) {
+        if let Some((name, shared)) = down_qin_kernel(td, n_ff, d, self.staged_smem_max) {
             let cfg = LaunchConfig {
                 grid_dim: ((d / NORM_ROWS) as u32, k as u32, 1),
                 block_dim: (32, NORM_WARPS, 1),
-                shared_mem_bytes: qin_smem_bytes(n_ff) as u32,
+                shared_mem_bytes: shared as u32,
             };
             let label = || format!("{name} [{d}, {n_ff}] x{k}");
             return launch!(@labelled self, name, label, cfg, &self.ffn.ptr, &self.ys.ptr, &d_i,
@@ -260,20 +262,32 @@ impl Decoder {
     }
 }
 
-/// `moe_down_qin_<type>` for experts' down rows of kernel type `td` (k-quants): each block
-/// quantizes its rank's hidden states into shared memory, so no `quantize_q8` runs before it.
-/// None (quantize, then `moe_down_*`) where the int8 copy does not fit a block's shared memory
-/// or the rows are not whole blocks of 32.
-fn down_qin_kernel(td: i32, n_ff: usize, d: usize) -> Option<&'static str> {
+/// The kernel for experts' down rows of kernel type `td` (k-quants) that quantizes its rank's
+/// hidden states into shared memory itself, so no `quantize_q8` runs before it, and the dynamic
+/// shared memory it takes: `moe_down_st_<type>` (weights staged through shared memory too) where
+/// that fits in `staged_max`, else `moe_down_qin_<type>`. None (quantize, then `moe_down_*`)
+/// where the int8 copy does not fit a block's default shared memory or the rows are not whole
+/// blocks of 32.
+fn down_qin_kernel(
+    td: i32,
+    n_ff: usize,
+    d: usize,
+    staged_max: usize,
+) -> Option<(&'static str, usize)> {
     if !d.is_multiple_of(NORM_ROWS) || !qin_fits(n_ff) {
         return None;
     }
-    [
-        (GgmlDType::Q4K, "moe_down_qin_q4_k"),
-        (GgmlDType::Q5K, "moe_down_qin_q5_k"),
-        (GgmlDType::Q6K, "moe_down_qin_q6_k"),
+    let (ty, qin, st) = [
+        (GgmlDType::Q4K, "moe_down_qin_q4_k", "moe_down_st_q4_k"),
+        (GgmlDType::Q5K, "moe_down_qin_q5_k", "moe_down_st_q5_k"),
+        (GgmlDType::Q6K, "moe_down_qin_q6_k", "moe_down_st_q6_k"),
     ]
     .into_iter()
-    .find(|&(ty, _)| type_id(ty) == td)
-    .map(|(_, name)| name)
+    .find(|&(ty, ..)| type_id(ty) == td)?;
+    Some(
+        match staged_smem_bytes(ty, n_ff).filter(|&b| b <= staged_max) {
+            Some(bytes) => (st, bytes),
+            None => (qin, qin_smem_bytes(n_ff)),
+        },
+    )
 }

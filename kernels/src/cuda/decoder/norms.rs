@@ -42,6 +42,22 @@ pub(super) fn quantizes_own_input(m: &DeviceMatrix) -> bool {
     reads_int8(m) && qin_fits(m.cols)
 }
 
+/// decode.cu's staged producers (`matvec_norm_st_<type>`, `nst_smem_bytes`): the dynamic shared
+/// memory one needs for rows of `ty`, when they can be staged (k-quants, `cols` a multiple of 2048 so
+/// that each warp's runs of 8 super-blocks are 16-byte aligned). Q6_K copies 2 runs ahead, Q4_K
+/// and Q5_K 3 (each the faster on an H200, kbench pdl).
+/// (The experts' down, `moe_down_st_<type>`, the same.)
+pub(super) fn staged_smem_bytes(ty: GgmlDType, cols: usize) -> Option<usize> {
+    let (block_bytes, stages) = match ty {
+        GgmlDType::Q4K => (144, 3),
+        GgmlDType::Q5K => (176, 3),
+        GgmlDType::Q6K => (210, 2),
+        _ => return None,
+    };
+    cols.is_multiple_of(2048)
+        .then(|| qin_smem_bytes(cols) + NORM_WARPS as usize * stages * 8 * block_bytes)
+}
+
 /// A norm producer's input.
 pub(super) enum ProducerInput {
     /// F32 at this address, its int8 copy in the main buffers (the kernel before wrote both).
@@ -164,9 +180,13 @@ impl Decoder {
         w: u64,
     ) -> Result<(), KernelError> {
         let (cols, suffix) = (m.cols as i32, m.kernel_suffix());
-        let (name, input, shared) = match input {
-            ProducerInput::Int8(x) => (format!("matvec_norm_{suffix}"), x, 0),
-            ProducerInput::F32(x) => (
+        let staged = staged_smem_bytes(m.ty, m.cols).filter(|&b| b <= self.staged_smem_max);
+        let (name, input, shared) = match (input, staged) {
+            (ProducerInput::Int8(x), _) => (format!("matvec_norm_{suffix}"), x, 0),
+            (ProducerInput::F32(x), Some(bytes)) => {
+                (format!("matvec_norm_st_{suffix}"), x, bytes as u32)
+            }
+            (ProducerInput::F32(x), None) => (
                 format!("matvec_norm_qin_{suffix}"),
                 x,
                 qin_smem_bytes(m.cols) as u32,

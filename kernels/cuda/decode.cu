@@ -727,7 +727,9 @@ MOE_DOWN_QIN(moe_down_qin_q6_k, T_Q6_K)
 
 // The same staged (see matvec_norm_st_t; cols a multiple of 2048): each warp one row of its
 // rank's expert. The expert's address comes from the table after the wait, so no copy goes out
-// before it.
+// before it. cp.async needs 16-byte aligned runs: a cache slot's matrices are allocations of
+// their own, and resident experts lie whole matrices apart (rows × cols / 256 × block bytes, a
+// multiple of 16 when cols is a multiple of 2048).
 template <int TY>
 __device__ __forceinline__ void moe_down_st_t(const float* ffn, float* ys, int rows, int cols,
                                               const uint64_t* table, const float* route) {

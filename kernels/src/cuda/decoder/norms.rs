@@ -180,7 +180,9 @@ impl Decoder {
         w: u64,
     ) -> Result<(), KernelError> {
         let (cols, suffix) = (m.cols as i32, m.kernel_suffix());
-        let staged = staged_smem_bytes(m.ty, m.cols).filter(|&b| b <= self.staged_smem_max);
+        // cp.async copies 16-byte pieces: the rows' runs are aligned when the matrix is.
+        let staged = staged_smem_bytes(m.ty, m.cols)
+            .filter(|&b| b <= self.staged_smem_max && m.bytes.ptr.is_multiple_of(16));
         let (name, input, shared) = match (input, staged) {
             (ProducerInput::Int8(x), _) => (format!("matvec_norm_{suffix}"), x, 0),
             (ProducerInput::F32(x), Some(bytes)) => {

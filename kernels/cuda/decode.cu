@@ -407,22 +407,23 @@ __device__ __forceinline__ void nst_issue(const uint8_t* row, int g, int ng, uin
 }
 
 // This lane's partial sum of its warp's row `wr` (cols of type TY) · x, staged as above in this
-// warp's part of the dynamic shared memory, past x's int8 copy. EARLY: the weights do not
+// warp's part of the dynamic shared memory. QIN: x is F32 and the block quantizes it into shared
+// memory first (the stages lie past that copy; every thread of the block must call this); else
+// `q8` is x's int8 copy in global memory (the stages start at 0). EARLY: the weights do not
 // depend on the previous kernel, so the first copies go out before the dependency wait (which
-// this then does); else the caller has waited. Every thread of the block calls it (it
-// quantizes x with the whole block).
-template <int TY, bool EARLY, int ST = nst_stages(TY)>
+// this then does); else the caller has waited.
+template <int TY, bool EARLY, bool QIN = true, int ST = nst_stages(TY)>
 __device__ __forceinline__ float staged_row_dot(const uint8_t* __restrict__ wr,
-                                                const float* __restrict__ x, int cols) {
-  constexpr int BB = kq_block_bytes(TY), G = 8 * BB;
+                                                const float* __restrict__ x, Q8x q8, int cols) {
+  constexpr int BB = kq_block_bytes(TY), G = 8 * BB, XP = QIN ? QIN_PAD : 0;
   extern __shared__ __align__(16) int8_t nst_smem[];
   const int lane = threadIdx.x, c = lane & 3, ng = cols / 2048;
-  uint8_t* stage = reinterpret_cast<uint8_t*>(nst_smem) + qin_smem_bytes(cols) +
+  uint8_t* stage = reinterpret_cast<uint8_t*>(nst_smem) + (QIN ? qin_smem_bytes(cols) : 0) +
                    threadIdx.y * ST * G;
 #pragma unroll
   for (int g = 0; g < ST - 1; ++g) nst_issue<G>(wr, g, ng, stage + g * G);
   if (EARLY) pdl_entry();
-  const Q8x xq = quantize_to_smem(x, cols, nst_smem);
+  const Q8x xq = QIN ? quantize_to_smem(x, cols, nst_smem) : q8;
   float acc = 0.f;
   for (int g = 0; g < ng; ++g) {
     const int gi = g + ST - 1;
@@ -432,9 +433,9 @@ __device__ __forceinline__ float staged_row_dot(const uint8_t* __restrict__ wr,
     const int b = 8 * g + (lane >> 2);
     const uint8_t* blk = stage + (g % ST) * G + (lane >> 2) * BB;
     if constexpr (TY == T_Q6_K)
-      acc += q6_lane_dot(blk, q6_lane_x<QIN_PAD>(xq, b, 8 * c), c);
+      acc += q6_lane_dot(blk, q6_lane_x<XP>(xq, b, 8 * c), c);
     else
-      acc += qk_lane_dot<TY == T_Q5_K>(blk, qk_lane_x<QIN_PAD>(xq, b, c), c);
+      acc += qk_lane_dot<TY == T_Q5_K>(blk, qk_lane_x<XP>(xq, b, c), c);
     __syncwarp(); // every lane has read this stage before it is refilled
   }
   return acc;
@@ -447,7 +448,8 @@ __device__ __forceinline__ void matvec_norm_st_t(const uint8_t* __restrict__ w,
                                                  const float* __restrict__ nw, int8_t* nq,
                                                  float* nd, float* ns, float* npart) {
   const size_t rb = (size_t)(cols / 256) * kq_block_bytes(TY);
-  float acc[1] = {staged_row_dot<TY, true, ST>(w + (blockIdx.x * 32 + threadIdx.y) * rb, x, cols)};
+  const uint8_t* wr = w + (blockIdx.x * 32 + threadIdx.y) * rb;
+  float acc[1] = {staged_row_dot<TY, true, true, ST>(wr, x, Q8x{}, cols)};
   norm_out(rows32_total<1, 1>(acc), y, res, nw, nq, nd, ns, npart);
 }
 
@@ -738,7 +740,8 @@ __device__ __forceinline__ void moe_down_st_t(const float* ffn, float* ys, int r
   if (!w) return; // the whole block (see moe_fetch)
   const size_t rb = (size_t)(cols / 256) * kq_block_bytes(TY);
   const float* x = ffn + (size_t)rank * cols;
-  float acc[1] = {staged_row_dot<TY, false>(w + (blockIdx.x * 32 + threadIdx.y) * rb, x, cols)};
+  const uint8_t* wr = w + (blockIdx.x * 32 + threadIdx.y) * rb;
+  float acc[1] = {staged_row_dot<TY, false>(wr, x, Q8x{}, cols)};
   const float t = rows32_total<1, 1>(acc);
   if (threadIdx.y == 0) ys[(size_t)rank * rows + blockIdx.x * 32 + threadIdx.x] = t;
 }

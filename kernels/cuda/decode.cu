@@ -433,7 +433,7 @@ __device__ __forceinline__ float staged_row_dot(const uint8_t* __restrict__ wr,
     const int b = 8 * g + (lane >> 2);
     const uint8_t* blk = stage + (g % ST) * G + (lane >> 2) * BB;
     if constexpr (TY == T_Q6_K)
-      acc += q6_lane_dot(blk, q6_lane_x<XP>(xq, b, 8 * c), c);
+      q6_lane_add(blk, q6_lane_x<XP>(xq, b, 8 * c), c, acc);
     else
       acc += qk_lane_dot<TY == T_Q5_K>(blk, qk_lane_x<XP>(xq, b, c), c);
     __syncwarp(); // every lane has read this stage before it is refilled
@@ -698,64 +698,52 @@ MOE_DOWN(2, 1)
 MOE_DOWN(2, 2)
 
 // The same quantizing ffn[rank] itself into shared memory (as matvec_norm_qin_*): no quantize_q8
-// between moe_swiglu and it. Grid (rows / 32, ranks), NORM_WARPS warps, dynamic shared memory
-// qin_smem_bytes(cols); k-quant rows.
-template <int TY>
-__device__ __forceinline__ void moe_down_qin_t(const float* ffn, float* ys, int rows, int cols,
-                                               const uint64_t* table, const float* route) {
-  constexpr int R = 2, KS = 2;
-  extern __shared__ __align__(16) int8_t qin_smem[];
-  const int rank = blockIdx.y, g = threadIdx.y / KS, ks = threadIdx.y % KS;
-  const uint8_t* w = expert_w(table, route, rank, 2);
-  if (!w) return; // the whole block (see moe_fetch)
-  const float* x = ffn + (size_t)rank * cols;
-  float acc[R] = {};
-  rows_dot_t<TY, R, KS, 1, QIN_PAD>(w, blockIdx.x * 32 + g * R, x,
-                                    quantize_to_smem(x, cols, qin_smem), cols, ks, acc);
-  const float t = rows32_total<R, KS>(acc);
-  if (threadIdx.y == 0) ys[(size_t)rank * rows + blockIdx.x * 32 + threadIdx.x] = t;
-}
-
-#define MOE_DOWN_QIN(NAME, TY)                                                              \
-  extern "C" __global__ void __launch_bounds__(WARP * NORM_WARPS)                            \
-      NAME(const float* ffn, float* ys, int rows, int cols, const uint64_t* table,           \
-           const float* route) {                                                            \
-    pdl_entry();                                                                            \
-    moe_down_qin_t<TY>(ffn, ys, rows, cols, table, route);                                  \
-  }
-MOE_DOWN_QIN(moe_down_qin_q4_k, T_Q4_K)
-MOE_DOWN_QIN(moe_down_qin_q5_k, T_Q5_K)
-MOE_DOWN_QIN(moe_down_qin_q6_k, T_Q6_K)
-
-// The same staged (see matvec_norm_st_t; cols a multiple of 2048): each warp one row of its
-// rank's expert. The expert's address comes from the table after the wait, so no copy goes out
-// before it. cp.async needs 16-byte aligned runs: a cache slot's matrices are allocations of
-// their own, and resident experts lie whole matrices apart (rows × cols / 256 × block bytes, a
-// multiple of 16 when cols is a multiple of 2048).
-template <int TY>
-__device__ __forceinline__ void moe_down_st_t(const float* ffn, float* ys, int rows, int cols,
-                                              const uint64_t* table, const float* route) {
+// between moe_swiglu and it. Grid (rows / 32, ranks), NORM_WARPS warps; k-quant rows.
+// STAGED (`moe_down_st_<t>`, see matvec_norm_st_t; cols a multiple of 2048; dynamic shared memory
+// nst_smem_bytes): each warp one row of its rank's expert, its weights staged. The expert's
+// address comes from the table after the wait, so no copy goes out before it. cp.async needs
+// 16-byte aligned runs: a cache slot's matrices are allocations of their own, and resident
+// experts lie whole matrices apart (rows × cols / 256 × block bytes, a multiple of 16 when cols
+// is a multiple of 2048). Else (`moe_down_qin_<t>`: dynamic shared memory qin_smem_bytes) read
+// in place, pairs of warps sharing two rows.
+template <int TY, bool STAGED>
+__device__ __forceinline__ void moe_down_t(const float* ffn, float* ys, int rows, int cols,
+                                           const uint64_t* table, const float* route) {
   const int rank = blockIdx.y;
   const uint8_t* w = expert_w(table, route, rank, 2);
   if (!w) return; // the whole block (see moe_fetch)
-  const size_t rb = (size_t)(cols / 256) * kq_block_bytes(TY);
   const float* x = ffn + (size_t)rank * cols;
-  const uint8_t* wr = w + (blockIdx.x * 32 + threadIdx.y) * rb;
-  float acc[1] = {staged_row_dot<TY, false>(wr, x, Q8x{}, cols)};
-  const float t = rows32_total<1, 1>(acc);
+  float t;
+  if constexpr (STAGED) {
+    const size_t rb = (size_t)(cols / 256) * kq_block_bytes(TY);
+    const uint8_t* wr = w + (blockIdx.x * 32 + threadIdx.y) * rb;
+    float acc[1] = {staged_row_dot<TY, false>(wr, x, Q8x{}, cols)};
+    t = rows32_total<1, 1>(acc);
+  } else {
+    constexpr int R = 2, KS = 2;
+    extern __shared__ __align__(16) int8_t qin_smem[];
+    const int g = threadIdx.y / KS, ks = threadIdx.y % KS;
+    float acc[R] = {};
+    rows_dot_t<TY, R, KS, 1, QIN_PAD>(w, blockIdx.x * 32 + g * R, x,
+                                      quantize_to_smem(x, cols, qin_smem), cols, ks, acc);
+    t = rows32_total<R, KS>(acc);
+  }
   if (threadIdx.y == 0) ys[(size_t)rank * rows + blockIdx.x * 32 + threadIdx.x] = t;
 }
 
-#define MOE_DOWN_ST(NAME, TY)                                                               \
+#define MOE_DOWN_K(NAME, TY, STAGED)                                                        \
   extern "C" __global__ void __launch_bounds__(WARP * NORM_WARPS)                            \
       NAME(const float* ffn, float* ys, int rows, int cols, const uint64_t* table,           \
            const float* route) {                                                            \
     pdl_entry();                                                                            \
-    moe_down_st_t<TY>(ffn, ys, rows, cols, table, route);                                   \
+    moe_down_t<TY, STAGED>(ffn, ys, rows, cols, table, route);                               \
   }
-MOE_DOWN_ST(moe_down_st_q4_k, T_Q4_K)
-MOE_DOWN_ST(moe_down_st_q5_k, T_Q5_K)
-MOE_DOWN_ST(moe_down_st_q6_k, T_Q6_K)
+MOE_DOWN_K(moe_down_qin_q4_k, T_Q4_K, false)
+MOE_DOWN_K(moe_down_qin_q5_k, T_Q5_K, false)
+MOE_DOWN_K(moe_down_qin_q6_k, T_Q6_K, false)
+MOE_DOWN_K(moe_down_st_q4_k, T_Q4_K, true)
+MOE_DOWN_K(moe_down_st_q5_k, T_Q5_K, true)
+MOE_DOWN_K(moe_down_st_q6_k, T_Q6_K, true)
 
 // x += Σ_r w[r] · ys[r], in rank order whatever order the experts ran in.
 extern "C" __global__ void moe_combine(float* x, const float* __restrict__ ys, int k, int n,

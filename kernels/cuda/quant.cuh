@@ -301,39 +301,42 @@ __device__ __forceinline__ Q6x q6_lane_x(Q8x x, int b, int l0) {
   return a;
 }
 
-// A lane's share (lane c of its 4) of one Q6_K super-block at `blk` (global or shared memory)
-// · its activations `a`: dot_q6_k's inner step, for the staged kernels. (dot_q6_k keeps its own
-// copy: calling this from it cost the run-time-typed mat-vecs 16 registers, 80 → 96 in
-// matvec_qkv_2_1, a second wave of blocks on an 8B's q/k/v.)
-__device__ __forceinline__ float q6_lane_dot(const uint8_t* blk, const Q6x& a, int c) {
-  const int l0 = 8 * c, s = c >> 1;
-  const Q6Block qb(blk);
-  uint32_t L[4][2], H[2][2], S[4];
-#pragma unroll
-  for (int t = 0; t < 4; ++t) qb.words<2>(32 * t + l0, L[t]);
-#pragma unroll
-  for (int n = 0; n < 2; ++n) qb.words<2>(128 + 32 * n + l0, H[n]);
-  qb.words<4>(192, S);
-  const float D = f16_at(blk + 208);
-  float part = 0.f;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const int n = k >> 2, q = k & 3;
-    int dot = a.zp[k];
-#pragma unroll
-    for (int w = 0; w < 2; ++w) {
-      // Bits 0..3 from the low or high nibble of ql, bits 4..5 from bits 2q.. of qh.
-      const uint32_t lw = L[2 * n + (q & 1)][w], hw = H[n][w];
-      const uint32_t lo = (q >> 1 ? lw >> 4 : lw) & 0x0F0F0F0Fu;
-      const uint32_t hi = (q == 0 ? hw << 4 : q == 1 ? hw << 2 : q == 2 ? hw : hw >> 2) &
-                          0x30303030u;
-      dot = __dp4a((int)(lo | hi), w ? a.xv[k].y : a.xv[k].x, dot);
-    }
-    // Scale 2k + s: byte s of the k-th 16-bit pair.
-    const float sc = (float)(int8_t)(S[k >> 1] >> (16 * (k & 1) + 8 * s));
-    part += sc * a.dx[k] * (float)dot;
-  }
-  return D * part;
+// One Q6_K super-block at `blk` (global or shared memory) · a lane's activations (dx, xv, zp:
+// see dot_q6_k; l0 = 8c, s = c / 2 for lane c of its 4), added into `acc`. A macro, not a
+// function: as a function called from dot_q6_k it cost the run-time-typed mat-vecs 16
+// registers (80 → 96 in matvec_qkv_2_1, a second wave of blocks on an 8B's q/k/v).
+#define Q6_BLOCK_DOT(blk_, dx, xv, zp, l0, s, acc)                                           \
+  do {                                                                                      \
+    const uint8_t* const q6b_ = (blk_);                                                      \
+    const Q6Block qb(q6b_);                                                                  \
+    uint32_t L[4][2], H[2][2], S[4];                                                         \
+    _Pragma("unroll") for (int t = 0; t < 4; ++t) qb.words<2>(32 * t + (l0), L[t]);          \
+    _Pragma("unroll") for (int n = 0; n < 2; ++n) qb.words<2>(128 + 32 * n + (l0), H[n]);    \
+    qb.words<4>(192, S);                                                                     \
+    const float D = f16_at(q6b_ + 208);                                                      \
+    float part = 0.f;                                                                        \
+    _Pragma("unroll") for (int k = 0; k < 8; ++k) {                                          \
+      const int n = k >> 2, q = k & 3;                                                       \
+      int dot = (zp)[k];                                                                     \
+      /* Bits 0..3 from the low or high nibble of ql, bits 4..5 from bits 2q.. of qh. */    \
+      _Pragma("unroll") for (int w = 0; w < 2; ++w) {                                        \
+        const uint32_t lw = L[2 * n + (q & 1)][w], hw = H[n][w];                             \
+        const uint32_t lo = (q >> 1 ? lw >> 4 : lw) & 0x0F0F0F0Fu;                           \
+        const uint32_t hi =                                                                  \
+            (q == 0 ? hw << 4 : q == 1 ? hw << 2 : q == 2 ? hw : hw >> 2) & 0x30303030u;     \
+        dot = __dp4a((int)(lo | hi), w ? (xv)[k].y : (xv)[k].x, dot);                        \
+      }                                                                                      \
+      /* Scale 2k + s: byte s of the k-th 16-bit pair. */                                   \
+      const float sc = (float)(int8_t)(S[k >> 1] >> (16 * (k & 1) + 8 * (s)));               \
+      part += sc * (dx)[k] * (float)dot;                                                     \
+    }                                                                                        \
+    (acc) += D * part;                                                                       \
+  } while (0)
+
+// acc += a lane's share (lane c of its 4) of one Q6_K super-block at `blk` · its activations
+// `a`, for the staged kernels.
+__device__ __forceinline__ void q6_lane_add(const uint8_t* blk, const Q6x& a, int c, float& acc) {
+  Q6_BLOCK_DOT(blk, a.dx, a.xv, a.zp, 8 * c, c >> 1, acc);
 }
 
 // R Q6_K rows · x: 4 lanes per super-block, 8 super-blocks per warp iteration; lane c takes
@@ -356,36 +359,7 @@ __device__ __forceinline__ void dot_q6_k(const uint8_t* const (&rows)[R], Q8x x,
       zp[k] = __dp4a((int)0xE0E0E0E0u, xv[k].x, __dp4a((int)0xE0E0E0E0u, xv[k].y, 0));
     }
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = rows[r] + (size_t)b * 210;
-      const Q6Block qb(blk);
-      uint32_t L[4][2], H[2][2], S[4];
-#pragma unroll
-      for (int t = 0; t < 4; ++t) qb.words<2>(32 * t + l0, L[t]);
-#pragma unroll
-      for (int n = 0; n < 2; ++n) qb.words<2>(128 + 32 * n + l0, H[n]);
-      qb.words<4>(192, S);
-      const float D = f16_at(blk + 208);
-      float part = 0.f;
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const int n = k >> 2, q = k & 3;
-        int dot = zp[k];
-#pragma unroll
-        for (int w = 0; w < 2; ++w) {
-          // Bits 0..3 from the low or high nibble of ql, bits 4..5 from bits 2q.. of qh.
-          const uint32_t lw = L[2 * n + (q & 1)][w], hw = H[n][w];
-          const uint32_t lo = (q >> 1 ? lw >> 4 : lw) & 0x0F0F0F0Fu;
-          const uint32_t hi = (q == 0 ? hw << 4 : q == 1 ? hw << 2 : q == 2 ? hw : hw >> 2) &
-                              0x30303030u;
-          dot = __dp4a((int)(lo | hi), w ? xv[k].y : xv[k].x, dot);
-        }
-        // Scale 2k + s: byte s of the k-th 16-bit pair.
-        const float sc = (float)(int8_t)(S[k >> 1] >> (16 * (k & 1) + 8 * s));
-        part += sc * dx[k] * (float)dot;
-      }
-      acc[r] += D * part;
-    }
+    for (int r = 0; r < R; ++r) Q6_BLOCK_DOT(rows[r] + (size_t)b * 210, dx, xv, zp, l0, s, acc[r]);
   }
 }
 

@@ -235,6 +235,7 @@ run() {
           case $mv in
             fused) e=HYPURA_CUDA_DECODE=fused ;; direct) e=HYPURA_CUDA_GRAPH=0 ;; candle) e=HYPURA_CUDA_DECODE=candle ;;
             nopdl) e=HYPURA_CUDA_PDL=0 ;; nofold) e=HYPURA_CUDA_FOLD=0 ;; nostage) e=HYPURA_CUDA_STAGED=0 ;;
+            notf32) e=HYPURA_CUDA_TF32=0 ;;
             *) echo "unknown bench8b mode $mv" >&2; continue ;;
           esac
           ( export "${e?}"; TAIL=3 step "bench8b-$mv" "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 512 -n 128 -r 3 --json )
@@ -286,7 +287,11 @@ run() {
           -n "${N_MOE:-48}" --temp 0 --stats
         HYPURA_CUDA_PROFILE=20 TAIL=3 step bench-moe "$bin/hypura" bench -m "$m" -c 512 "${budgets[@]}" \
           -p 32 -n "${N_MOE:-32}" -r 3 --json
-        grep '^{' "$OUT/bench-moe.log" | tail -n 1 >"$OUT/bench-moe.json" || true ;;
+        grep '^{' "$OUT/bench-moe.log" | tail -n 1 >"$OUT/bench-moe.json" || true
+        # MOE_NOSTAGE=1: the same with the experts' down read in place (not staged), to compare.
+        [ -n "${MOE_NOSTAGE:-}" ] && HYPURA_CUDA_STAGED=0 TAIL=3 step bench-moe-nostage \
+          "$bin/hypura" bench -m "$m" -c 512 "${budgets[@]}" -p 32 -n "${N_MOE:-32}" -r 3
+        true ;;
       moefull) # the same Mixtral all on the GPU (no budgets): hypura bench, llama-bench beside it
         local m=$M/mixtral-Q5_K_M-skew.gguf
         [ -f "$m" ] || step synth-moe "$bin/hypura" synth --preset mixtral-8x7b --type Q5_K_M \

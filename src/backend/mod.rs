@@ -34,7 +34,12 @@ pub fn set_cpu_threads(n: usize) {
 /// `HYPURA_CUDA_MATVEC`: `q8` (the default: candle's MMVQ kernels, which quantize the activations
 /// to Q8_1 first, as llama.cpp's CUDA backend does; 151 vs 126 tok/s on an 8B Q4_K_M on an H200)
 /// or `exact` (weights dequantized inside the kernel and multiplied with F32 activations). Both
-/// meet the fixture tolerances against llama.cpp. Set once per process, before the first product.
+/// meet the fixture tolerances against llama.cpp.
+///
+/// `HYPURA_CUDA_TF32`: prompt batches multiply F32 activations by dequantized F32 weights in
+/// cuBLAS; by default on TF32 tensor cores (inputs rounded to 10 mantissa bits, sums in F32: more
+/// precise than llama.cpp's own CUDA prompt path, which quantizes activations to 8 bits), `0` for
+/// exact F32 (IEEE, on the CUDA cores). Set once per process, before the first product.
 #[cfg(feature = "cuda")]
 pub fn configure_cuda() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -42,5 +47,7 @@ pub fn configure_cuda() {
         let exact =
             std::env::var("HYPURA_CUDA_MATVEC").is_ok_and(|v| v.eq_ignore_ascii_case("exact"));
         candle_core::quantized::cuda::set_force_dmmv(exact);
+        let tf32 = std::env::var("HYPURA_CUDA_TF32").map_or(true, |v| v != "0");
+        candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
     });
 }

@@ -36,9 +36,10 @@ pub fn set_cpu_threads(n: usize) {
 /// or `exact` (weights dequantized inside the kernel and multiplied with F32 activations). Both
 /// meet the fixture tolerances against llama.cpp.
 ///
-/// `HYPURA_CUDA_TF32`: prompt batches multiply F32 activations by dequantized F32 weights in
-/// cuBLAS; by default on TF32 tensor cores (inputs rounded to 10 mantissa bits, sums in F32: more
-/// precise than llama.cpp's own CUDA prompt path, which quantizes activations to 8 bits), `0` for
+/// `HYPURA_CUDA_TF32`: F32 matmuls in cuBLAS (prompt batches: their quantized weights dequantized
+/// to F32, F32 weights, attention) run by default on TF32 tensor cores (inputs rounded to
+/// 10 mantissa bits, sums in F32: more precise than llama.cpp's own CUDA prompt path, which
+/// quantizes activations to 8 bits); `0` for
 /// exact F32 (IEEE, on the CUDA cores). Set once per process, before the first product.
 #[cfg(feature = "cuda")]
 pub fn configure_cuda() {

@@ -223,8 +223,15 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `x` `[t, n_embd]` at positions `pos..pos+t` → `[t, n_embd]`.
-    pub fn forward(&mut self, x: &Tensor, pos: usize, rope: &Rope) -> Result<Tensor> {
+    /// `x` `[t, n_embd]` at positions `pos..pos+t` → `[t, n_embd]`. `mask`: the batch's
+    /// [`causal_mask`] `[t, pos + t]` (the same in every layer), `None` for one token.
+    pub fn forward(
+        &mut self,
+        x: &Tensor,
+        pos: usize,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (t, _) = x.dims2()?;
         let (h, h_kv, hd) = (self.n_head, self.n_head_kv, self.head_dim);
         let n_rep = h / h_kv;
@@ -239,13 +246,17 @@ impl Attention {
         let (k, v) = self.cache.append(&k, &v)?; // [1, h_kv, n_kv, hd]
         let n_kv = k.dim(2)?;
 
-        // Query heads that share a KV head are stacked: [1, h_kv, n_rep * t, hd].
-        let q = q.reshape((1, h_kv, n_rep * t, hd))?;
+        // Query heads that share a KV head are stacked: [1, h_kv, n_rep * t, hd]; scaled here
+        // rather than their scores (t · n_kv values a head instead of t · hd).
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?; // [1, h_kv, n_rep * t, n_kv]
-        if t > 1 {
-            let mask = causal_mask(t, n_kv, n_rep, x.device())?; // [n_rep * t, n_kv]
-            scores = scores.broadcast_add(&mask)?;
+        let q = (q.reshape((1, h_kv, n_rep * t, hd))? * scale)?;
+        let mut scores = q.matmul(&k.t()?)?; // [1, h_kv, n_rep * t, n_kv]
+        if let Some(mask) = mask {
+            // [h_kv, n_rep, t, n_kv] + [t, n_kv]: every stacked head gets the same mask.
+            scores = scores
+                .reshape((h_kv, n_rep, t, n_kv))?
+                .broadcast_add(mask)?
+                .reshape((1, h_kv, n_rep * t, n_kv))?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v.contiguous()?)?; // [1, h_kv, n_rep * t, hd]
@@ -258,19 +269,17 @@ impl Attention {
     }
 }
 
-/// Additive mask for `t` queries at the end of `n_kv` keys, repeated for `n_rep` stacked heads:
-/// query `i` sees keys `0..=n_kv - t + i`.
-fn causal_mask(t: usize, n_kv: usize, n_rep: usize, device: &Device) -> Result<Tensor> {
-    let past = n_kv - t;
-    let row: Vec<f32> = (0..t)
-        .flat_map(|i| (0..n_kv).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    let mask = Tensor::from_vec(row, (t, n_kv), device)?;
-    Ok(mask
-        .unsqueeze(0)?
-        .repeat((n_rep, 1, 1))?
-        .reshape((n_rep * t, n_kv))?
-        .to_dtype(DType::F32)?)
+/// Additive mask `[t, n_kv]` for `t` queries at the end of `n_kv` keys: query `i` sees keys
+/// `0..=n_kv - t + i` (0 there, −∞ elsewhere). Built on `device` (no host loop, no upload),
+/// once per batch: every layer uses the same.
+pub fn causal_mask(t: usize, n_kv: usize, device: &Device) -> Result<Tensor> {
+    let past = (n_kv - t) as u32;
+    let last = Tensor::arange(past, past + t as u32, device)?.reshape((t, 1))?; // [t, 1]
+    let key = Tensor::arange(0u32, n_kv as u32, device)?.reshape((1, n_kv))?; // [1, n_kv]
+    let seen = key.broadcast_le(&last)?; // [t, n_kv], u8
+    let zero = Tensor::zeros((t, n_kv), DType::F32, device)?;
+    let hidden = Tensor::full(f32::NEG_INFINITY, (t, n_kv), device)?;
+    Ok(seen.where_cond(&zero, &hidden)?)
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.

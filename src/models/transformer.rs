@@ -6,7 +6,7 @@
 //!
 //! Shapes: `t` = tokens in this call, `d` = n_embd, `V` = n_vocab.
 
-use super::layers::{Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParams};
+use super::layers::{causal_mask, Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParams};
 use super::moe::Moe;
 use super::{LanguageModel, Logits};
 use crate::error::{Error, Result};
@@ -221,10 +221,14 @@ impl LanguageModel for Transformer {
         }
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.rows(&ids)?; // [t, d]
+        let mask = if t > 1 {
+            Some(causal_mask(t, pos + t, &self.device)?) // [t, pos + t]
+        } else {
+            None
+        };
         for block in &mut self.blocks {
-            let a = block
-                .attn
-                .forward(&block.attn_norm.forward(&x)?, pos, &self.rope)?; // [t, d]
+            let n = block.attn_norm.forward(&x)?;
+            let a = block.attn.forward(&n, pos, &self.rope, mask.as_ref())?; // [t, d]
             x = (x + a)?;
             let n = block.ffn_norm.forward(&x)?;
             let f = match &block.ffn {

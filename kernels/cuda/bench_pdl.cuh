@@ -17,21 +17,6 @@ ST_VARIANT(st2_q4_k, T_Q4_K, 2)
 ST_VARIANT(st4_q4_k, T_Q4_K, 4)
 ST_VARIANT(st3_q6_k, T_Q6_K, 3)
 
-// An experiment, not in the decoder: o (matvec_norm_<t>, its input's int8 copy in global memory)
-// with its weights staged, 3 runs deep: a whole 4096-wide row is copied before the dependency
-// wait, while attention (32 blocks: 100 SMs idle) runs.
-template <int TY>
-__global__ void __launch_bounds__(WARP * NORM_WARPS)
-    o_staged(const uint8_t* __restrict__ w, const float* __restrict__ x, const int8_t* xq,
-             const float* xd, const float* xs, float* y, int cols, const float* res,
-             const float* __restrict__ nw, int8_t* nq, float* nd, float* ns, float* npart) {
-  const size_t rb = (size_t)(cols / 256) * kq_block_bytes(TY);
-  const uint8_t* wr = w + (blockIdx.x * 32 + threadIdx.y) * rb;
-  float acc[1] = {staged_row_dot<TY, true, false, 3>(wr, x, Q8x{xq, xd, xs}, cols)};
-  norm_out(rows32_total<1, 1>(acc), y, res, nw, nq, nd, ns, npart);
-}
-static int o_staged_smem(int ty) { return NORM_WARPS * 3 * 8 * kq_block_bytes(ty); }
-
 // A norm's producer over `rows × cols` of type ty: quantize_q8 of its F32 input then
 // matvec_norm_<t> (the decoder before stop 16), matvec_norm_qin_<t>, matvec_norm_<t> alone, and
 // `staged` if given (taking `staged_smem` bytes). err: max |Δ| of y against the first (0: the
@@ -88,7 +73,7 @@ static void pdl_producer(const char* shape, int ty, int rows, int cols, NormKern
 // attention_32_4 at 64 keys, matvec_norm_q4_k (o), matvec_swiglu, matvec_norm_qin (down: Q4_K
 // and Q6_K in alternate layers), `n_layer` of them over weight copies larger than L2.
 static void pdl_layer(const char* name, NormKernel down4, int smem4, NormKernel down6,
-                      int smem6, NormKernel o_k = matvec_norm_q4_k, int o_smem = 0) {
+                      int smem6) {
   const int d = 4096, ff = 14336, nh = 32, nkv = 8, hd = 128, n_ctx = 256, n_layer = 32;
   Mat wq = make_mat(T_Q4_K, d, d, 21), wk = make_mat(T_Q4_K, nkv * hd, d, 22),
       wv = make_mat(T_Q6_K, nkv * hd, d, 23), wo = make_mat(T_Q4_K, d, d, 24),
@@ -121,7 +106,7 @@ static void pdl_layer(const char* name, NormKernel down4, int smem4, NormKernel 
         at(wv, i), T_Q6_K, v, nullptr, nkv * hd, nin);
     pdl(attention_32_4, dim3(nh, 1), dim3(32, 32), 0, s, q, k, v, kc.x, vc.x, att.x, cs, sn,
         step, nh, nkv, hd, hd, 0, n_ctx, 0.088f, att.q, att.d, att.s, part, 1, 256);
-    pdl(o_k, d / 32, dim3(32, NORM_WARPS), o_smem, s, at(wo, i), att.x, att.q, att.d,
+    pdl(matvec_norm_q4_k, d / 32, dim3(32, NORM_WARPS), 0, s, at(wo, i), att.x, att.q, att.d,
         att.s, x.x, d, x.x, nw, xn.q, xn.d, xn.s, npart);
     pdl(matvec_swiglu, ff / MV_WARPS, dim3(32, MV_WARPS), 0, s, xn.x, xn.q, xn.d, xn.s, d,
         at(wg, i), T_Q4_K, at(wu, i), T_Q4_K, ffn.x, ff, nin);
@@ -197,18 +182,12 @@ static void bench_pdl() {
   const int st4 = nst_smem_bytes(T_Q4_K, 14336), st6 = nst_smem_bytes(T_Q6_K, 14336);
   CK(cudaFuncSetAttribute(matvec_norm_st_q4_k, cudaFuncAttributeMaxDynamicSharedMemorySize, st4));
   CK(cudaFuncSetAttribute(matvec_norm_st_q6_k, cudaFuncAttributeMaxDynamicSharedMemorySize, st6));
-  CK(cudaFuncSetAttribute(o_staged<T_Q4_K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                          o_staged_smem(T_Q4_K)));
-  pdl_producer("Q4_K [4096, 4096] (o)", T_Q4_K, 4096, 4096, matvec_norm_q4_k,
-               matvec_norm_qin_q4_k, o_staged<T_Q4_K>, o_staged_smem(T_Q4_K));
   for (int rep = 0; rep < 2; ++rep) {
     pdl_layer("pdl chain of 32 layers", matvec_norm_qin_q4_k, qin_smem_bytes(14336),
               matvec_norm_qin_q6_k, qin_smem_bytes(14336));
     pdl_layer("the same, Q6_K down staged", matvec_norm_qin_q4_k, qin_smem_bytes(14336),
               matvec_norm_st_q6_k, st6);
     pdl_layer("the same, both downs staged", matvec_norm_st_q4_k, st4, matvec_norm_st_q6_k, st6);
-    pdl_layer("the same, o staged too", matvec_norm_st_q4_k, st4, matvec_norm_st_q6_k, st6,
-              o_staged<T_Q4_K>, o_staged_smem(T_Q4_K));
   }
   pdl_producer("Q4_K [4096, 14336] (down)", T_Q4_K, 4096, 14336, matvec_norm_q4_k,
                matvec_norm_qin_q4_k, matvec_norm_st_q4_k, nst_smem_bytes(T_Q4_K, 14336));

@@ -407,23 +407,22 @@ __device__ __forceinline__ void nst_issue(const uint8_t* row, int g, int ng, uin
 }
 
 // This lane's partial sum of its warp's row `wr` (cols of type TY) · x, staged as above in this
-// warp's part of the dynamic shared memory. QIN: x is F32 and the block quantizes it into shared
-// memory first (the stages lie past that copy; every thread of the block must call this); else
-// `q8` is x's int8 copy in global memory (the stages start at 0). EARLY: the weights do not
-// depend on the previous kernel, so the first copies go out before the dependency wait (which
-// this then does); else the caller has waited.
-template <int TY, bool EARLY, bool QIN = true, int ST = nst_stages(TY)>
+// warp's part of the dynamic shared memory. x is F32: the block quantizes it into shared memory
+// first (the stages lie past that copy; every thread of the block must call this). EARLY: the
+// weights do not depend on the previous kernel, so the first copies go out before the
+// dependency wait (which this then does); else the caller has waited.
+template <int TY, bool EARLY, int ST = nst_stages(TY)>
 __device__ __forceinline__ float staged_row_dot(const uint8_t* __restrict__ wr,
-                                                const float* __restrict__ x, Q8x q8, int cols) {
-  constexpr int BB = kq_block_bytes(TY), G = 8 * BB, XP = QIN ? QIN_PAD : 0;
+                                                const float* __restrict__ x, int cols) {
+  constexpr int BB = kq_block_bytes(TY), G = 8 * BB, XP = QIN_PAD;
   extern __shared__ __align__(16) int8_t nst_smem[];
   const int lane = threadIdx.x, c = lane & 3, ng = cols / 2048;
-  uint8_t* stage = reinterpret_cast<uint8_t*>(nst_smem) + (QIN ? qin_smem_bytes(cols) : 0) +
-                   threadIdx.y * ST * G;
+  uint8_t* stage =
+      reinterpret_cast<uint8_t*>(nst_smem) + qin_smem_bytes(cols) + threadIdx.y * ST * G;
 #pragma unroll
   for (int g = 0; g < ST - 1; ++g) nst_issue<G>(wr, g, ng, stage + g * G);
   if (EARLY) pdl_entry();
-  const Q8x xq = QIN ? quantize_to_smem(x, cols, nst_smem) : q8;
+  const Q8x xq = quantize_to_smem(x, cols, nst_smem);
   float acc = 0.f;
   for (int g = 0; g < ng; ++g) {
     const int gi = g + ST - 1;
@@ -449,7 +448,7 @@ __device__ __forceinline__ void matvec_norm_st_t(const uint8_t* __restrict__ w,
                                                  float* nd, float* ns, float* npart) {
   const size_t rb = (size_t)(cols / 256) * kq_block_bytes(TY);
   const uint8_t* wr = w + (blockIdx.x * 32 + threadIdx.y) * rb;
-  float acc[1] = {staged_row_dot<TY, true, true, ST>(wr, x, Q8x{}, cols)};
+  float acc[1] = {staged_row_dot<TY, true, ST>(wr, x, cols)};
   norm_out(rows32_total<1, 1>(acc), y, res, nw, nq, nd, ns, npart);
 }
 
@@ -717,7 +716,7 @@ __device__ __forceinline__ void moe_down_t(const float* ffn, float* ys, int rows
   if constexpr (STAGED) {
     const size_t rb = (size_t)(cols / 256) * kq_block_bytes(TY);
     const uint8_t* wr = w + (blockIdx.x * 32 + threadIdx.y) * rb;
-    float acc[1] = {staged_row_dot<TY, false>(wr, x, Q8x{}, cols)};
+    float acc[1] = {staged_row_dot<TY, false>(wr, x, cols)};
     t = rows32_total<1, 1>(acc);
   } else {
     constexpr int R = 2, KS = 2;

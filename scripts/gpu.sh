@@ -208,7 +208,14 @@ run() {
         # candle's ops for single-token steps, with its other mat-vec kernels
         # (see hypura::backend::configure_cuda and hypura::backend::FusedDecode).
         HYPURA_CUDA_DECODE=candle HYPURA_CUDA_MATVEC=exact step test-fidelity-candle-exact \
-          "$bin/fidelity" cuda --test-threads=1 ;;
+          "$bin/fidelity" cuda --test-threads=1
+        # TESTS_MMQ=1: the prompt suites with batches through candle's MMQ kernels (an experiment).
+        if [ -n "${TESTS_MMQ:-}" ]; then
+          for t in fidelity perplexity; do
+            [ -x "$bin/$t" ] && HYPURA_CUDA_BATCH=mmq step "test-$t-mmq" "$bin/$t" cuda \
+              --test-threads=1 --nocapture
+          done
+        fi ;;
       kbench) TAIL=60 step kbench "$bin/kbench" ;;
       kbenchpdl) TAIL=30 step kbench-pdl "$bin/kbench" pdl ;;
       profile)
@@ -235,7 +242,7 @@ run() {
           case $mv in
             fused) e=HYPURA_CUDA_DECODE=fused ;; direct) e=HYPURA_CUDA_GRAPH=0 ;; candle) e=HYPURA_CUDA_DECODE=candle ;;
             nopdl) e=HYPURA_CUDA_PDL=0 ;; nofold) e=HYPURA_CUDA_FOLD=0 ;; nostage) e=HYPURA_CUDA_STAGED=0 ;;
-            notf32) e=HYPURA_CUDA_TF32=0 ;;
+            notf32) e=HYPURA_CUDA_TF32=0 ;; mmq) e=HYPURA_CUDA_BATCH=mmq ;;
             *) echo "unknown bench8b mode $mv" >&2; continue ;;
           esac
           ( export "${e?}"; TAIL=3 step "bench8b-$mv" "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 512 -n 128 -r 3 --json )
@@ -298,6 +305,9 @@ run() {
           --router-skew "${SKEW:-1.5}" --router-corr "${CORR:-0.8}" -o "$m"
         HYPURA_CUDA_PROFILE=20 TAIL=3 step bench-moe-full "$bin/hypura" bench -m "$m" -c 512 -p 32 -n 32 -r 3 --json
         grep '^{' "$OUT/bench-moe-full.log" | tail -n 1 >"$OUT/bench-moe-full.json" || true
+        # MOE_MMQ=1: the same with prompt batches through candle's MMQ kernels (HYPURA_CUDA_BATCH=mmq).
+        [ -n "${MOE_MMQ:-}" ] && HYPURA_CUDA_BATCH=mmq TAIL=3 step bench-moe-full-mmq \
+          "$bin/hypura" bench -m "$m" -c 512 -p 32 -n 32 -r 3
         # MOE_NOSTAGE=1: the same with the experts' down read in place (not staged), to compare.
         [ -n "${MOE_NOSTAGE:-}" ] && HYPURA_CUDA_STAGED=0 TAIL=3 step bench-moe-full-nostage \
           "$bin/hypura" bench -m "$m" -c 512 -p 32 -n 32 -r 3

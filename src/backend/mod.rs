@@ -52,3 +52,17 @@ pub fn configure_cuda() {
         candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
     });
 }
+
+/// The batch math a weight asking for `wanted` gets: `HYPURA_CUDA_BATCH=mmq` or `float`
+/// overrides every weight's choice (read once per process); unset, each keeps its own.
+#[cfg(feature = "cuda")]
+pub fn cuda_batch_math(wanted: crate::storage::BatchMath) -> crate::storage::BatchMath {
+    use crate::storage::BatchMath;
+    static FORCED: std::sync::OnceLock<Option<BatchMath>> = std::sync::OnceLock::new();
+    let forced = FORCED.get_or_init(|| match std::env::var("HYPURA_CUDA_BATCH").as_deref() {
+        Ok("mmq") => Some(BatchMath::Int8),
+        Ok("float") => Some(BatchMath::Float),
+        _ => None,
+    });
+    forced.unwrap_or(wanted)
+}

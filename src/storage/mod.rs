@@ -37,7 +37,7 @@ pub use pinned::{cuda_error, PinnedBuf};
 pub use stream::{Slab, StreamGroup, StreamStats, Streamer, STREAM_IO_THREADS};
 #[cfg(feature = "cuda")]
 pub use upload::{UploadStats, Uploader};
-pub use weight::{set_transient_chunk_bytes, Weight};
+pub use weight::{set_transient_chunk_bytes, BatchMath, Weight};
 
 use crate::error::{Error, Result};
 use crate::gguf::{ModelFiles, TensorEntry, TensorType};
@@ -225,12 +225,13 @@ impl WeightStore {
         let per_expert = (e.n_bytes / n_expert as u64) as usize;
         (0..n_expert)
             .map(|i| {
-                self.weight(
+                let w = self.weight(
                     &format!("{name}[{i}]"),
                     e,
                     i * per_expert..(i + 1) * per_expert,
                     &[rows, cols],
-                )
+                )?;
+                Ok(w.with_batch_math(BatchMath::Int8))
             })
             .collect()
     }

@@ -40,6 +40,20 @@ struct Inner {
     /// Multi-row products repack a temporary copy instead of keeping candle's repacked copy
     /// beside the weight (which costs ~1× the weight's bytes).
     transient_repack: bool,
+    batch: BatchMath,
+}
+
+/// How a GPU multiplies a batch of activation rows by a quantized weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchMath {
+    /// The weight dequantized whole to F32, then cuBLAS (TF32 tensor cores by default): the
+    /// closest to llama.cpp's CPU results; the dequantization costs the most when few rows
+    /// use the weight.
+    Float,
+    /// candle's MMQ kernels over the blocks in place (activations quantized to Q8_1, as
+    /// llama.cpp's CUDA prompt path does): for MoE experts, each of which sees a few of a
+    /// batch's tokens. On the CPU and Metal, the same as `Float`.
+    Int8,
 }
 
 /// Where a weight's bytes are.
@@ -104,6 +118,7 @@ impl Weight {
                 tier,
                 device: device.clone(),
                 transient_repack: false,
+                batch: BatchMath::Float,
             }),
         }
     }
@@ -133,6 +148,14 @@ impl Weight {
     pub(crate) fn with_transient_repack(mut self, transient: bool) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.transient_repack = transient;
+        }
+        self
+    }
+
+    /// The same weight, its GPU batch products done as `batch` says.
+    pub(crate) fn with_batch_math(mut self, batch: BatchMath) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.batch = batch;
         }
         self
     }
@@ -232,7 +255,7 @@ impl Weight {
         {
             let qt = uploader.acquire(*group, *item)?;
             if m > 1 && self.inner.ty.is_quantized() {
-                return gpu_batch(&qt, x);
+                return gpu_batch(&qt, x, self.inner.batch);
             }
             return Ok(QMatMul::from_arc(qt)?.forward(&x.contiguous()?)?);
         }
@@ -243,7 +266,7 @@ impl Weight {
                     x.device().is_cpu(),
                     m > 1 && self.inner.ty.is_quantized(),
                 ) {
-                    return gpu_batch(qt, x);
+                    return gpu_batch(qt, x, self.inner.batch);
                 }
                 if !self.inner.transient_repack || q.is_none() {
                     return Ok(mm.forward(&x.contiguous()?)?);
@@ -298,7 +321,7 @@ impl Weight {
             let part = &bytes[r * row_bytes..(r + take) * row_bytes];
             let q = super::qtensor(part, self.inner.ty, Shape::from((take, k)), device)?;
             if !device.is_cpu() && m > 1 && self.inner.ty.is_quantized() {
-                outs.push(gpu_batch(&q, &x)?);
+                outs.push(gpu_batch(&Arc::new(q), &x, self.inner.batch)?);
             } else {
                 outs.push(QMatMul::from_qtensor(q)?.forward(&x)?);
             }
@@ -385,12 +408,19 @@ impl Weight {
     }
 }
 
-/// A batch product on a GPU: the weight dequantized to F32 on the device, then an F32 matmul.
-/// candle's quantized GPU kernels quantize the activations to Q8_1, which moves prompt logits
-/// further from llama.cpp's CPU results than our tolerances allow; exact F32 weights with F32
-/// activations stay within them (a prompt batch is compute-bound, so this costs little).
-/// Single rows (decode) keep candle's quantized mat-vec kernels.
-fn gpu_batch(q: &QTensor, x: &Tensor) -> Result<Tensor> {
+/// A batch product on a GPU, as `batch` says ([`BatchMath`]): by default the weight dequantized
+/// to F32 on the device, then a cuBLAS matmul. candle's quantized batch kernels (MMQ) quantize
+/// the activations to Q8_1, which moves a dense model's prompt logits further from llama.cpp's
+/// CPU results than our tolerances allow (H200, small-llama Q4_K_M with every product on MMQ:
+/// cosine 0.99879 against the 0.999 bar); exact F32 weights with F32 activations stay within
+/// them. `HYPURA_CUDA_BATCH=mmq` puts every quantized weight on MMQ, `float` every one on F32.
+/// Single rows (decode) keep the mat-vec kernels.
+fn gpu_batch(q: &Arc<QTensor>, x: &Tensor, batch: BatchMath) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::backend::cuda_batch_math(batch) == BatchMath::Int8 {
+        return Ok(QMatMul::from_arc(q.clone())?.forward(&x.contiguous()?)?);
+    }
+    let _ = batch;
     let w = q.dequantize(x.device())?; // [n, k]
     let x = x.contiguous()?;
     Ok(x.broadcast_matmul(&w.t()?)?)

@@ -387,7 +387,8 @@ impl DeviceExperts {
                 m.shape.clone(),
                 tier,
                 &self.device,
-            ))
+            )
+            .with_batch_math(crate::storage::BatchMath::Int8))
         };
         Ok(ExpertWeights {
             gate: w(0)?,

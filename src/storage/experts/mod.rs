@@ -290,6 +290,7 @@ impl ExpertSet {
                         device,
                     )
                     .with_transient_repack(true)
+                    .with_batch_math(super::BatchMath::Int8)
                 };
                 visit(
                     e,

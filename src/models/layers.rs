@@ -304,3 +304,31 @@ impl Mlp {
         self.down.forward(&(g.silu()? * u)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::causal_mask;
+    use candle_core::Device;
+
+    /// Query `i` of `t` at the end of `n_kv` keys sees keys `0..=n_kv - t + i`, and no other.
+    #[test]
+    fn causal_mask_hides_exactly_the_future_keys() {
+        for (t, n_kv) in [(1, 1), (3, 3), (3, 7), (16, 40)] {
+            let m: Vec<Vec<f32>> = causal_mask(t, n_kv, &Device::Cpu)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            assert_eq!((m.len(), m[0].len()), (t, n_kv));
+            for (i, row) in m.iter().enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    let seen = j <= n_kv - t + i;
+                    assert_eq!(
+                        v,
+                        if seen { 0.0 } else { f32::NEG_INFINITY },
+                        "t {t} n_kv {n_kv} ({i}, {j})"
+                    );
+                }
+            }
+        }
+    }
+}

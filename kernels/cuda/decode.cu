@@ -434,7 +434,7 @@ __device__ __forceinline__ float staged_row_dot(const uint8_t* __restrict__ wr,
     if constexpr (TY == T_Q6_K)
       q6_lane_add(blk, q6_lane_x<XP>(xq, b, 8 * c), c, acc);
     else
-      acc += qk_lane_dot<TY == T_Q5_K>(blk, qk_lane_x<XP>(xq, b, c), c);
+      qk_lane_add<TY == T_Q5_K>(blk, qk_lane_x<XP>(xq, b, c), c, acc);
     __syncwarp(); // every lane has read this stage before it is refilled
   }
   return acc;

@@ -165,8 +165,9 @@ __device__ __forceinline__ float qk_part(uint4 hd, uint4 qa, uint4 qb, uint4 ha,
 
 // A lane's activations for its share (lane j of 4) of Q4_K / Q5_K super-block b (see qk_part),
 // and that share of a super-block at `blk` (global or shared memory) · them: dot_qk's inner
-// step, for the staged kernels. (dot_qk keeps its own copy: calling these from it cost
-// moe_swiglu 14 registers, 56 → 70.) XP: see dot_qk.
+// step, for the staged kernels. (dot_qk loads its activations itself: calling these functions
+// from it cost moe_swiglu 14 registers, 56 → 70; the block's part is one QK_BLOCK_DOT for both.)
+// XP: see dot_qk.
 struct QKx {
   int4 xl0, xl1, xh0, xh1;
   float2 xd, xs;
@@ -185,18 +186,27 @@ __device__ __forceinline__ QKx qk_lane_x(Q8x x, int b, int j) {
   return a;
 }
 
+// Lane j's part of one Q4_K / Q5_K super-block `blk_` (its words loaded here) against the
+// activations xl0..xs, added to `acc`. A macro, as Q6_BLOCK_DOT below: dot_qk's loop and the
+// staged kernels' qk_lane_add expand the same code, and the PTX stays what each had inline.
+#define QK_BLOCK_DOT(Q5_, blk_, j, xl0, xl1, xh0, xh1, xd, xs, acc)                            \
+  do {                                                                                        \
+    const uint8_t* qb_ = (blk_);                                                              \
+    const uint4 hd = *reinterpret_cast<const uint4*>(qb_); /* d, dmin, scales[12] */          \
+    const uint8_t* qs = qb_ + QK<Q5_>::NIBBLES + 32 * (j);                                    \
+    const uint4 qa = *reinterpret_cast<const uint4*>(qs);                                     \
+    const uint4 qb = *reinterpret_cast<const uint4*>(qs + 16);                                \
+    uint4 ha{}, hb{};                                                                         \
+    if constexpr (Q5_) {                                                                      \
+      ha = *reinterpret_cast<const uint4*>(qb_ + 16);                                         \
+      hb = *reinterpret_cast<const uint4*>(qb_ + 32);                                         \
+    }                                                                                         \
+    acc += qk_part<Q5_>(hd, qa, qb, ha, hb, xl0, xl1, xh0, xh1, (j), xd, xs);                 \
+  } while (0)
+
 template <bool Q5>
-__device__ __forceinline__ float qk_lane_dot(const uint8_t* blk, const QKx& a, int j) {
-  const uint4 hd = *reinterpret_cast<const uint4*>(blk); // d, dmin, scales[12]
-  const uint8_t* qs = blk + QK<Q5>::NIBBLES + 32 * j;
-  const uint4 qa = *reinterpret_cast<const uint4*>(qs);
-  const uint4 qb = *reinterpret_cast<const uint4*>(qs + 16);
-  uint4 ha{}, hb{};
-  if constexpr (Q5) {
-    ha = *reinterpret_cast<const uint4*>(blk + 16);
-    hb = *reinterpret_cast<const uint4*>(blk + 32);
-  }
-  return qk_part<Q5>(hd, qa, qb, ha, hb, a.xl0, a.xl1, a.xh0, a.xh1, j, a.xd, a.xs);
+__device__ __forceinline__ void qk_lane_add(const uint8_t* blk, const QKx& a, int j, float& acc) {
+  QK_BLOCK_DOT(Q5, blk, j, a.xl0, a.xl1, a.xh0, a.xh1, a.xd, a.xs, acc);
 }
 
 // R Q4_K (Q5 false) or Q5_K rows · x: 4 lanes per super-block, 8 super-blocks per warp iteration
@@ -218,19 +228,9 @@ __device__ __forceinline__ void dot_qk(const uint8_t* const (&rows)[R], Q8x x, i
     const float2 xd = *reinterpret_cast<const float2*>(x.d + b * 8 + 2 * j);
     const float2 xs = *reinterpret_cast<const float2*>(x.s + b * 8 + 2 * j);
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = rows[r] + (size_t)b * QK<Q5>::BYTES;
-      const uint4 hd = *reinterpret_cast<const uint4*>(blk); // d, dmin, scales[12]
-      const uint8_t* qs = blk + QK<Q5>::NIBBLES + 32 * j;
-      const uint4 qa = *reinterpret_cast<const uint4*>(qs);
-      const uint4 qb = *reinterpret_cast<const uint4*>(qs + 16);
-      uint4 ha{}, hb{};
-      if constexpr (Q5) {
-        ha = *reinterpret_cast<const uint4*>(blk + 16);
-        hb = *reinterpret_cast<const uint4*>(blk + 32);
-      }
-      acc[r] += qk_part<Q5>(hd, qa, qb, ha, hb, xl0, xl1, xh0, xh1, j, xd, xs);
-    }
+    for (int r = 0; r < R; ++r)
+      QK_BLOCK_DOT(Q5, rows[r] + (size_t)b * QK<Q5>::BYTES, j, xl0, xl1, xh0, xh1, xd, xs,
+                   acc[r]);
   }
 }
 

@@ -39,8 +39,8 @@ pub fn set_cpu_threads(n: usize) {
 /// `HYPURA_CUDA_TF32`: F32 matmuls in cuBLAS (prompt batches: their quantized weights dequantized
 /// to F32, F32 weights, attention) run by default on TF32 tensor cores (inputs rounded to
 /// 10 mantissa bits, sums in F32: more precise than llama.cpp's own CUDA prompt path, which
-/// quantizes activations to 8 bits); `0` for
-/// exact F32 (IEEE, on the CUDA cores). Set once per process, before the first product.
+/// quantizes activations to 8 bits); `0` for exact F32 (IEEE, on the CUDA cores). Set once per
+/// process, before the first product.
 #[cfg(feature = "cuda")]
 pub fn configure_cuda() {
     static ONCE: std::sync::Once = std::sync::Once::new();

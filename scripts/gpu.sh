@@ -21,6 +21,7 @@
 #       tests     the CUDA cases of the fixture suites (--test-threads=1)
 #       kbench    the decode kernels' micro-benchmark: µs, GB/s and error per shape and variant
 #       kbenchpdl the same in chains of dependent launches, as in the step's graph (kbench pdl)
+#       kflash    the prompt-attention kernel (flash.cu): checked against a reference, timed at 8B shapes
 #       profile   hypura profile --reprofile (GPU memory, PCIe and device bandwidth, disk)
 #       lcpp      start building llama.cpp with CUDA in the background (log: $OUT/lcpp-build.log)
 #       bench8b   synth llama-3-8b Q4_K_M; plan; hypura bench pp512/tg128 ×3 (BENCH8B_MODES: fused
@@ -91,6 +92,8 @@ kbench() { # the kernels' micro-benchmark (kernels/cuda/bench.cu), static CUDA r
   [ -n "${CUDA_ROOT:-}" ] || source "${HYPURA_CUDA_ENV:-$here/../shared/cuda/env.sh}"
   nvcc -O3 -std=c++17 -arch="sm_${CUDA_COMPUTE_CAP:-90}" -L"$CUDA_ROOT/lib" -cudart static \
     -o "$dest/kbench" "$here/kernels/cuda/bench.cu" && xz -T2 -9 -f "$dest/kbench"
+  nvcc -O3 -std=c++17 -arch="sm_${CUDA_COMPUTE_CAP:-90}" -L"$CUDA_ROOT/lib" -cudart static \
+    -o "$dest/kflash" "$here/kernels/cuda/bench_flash.cu" && xz -T2 -9 -f "$dest/kflash"
 }
 
 lcpp() { # pruned llama.cpp sources for a CUDA llama-bench build on the GPU machine
@@ -218,6 +221,7 @@ run() {
         fi ;;
       kbench) TAIL=60 step kbench "$bin/kbench" ;;
       kbenchpdl) TAIL=30 step kbench-pdl "$bin/kbench" pdl ;;
+      kflash) TAIL=60 step kflash "$bin/kflash" ;;
       profile)
         step profile "$bin/hypura" profile --dir "$M" --reprofile
         "$bin/hypura" profile --dir "$M" --json >"$OUT/profile.json" ;;
@@ -258,6 +262,9 @@ run() {
       depth8b) # decode deep into a context: -d 4096 (llama-bench's depth), both engines
         [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
         TAIL=4 step bench8b-d4096 "$bin/hypura" bench -m "$M/l8b.gguf" -p 512 -n 128 -d 4096 -r 3
+        # DEPTH_AB=1: the same with prompt attention on candle's ops (no flash kernel).
+        [ -n "${DEPTH_AB:-}" ] && HYPURA_CUDA_FLASH=0 TAIL=4 step bench8b-d4096-noflash \
+          "$bin/hypura" bench -m "$M/l8b.gguf" -p 512 -n 0 -d 4096 -r 3
         if [ -x /tmp/lcpp/build/bin/llama-bench ]; then
           step llama-bench8b-d4096 /tmp/lcpp/build/bin/llama-bench -m "$M/l8b.gguf" -p 512 -n 128 \
             -d 4096 -r 3 -ngl 99 -o md

@@ -232,3 +232,67 @@ fn cuda_staged_down_matches_in_place_and_candle() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Prompt batches' one-kernel attention (`backend::flash_attention`, F16 tensor cores) against
+/// candle's ops on the same GPU, from an empty cache and at depth, on heads 128 and 64 wide
+/// (the fixtures' are 32 and 8: the fidelity suite covers 32 against llama.cpp).
+#[test]
+fn cuda_flash_attention_matches_candle_at_depth() {
+    use hypura::gguf::Arch;
+    use hypura::synth::{write_model, SynthSpec};
+    let device = Device::new_cuda(0).expect("CUDA device 0");
+    let vocab = ModelFiles::open(&fixtures_dir().join("small-llama/small-llama-Q4_K_M.gguf"))
+        .unwrap()
+        .metadata;
+    let dir = std::env::temp_dir().join(format!("hypura-flash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (ty, n_embd, n_head) in [
+        (TensorType::F32, 512, 4),
+        (TensorType::Q4_K, 512, 4),
+        (TensorType::F32, 512, 8),
+    ] {
+        let spec = SynthSpec {
+            arch: Arch::Llama,
+            name: format!("flash {ty} {n_head}"),
+            n_embd,
+            n_layer: 2,
+            n_ff: 1024,
+            n_head,
+            n_head_kv: 2,
+            ty,
+            k_medium: true,
+            seed: 11,
+            ..SynthSpec::default()
+        };
+        let gguf = dir.join(format!("flash-{ty}-{n_head}.gguf"));
+        write_model(&spec, &vocab, &gguf).unwrap();
+        // 70 tokens from an empty cache, then 130 at depth 70: both batches' logits.
+        let run = |model: &mut Transformer| -> Vec<Vec<f32>> {
+            model.reset();
+            let a: Vec<u32> = (0..70).map(|i| 1 + (i * 37) % 500).collect();
+            let b: Vec<u32> = (0..130).map(|i| 1 + (i * 53) % 500).collect();
+            let mut rows = model
+                .forward(&a, Logits::All)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            rows.extend(
+                model
+                    .forward(&b, Logits::All)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap(),
+            );
+            rows
+        };
+        let name = gguf.file_name().unwrap().to_string_lossy().to_string();
+        let flash = run(&mut load(&gguf, &device, 256));
+        let mut plain = load(&gguf, &device, 256);
+        plain.disable_flash_attention();
+        let c = compare(&flash, &run(&mut plain));
+        eprintln!("{name}: flash vs candle attention {c:?}");
+        assert_close("flash vs candle prompt attention", &gguf, &c);
+        assert!(c.max_abs > 0.0, "{name}: the flash kernel did not run");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

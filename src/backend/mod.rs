@@ -3,11 +3,32 @@
 use candle_core::Device;
 
 #[cfg(feature = "cuda")]
+mod flash;
+#[cfg(feature = "cuda")]
 mod fused;
 #[cfg(feature = "cuda")]
 pub use fused::FusedDecode;
 
 use crate::error::Result;
+
+/// Causal attention of a prompt batch in one kernel where the device has one (CUDA: see
+/// `flash.rs`): `q` `[1, n_head, t, head_dim]` after RoPE at positions `pos..`, the KV cache `k`,
+/// `v` `[1, n_head_kv, n_ctx, head_dim]` holding `pos + t` keys → `[t, n_head · head_dim]`;
+/// `None` elsewhere (the caller runs candle's ops).
+pub fn flash_attention(
+    q: &candle_core::Tensor,
+    k: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    pos: usize,
+) -> Result<Option<candle_core::Tensor>> {
+    #[cfg(feature = "cuda")]
+    return flash::attention(q, k, v, pos);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, pos);
+        Ok(None)
+    }
+}
 
 /// Picks the compute device: CUDA device 0 or Metal when compiled in and present, else the CPU.
 pub fn best_device() -> Result<Device> {

@@ -220,6 +220,9 @@ pub struct Attention {
     pub n_head_kv: usize,
     pub head_dim: usize,
     pub cache: KvCache,
+    /// Batches may take the backend's one-kernel attention (`backend::flash_attention`); tests
+    /// turn it off to compare with candle's ops.
+    pub flash: bool,
 }
 
 impl Attention {
@@ -245,6 +248,13 @@ impl Attention {
         let v = heads(v, h_kv)?; // [1, h_kv, t, hd]
         let (k, v) = self.cache.append(&k, &v)?; // [1, h_kv, n_kv, hd]
         let n_kv = k.dim(2)?;
+        if t > 1 && self.flash {
+            // One kernel where the backend has one: the scores never reach memory.
+            let (kc, vc) = self.cache.buffers(); // [1, h_kv, n_ctx, hd], n_kv of them filled
+            if let Some(out) = crate::backend::flash_attention(&q, kc, vc, pos)? {
+                return self.o.forward(&out); // out [t, h * hd]
+            }
+        }
 
         // Query heads that share a KV head are stacked: [1, h_kv, n_rep * t, hd]; scaled here
         // rather than their scores (t · n_kv values a head instead of t · hd).

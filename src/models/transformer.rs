@@ -82,6 +82,7 @@ impl Transformer {
                 n_head_kv: h_kv,
                 head_dim: hd,
                 cache: KvCache::new(h_kv, n_ctx, hd, store.device())?,
+                flash: true,
             };
             let ffn = if cfg.is_moe() {
                 let experts = store.get_expert_set(
@@ -169,6 +170,14 @@ impl Transformer {
         #[cfg(feature = "cuda")]
         {
             self.fused = None;
+        }
+    }
+
+    /// Runs prompt batches' attention on candle's ops rather than the backend's one-kernel
+    /// attention (tests compare the two).
+    pub fn disable_flash_attention(&mut self) {
+        for b in &mut self.blocks {
+            b.attn.flash = false;
         }
     }
 

@@ -22,6 +22,7 @@
 //! host. Both ways run the same arithmetic and give the same bits.
 
 mod decoder;
+mod flash;
 mod shapes;
 
 use std::any::Any;
@@ -30,6 +31,7 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 
 pub use decoder::{DecodeOptions, Decoder, KernelTime, Serve};
+pub use flash::{Flash, FlashArgs, FLASH_HEAD_DIMS};
 
 use crate::KernelError;
 

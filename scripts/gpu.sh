@@ -21,6 +21,7 @@
 #       tests     the CUDA cases of the fixture suites (--test-threads=1)
 #       kbench    the decode kernels' micro-benchmark: µs, GB/s and error per shape and variant
 #       kbenchpdl the same in chains of dependent launches, as in the step's graph (kbench pdl)
+#       kbenchatt the attention kernels alone (kbench att)
 #       kflash    the prompt-attention kernel (flash.cu): checked against a reference, timed at 8B shapes
 #       profile   hypura profile --reprofile (GPU memory, PCIe and device bandwidth, disk)
 #       lcpp      start building llama.cpp with CUDA in the background (log: $OUT/lcpp-build.log)
@@ -220,6 +221,7 @@ run() {
           done
         fi ;;
       kbench) TAIL=60 step kbench "$bin/kbench" ;;
+      kbenchatt) TAIL=30 step kbench-att "$bin/kbench" att ;;
       kbenchpdl) TAIL=30 step kbench-pdl "$bin/kbench" pdl ;;
       kflash) TAIL=60 step kflash "$bin/kflash" ;;
       profile)

@@ -3,9 +3,10 @@
 // fit in L2 (and, `warm`, over one copy: from L2 where it fits, the kernel's own ceiling), and
 // checked against simple reference kernels.
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90 -o kbench kernels/cuda/bench.cu && ./kbench [pdl]
+//   nvcc -O3 -std=c++17 -arch=sm_90 -o kbench kernels/cuda/bench.cu && ./kbench [pdl | att]
 //
-// `pdl`: kernels in chains of dependent launches, as in the decoder's graph (bench_pdl.cuh).
+// `pdl`: kernels in chains of dependent launches, as in the decoder's graph (bench_pdl.cuh);
+// `att`: the attention kernels only.
 //
 // (scripts/gpu.sh step `kbench` builds it here with the PyPI nvcc and runs it on the GPU.)
 // Output: one line per (shape, kernel): µs per launch, weight GB/s, and max |Δ| / max |y|
@@ -473,9 +474,12 @@ int main(int argc, char** argv) {
     bench_pdl();
     return 0;
   }
-  report("empty kernel", "<<<1, 32>>>",
-         time_graph([](cudaStream_t s, int) { nothing<<<1, 32, 0, s>>>(); }, 64), 0, 0.f);
-  bench_norm(4096);
+  const bool att_only = argc > 1 && std::string(argv[1]) == "att"; // `kbench att`: attention only
+  if (!att_only) {
+    report("empty kernel", "<<<1, 32>>>",
+           time_graph([](cudaStream_t s, int) { nothing<<<1, 32, 0, s>>>(); }, 64), 0, 0.f);
+    bench_norm(4096);
+  }
   // The decoder's two shapes (kernels/src/cuda/decoder.rs, AttShape) at n_ctx 4096, and the
   // single-block kernel for comparison.
   for (int n_kv : {9, 128, 300, 512, 513, 1024, 4096}) {
@@ -485,6 +489,7 @@ int main(int argc, char** argv) {
     else
       bench_attention(n_kv, 16, "attention_8_4", attention_8_4, 8, 64);
   }
+  if (att_only) return 0;
   bench_swiglu("swiglu Q4_K [14336, 4096] x2", T_Q4_K, 14336, 4096);
   // Mixtral-8x7B Q5_K_M's experts (gate and up Q5_K; down Q5_K or Q6_K).
   bench_swiglu("swiglu Q5_K [14336, 4096] x2", T_Q5_K, 14336, 4096);

@@ -73,7 +73,9 @@ static void run(FlashKernel k, int warps, int hd, int t, int pos, bool check) {
   fill<<<1024, 256>>>(kc, nc, 2, 1.f);
   fill<<<1024, 256>>>(vc, nc, 3, 1.f);
   const dim3 grid((t + 16 * warps - 1) / (16 * warps), nh);
-  k<<<grid, 32 * warps>>>(q, kc, vc, out, t, pos, nh, nkv, n_ctx, scale);
+  const int smem = flash_smem_bytes(hd);
+  CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  k<<<grid, 32 * warps, smem>>>(q, kc, vc, out, t, pos, nh, nkv, n_ctx, scale);
   CK(cudaDeviceSynchronize());
   CK(cudaGetLastError());
   float err = -1.f, mref = 0.f;
@@ -97,7 +99,7 @@ static void run(FlashKernel k, int warps, int hd, int t, int pos, bool check) {
   const int reps = 20;
   CK(cudaEventRecord(e0));
   for (int r = 0; r < reps; ++r)
-    k<<<grid, 32 * warps>>>(q, kc, vc, out, t, pos, nh, nkv, n_ctx, scale);
+    k<<<grid, 32 * warps, smem>>>(q, kc, vc, out, t, pos, nh, nkv, n_ctx, scale);
   CK(cudaEventRecord(e1));
   CK(cudaEventSynchronize(e1));
   float ms;

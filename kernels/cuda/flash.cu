@@ -13,9 +13,10 @@
 // their product with v. Softmax in base 2 (exp2 of log2-scaled scores: the same values).
 //
 // Layout: a block is W warps over 16 W queries of one head (warp w: queries 16w .. 16w + 15);
-// it walks the keys in tiles of 64 up to its last query's, each tile of k and v converted into
-// shared memory (v transposed, so both products read their B fragments as 32-bit words; rows
-// padded by 8 halves against bank conflicts), then per warp: S = Q Kᵀ (16 × 64), the online
+// it walks the keys in tiles of 64 up to its last query's. Each tile of k and v is copied as F32
+// into shared memory by cp.async while the previous one is multiplied, then converted to F16
+// there (v transposed, so both products read their B fragments as 32-bit words; rows padded by
+// 8 halves against bank conflicts); then per warp: S = Q Kᵀ (16 × 64), the online
 // softmax update, O += P V (16 × HD). Fragment layouts: PTX ISA, "Matrix Fragments for
 // mma.m16n8k16" (A: rows g and g + 8, columns 2t, 2t + 1 and + 8; B: rows 2t, 2t + 1 and + 8,
 // column g; C: rows g and g + 8, columns 2t, 2t + 1; g = lane / 4, t = lane % 4).
@@ -49,8 +50,13 @@ __device__ __forceinline__ void flash_attn_t(const float* __restrict__ q,
                                              float scale) {
   static_assert(HD % 16 == 0 && HD <= 256, "head width a multiple of 16");
   constexpr int BQ = 16 * W; // queries a block
-  __shared__ __align__(16) __half ks[FA_BK][HD + FA_PAD];  // ks[key][dim]
-  __shared__ __align__(16) __half vt[HD][FA_BK + FA_PAD];  // vt[dim][key]
+  // Dynamic shared memory (flash_smem_bytes): the next tile's k and v as F32, copied by cp.async
+  // while the current one is multiplied, then its F16 copies.
+  extern __shared__ __align__(16) uint8_t fa_smem[];
+  float* sk = reinterpret_cast<float*>(fa_smem);                   // [FA_BK][HD]
+  float* sv = sk + FA_BK * HD;                                      // [FA_BK][HD + 4]
+  auto ks = reinterpret_cast<__half(*)[HD + FA_PAD]>(sv + FA_BK * (HD + 4)); // ks[key][dim]
+  auto vt = reinterpret_cast<__half(*)[FA_BK + FA_PAD]>(&ks[FA_BK][0]);    // vt[dim][key]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
   const int h = blockIdx.y, kvh = h / (n_head / n_head_kv);
   const int q0 = blockIdx.x * BQ;
@@ -87,27 +93,43 @@ __device__ __forceinline__ void flash_attn_t(const float* __restrict__ q,
   const float* kh = kc + (size_t)kvh * n_ctx * HD;
   const float* vh = vc + (size_t)kvh * n_ctx * HD;
   const int last_key = pos + min(q0 + BQ, t) - 1; // the block's last query sees up to here
-  for (int k0 = 0; k0 <= last_key; k0 += FA_BK) {
-    __syncthreads(); // every warp is done with the previous tile
-    // The tile's keys and values (k0 .. k0 + 63, zeros past last_key) into shared memory: k
-    // row by row (a warp reads whole rows), v key by key (a warp writes 32 keys of one dim: no
-    // bank conflicts in the transposed stores).
+  // Tile k0's rows of k and v (F32) into sk, sv by cp.async, zeros past last_key; one group.
+  auto issue = [&](int k0) {
     for (int i = threadIdx.x; i < FA_BK * HD / 4; i += 32 * W) {
       const int key = i / (HD / 4), d = 4 * (i % (HD / 4));
-      float4 kv = {0.f, 0.f, 0.f, 0.f};
-      if (k0 + key <= last_key) kv = *reinterpret_cast<const float4*>(kh + (size_t)(k0 + key) * HD + d);
+      const bool in = k0 + key <= last_key;
+      const size_t row = (size_t)(in ? k0 + key : 0) * HD + d;
+      const unsigned n = in ? 16u : 0u; // 0: zero-fill
+      const unsigned dk = (unsigned)__cvta_generic_to_shared(sk + key * HD + d);
+      const unsigned dv = (unsigned)__cvta_generic_to_shared(sv + key * (HD + 4) + d);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dk), "l"(kh + row), "r"(n) : "memory");
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dv), "l"(vh + row), "r"(n) : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  issue(0);
+  for (int k0 = 0; k0 <= last_key; k0 += FA_BK) {
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    __syncthreads(); // the tile has landed, and every warp is done with the previous F16 tile
+    // F32 → F16: k row by row (a warp converts whole rows), v transposed (each 8-lane phase of
+    // a warp reads 8 keys of one 4-dim group: sv's rows are padded by 4 floats so those land in
+    // distinct banks).
+    for (int i = threadIdx.x; i < FA_BK * HD / 4; i += 32 * W) {
+      const int key = i / (HD / 4), d = 4 * (i % (HD / 4));
+      const float4 kv = *reinterpret_cast<const float4*>(sk + key * HD + d);
       *reinterpret_cast<uint2*>(&ks[key][d]) = make_uint2(fa_pack(kv.x, kv.y), fa_pack(kv.z, kv.w));
     }
     for (int i = threadIdx.x; i < FA_BK * HD / 4; i += 32 * W) {
-      const int key = i % FA_BK, d = 4 * (i / FA_BK);
-      float4 vv = {0.f, 0.f, 0.f, 0.f};
-      if (k0 + key <= last_key) vv = *reinterpret_cast<const float4*>(vh + (size_t)(k0 + key) * HD + d);
+      const int wi = i / 32, l = i % 32;
+      const int key = 8 * (wi % (FA_BK / 8)) + l % 8, d = 4 * (4 * (wi / (FA_BK / 8)) + l / 8);
+      const float4 vv = *reinterpret_cast<const float4*>(sv + key * (HD + 4) + d);
       vt[d][key] = __float2half_rn(vv.x);
       vt[d + 1][key] = __float2half_rn(vv.y);
       vt[d + 2][key] = __float2half_rn(vv.z);
       vt[d + 3][key] = __float2half_rn(vv.w);
     }
-    __syncthreads();
+    __syncthreads(); // the F16 tile is ready and sk, sv are free
+    if (k0 + FA_BK <= last_key) issue(k0 + FA_BK); // overlaps this tile's products
     // Warps whose queries all precede the tile skip it (causal), as do warps past the batch.
     if (q0 + 16 * warp >= t || k0 > pos + q0 + 16 * warp + 15) continue;
     // S = Q Kᵀ: 8 column tiles of 8 keys.
@@ -186,6 +208,12 @@ __device__ __forceinline__ void flash_attn_t(const float* __restrict__ q,
     if (r1 < t)
       *reinterpret_cast<float2*>(out + (size_t)r1 * width + c) = make_float2(o[n][2] / l1, o[n][3] / l1);
   }
+}
+
+// Dynamic shared memory of flash_attn_<hd>_*: the F32 staging (v's rows padded by 4 floats) and
+// the F16 tiles.
+__host__ __device__ constexpr int flash_smem_bytes(int hd) {
+  return FA_BK * hd * 4 + FA_BK * (hd + 4) * 4 + FA_BK * (hd + FA_PAD) * 2 + hd * (FA_BK + FA_PAD) * 2;
 }
 
 // flash_attn_<HD>_<W>: W warps a block (16 W queries). More warps share each tile's loads and

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
 };
@@ -18,6 +19,13 @@ const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/flash.fatbin"));
 
 /// Head widths with a kernel (`flash_attn_<hd>_<warps>`).
 pub const FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
+
+/// Dynamic shared memory of a block for heads `hd` wide (`flash_smem_bytes` in flash.cu: the
+/// F32 staging of a 64-key tile, v's rows padded by 4 floats, and its F16 copies padded by 8).
+fn smem_bytes(hd: usize) -> usize {
+    const BK: usize = 64;
+    BK * hd * 4 + BK * (hd + 4) * 4 + BK * (hd + 8) * 2 + hd * (BK + 8) * 2
+}
 
 /// One attention call: `q` `[n_head, t, head_dim]` (after RoPE, unscaled), the KV cache `k`, `v`
 /// `[n_head_kv, n_ctx, head_dim]` holding `pos + t` keys (the batch's at `pos..`), all F32;
@@ -60,6 +68,12 @@ impl Flash {
             for warps in [4, 8] {
                 let name = format!("flash_attn_{hd}_{warps}");
                 let f = module.load_function(&name).map_err(err(name.clone()))?;
+                // Past the default 48 KiB of shared memory a block: the host opts in.
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem_bytes(hd) as i32,
+                )
+                .map_err(err(name.clone()))?;
                 funcs.push((hd, warps, f));
             }
         }
@@ -115,7 +129,7 @@ impl Flash {
         let cfg = LaunchConfig {
             grid_dim: (a.t.div_ceil(16 * warps) as u32, a.n_head as u32, 1),
             block_dim: (32 * warps as u32, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem_bytes(hd) as u32,
         };
         let (t, pos, nh, nkv, n_ctx) = (
             a.t as i32,

@@ -217,8 +217,8 @@ __host__ __device__ constexpr int flash_smem_bytes(int hd) {
 }
 
 // flash_attn_<HD>_<W>: W warps a block (16 W queries). More warps share each tile's loads and
-// conversions among more queries (H200, 8B shape, pp512 at depth 4096: 449 µs a layer with 8,
-// 584 with 4); the host takes 4 for batches of ≤ 64 tokens, which 8 would leave half idle.
+// conversions among more queries (H200, 8B shape, pp512 at depth 4096: 264 µs a layer with 8,
+// 363 with 4); the host takes 4 for batches of ≤ 64 tokens, which 8 would leave half idle.
 #define FLASH_ATTN(HD, W)                                                                    \
   extern "C" __global__ void __launch_bounds__(32 * W)                                       \
       flash_attn_##HD##_##W(const float* q, const float* kc, const float* vc, float* out,    \

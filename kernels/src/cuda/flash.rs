@@ -85,7 +85,7 @@ impl Flash {
     }
 
     /// Warps a block for a batch of `t` queries: 8 (128 queries a block share each tile's loads:
-    /// on an H200, an 8B layer's pp512 at depth 4096 took 449 µs with 8 warps, 584 with 4),
+    /// on an H200, an 8B layer's pp512 at depth 4096 took 264 µs with 8 warps, 363 with 4),
     /// or 4 for batches of ≤ 64 tokens, which 8 warps would leave half idle.
     fn warps_for(t: usize) -> usize {
         if t > 64 {

@@ -19,7 +19,9 @@
 //!                                          adjacent experts' slices merged into one read)
 //!               models::Transformer (Llama / Qwen2 / Mixtral forward, KV cache)
 //!                      │   CUDA, all weights on the GPU: single-token steps on
-//!                      │   backend::FusedDecode (hypura_kernels::cuda, one CUDA graph per step)
+//!                      │   backend::FusedDecode (hypura_kernels::cuda, one CUDA graph per step);
+//!                      │   CUDA, any placement: a prompt batch's attention in one kernel
+//!                      │   (backend::flash_attention)
 //!                      │
 //!   tokenizer::Tokenizer (from GGUF metadata) ── generate (sampling, loop, perplexity) ── CLI
 //!                      │
@@ -38,7 +40,7 @@
 //! | [`plan`] | the planner (pure) and the placement storage carries out |
 //! | [`storage`] | memory maps, direct I/O, the stream pool, the [`storage::Weight`] type |
 //! | [`models`] | the decoder, attention, RoPE, MoE |
-//! | [`backend`] | the compute device; on CUDA, the fused single-token decoder |
+//! | [`backend`] | the compute device; on CUDA, the fused single-token decoder and prompt flash attention |
 //! | [`tokenizer`] | SentencePiece and byte-level BPE vocabularies from GGUF metadata |
 //! | [`generate`] | sampling, the generation loop, perplexity |
 //! | [`chat`] | chat templates (the GGUF's Jinja, built-in fallbacks), multi-turn conversations |

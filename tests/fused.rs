@@ -154,6 +154,17 @@ fn cuda_fused_decode_long_contexts_match_candle() {
     }
 }
 
+/// A fresh temporary directory for synthetic models (`hypura-<tag>-<pid>`) and the vocabulary
+/// they borrow (small-llama's metadata).
+fn synth_dir(tag: &str) -> (std::path::PathBuf, hypura::gguf::Metadata) {
+    let vocab = ModelFiles::open(&fixtures_dir().join("small-llama/small-llama-Q4_K_M.gguf"))
+        .unwrap()
+        .metadata;
+    let dir = std::env::temp_dir().join(format!("hypura-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    (dir, vocab)
+}
+
 /// The staged down kernels (`matvec_norm_st_*`, `moe_down_st_*`: k-quant rows with `n_ff` a
 /// multiple of 2048, which no fixture has): synthetic Llama files with `n_ff` 4096, dense Q4_K_M
 /// (Q4_K and Q6_K downs) and Q5_K_M, and MoE Q4_K_M. The fused decoder staging its downs against
@@ -164,11 +175,7 @@ fn cuda_staged_down_matches_in_place_and_candle() {
     use hypura::gguf::Arch;
     use hypura::synth::{write_model, SynthSpec};
     let device = Device::new_cuda(0).expect("CUDA device 0");
-    let vocab = ModelFiles::open(&fixtures_dir().join("small-llama/small-llama-Q4_K_M.gguf"))
-        .unwrap()
-        .metadata;
-    let dir = std::env::temp_dir().join(format!("hypura-staged-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (dir, vocab) = synth_dir("staged");
     for (ty, n_expert) in [
         (TensorType::Q4_K, 0),
         (TensorType::Q5_K, 0),
@@ -241,11 +248,7 @@ fn cuda_flash_attention_matches_candle_at_depth() {
     use hypura::gguf::Arch;
     use hypura::synth::{write_model, SynthSpec};
     let device = Device::new_cuda(0).expect("CUDA device 0");
-    let vocab = ModelFiles::open(&fixtures_dir().join("small-llama/small-llama-Q4_K_M.gguf"))
-        .unwrap()
-        .metadata;
-    let dir = std::env::temp_dir().join(format!("hypura-flash-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (dir, vocab) = synth_dir("flash");
     for (ty, n_embd, n_head) in [
         (TensorType::F32, 512, 4),
         (TensorType::Q4_K, 512, 4),

@@ -13,14 +13,7 @@
 #include <cstdlib>
 #include <vector>
 
-#define CK(x)                                                                         \
-  do {                                                                                \
-    cudaError_t e_ = (x);                                                             \
-    if (e_ != cudaSuccess) {                                                          \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      exit(1);                                                                        \
-    }                                                                                 \
-  } while (0)
+#include "bench_util.cuh"
 
 // out[i, h·hd + d] for query i of head h: softmax over keys 0 ..= pos + i in F32.
 __global__ void ref_flash(const float* q, const float* kc, const float* vc, float* out, int t,

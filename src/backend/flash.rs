@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::{DType, Device, DeviceLocation, Tensor};
 use hypura_kernels::cuda::{Flash, FlashArgs, FLASH_HEAD_DIMS};
 
+use super::kernel_error;
 use crate::error::{Error, Result};
 use crate::storage::device_view::f32_bytes;
 
@@ -33,10 +34,6 @@ fn kernels(dev: &candle_core::CudaDevice, ordinal: usize) -> Result<Arc<Flash>> 
     let f = Arc::new(Flash::new(dev.cuda_stream()).map_err(kernel_error)?);
     map.insert(ordinal, f.clone());
     Ok(f)
-}
-
-fn kernel_error(e: hypura_kernels::KernelError) -> Error {
-    Error::Candle(candle_core::Error::Msg(e.to_string()))
 }
 
 /// Causal attention of `t` queries at positions `pos..pos + t` over the cache `k`, `v`

@@ -26,6 +26,7 @@ use hypura_kernels::cuda::{
 };
 use hypura_kernels::KernelError;
 
+use super::kernel_error;
 use crate::error::{Error, Result};
 use crate::gguf::RopeStyle;
 use crate::models::{Block, FeedForward, Transformer};
@@ -43,10 +44,6 @@ pub enum FusedDecode {
         host_embed: Option<Device>,
     },
     Off(String),
-}
-
-fn kernel_error(e: hypura_kernels::KernelError) -> Error {
-    Error::Candle(candle_core::Error::Msg(e.to_string()))
 }
 
 impl FusedDecode {

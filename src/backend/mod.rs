@@ -11,6 +11,12 @@ pub use fused::FusedDecode;
 
 use crate::error::Result;
 
+/// A kernel's refusal or CUDA error as the library's error (the fused decoder, flash attention).
+#[cfg(feature = "cuda")]
+fn kernel_error(e: hypura_kernels::KernelError) -> crate::error::Error {
+    crate::error::Error::Candle(candle_core::Error::Msg(e.to_string()))
+}
+
 /// Causal attention of a prompt batch in one kernel where the device has one (CUDA: see
 /// `flash.rs`): `q` `[1, n_head, t, head_dim]` after RoPE at positions `pos..`, the KV cache `k`,
 /// `v` `[1, n_head_kv, n_ctx, head_dim]` holding `pos + t` keys → `[t, n_head · head_dim]`;

@@ -70,6 +70,11 @@ pub struct ExpertSet {
 }
 
 impl ExpertSet {
+    /// The layer these experts belong to.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
     pub(crate) fn resident(layer: usize, experts: Vec<ExpertWeights>) -> Self {
         ExpertSet {
             layer,

@@ -211,8 +211,8 @@ run() {
           --test-threads=1
         # candle's ops for single-token steps, with its other mat-vec kernels
         # (see hypura::backend::configure_cuda and hypura::backend::FusedDecode).
-        HYPURA_CUDA_DECODE=candle HYPURA_CUDA_MATVEC=exact step test-fidelity-candle-exact \
-          "$bin/fidelity" cuda --test-threads=1
+        [ -x "$bin/fidelity" ] && HYPURA_CUDA_DECODE=candle HYPURA_CUDA_MATVEC=exact \
+          step test-fidelity-candle-exact "$bin/fidelity" cuda --test-threads=1
         # TESTS_MMQ=1: the prompt suites with batches through candle's MMQ kernels (an experiment).
         if [ -n "${TESTS_MMQ:-}" ]; then
           for t in fidelity perplexity; do

@@ -248,7 +248,7 @@ run() {
           case $mv in
             fused) e=HYPURA_CUDA_DECODE=fused ;; direct) e=HYPURA_CUDA_GRAPH=0 ;; candle) e=HYPURA_CUDA_DECODE=candle ;;
             nopdl) e=HYPURA_CUDA_PDL=0 ;; nofold) e=HYPURA_CUDA_FOLD=0 ;; nostage) e=HYPURA_CUDA_STAGED=0 ;;
-            notf32) e=HYPURA_CUDA_TF32=0 ;; mmq) e=HYPURA_CUDA_BATCH=mmq ;;
+            notf32) e=HYPURA_CUDA_TF32=0 ;; mmq) e=HYPURA_CUDA_BATCH=mmq ;; clock) e=HYPURA_CUDA_STEP_CLOCK=1 ;;
             *) echo "unknown bench8b mode $mv" >&2; continue ;;
           esac
           ( export "${e?}"; TAIL=3 step "bench8b-$mv" "$bin/hypura" bench -m "$M/l8b.gguf" -c 1024 -p 512 -n 128 -r 3 --json )

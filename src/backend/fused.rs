@@ -15,6 +15,8 @@
 //! `HYPURA_CUDA_PDL=0` captures the graph without programmatic dependent launches;
 //! `HYPURA_CUDA_FOLD=0` keeps every RMS norm a kernel of its own (no folding into mat-vecs);
 //! `HYPURA_CUDA_ROUTER=0` runs a MoE router as a mat-vec and `moe_route` (not `moe_router`);
+//! `HYPURA_CUDA_STEP_CLOCK=1` prints, when the model is dropped, the mean GPU and host time of
+//! a dense model's steps;
 //! `HYPURA_CUDA_PROFILE=N` times every kernel of the step at position N and prints the table
 //! (a MoE model's requests for experts are served the same way, between the timed kernels).
 //! Prompt batches always run on candle; both paths share the model's KV cache.
@@ -65,6 +67,7 @@ impl FusedDecode {
             fold_norms: !std::env::var("HYPURA_CUDA_FOLD").is_ok_and(|v| v == "0"),
             fused_router: !std::env::var("HYPURA_CUDA_ROUTER").is_ok_and(|v| v == "0"),
             staged_down: !std::env::var("HYPURA_CUDA_STAGED").is_ok_and(|v| v == "0"),
+            step_clock: std::env::var("HYPURA_CUDA_STEP_CLOCK").is_ok_and(|v| v == "1"),
         };
         let host_embed = spec
             .embed

@@ -158,6 +158,8 @@ pub struct Decoder {
     /// The most dynamic shared memory a staged kernel (`matvec_norm_st_*`, `moe_down_st_*`) may
     /// take here.
     staged_smem_max: usize,
+    /// [`DecodeOptions::step_clock`].
+    clock: Option<StepClock>,
 }
 
 /// Lets the staged kernels (`matvec_norm_st_*`, `moe_down_st_*`, which copy weights into shared
@@ -209,6 +211,9 @@ pub struct DecodeOptions {
     /// (`matvec_norm_st_*`, `moe_down_st_*`) where the device allows the shared memory; otherwise
     /// read in place (`*_qin_*`). Same products up to float rounding.
     pub staged_down: bool,
+    /// Time every [`Decoder::step`] (GPU time from two events, host time around the launch and
+    /// the download) and print the means when the decoder is dropped (decoder/clock.rs).
+    pub step_clock: bool,
 }
 
 impl Default for DecodeOptions {
@@ -219,6 +224,7 @@ impl Default for DecodeOptions {
             fold_norms: true,
             fused_router: true,
             staged_down: true,
+            step_clock: false,
         }
     }
 }
@@ -420,6 +426,7 @@ impl Decoder {
             prof: RefCell::new(None),
             dependent_launch: options.dependent_launch,
             fused_router: options.fused_router,
+            clock: options.step_clock.then(StepClock::default),
             dependent: Cell::new(false),
             staged_smem_max,
         })
@@ -458,8 +465,18 @@ impl Decoder {
                     .into(),
             ));
         }
+        let Some(_) = self.clock else {
+            self.launch_step(token, pos, row, None)?;
+            return self.download_logits();
+        };
+        let tick = StepClock::start(&self.stream)?;
         self.launch_step(token, pos, row, None)?;
-        self.download_logits()
+        let launched = StepClock::launched(&self.stream)?;
+        let logits = self.download_logits()?;
+        if let Some(c) = self.clock.as_mut() {
+            c.add(tick, launched, self.logits_host.last_copy)?;
+        }
+        Ok(logits)
     }
 
     /// Uploads the step's inputs and launches its kernels (the graph of its attention shape,
@@ -756,13 +773,23 @@ impl Decoder {
     }
 }
 
+mod clock;
 mod launches;
 mod mail;
 mod moe;
 mod norms;
 mod pinned;
+use clock::StepClock;
 use launches::grid1;
 use mail::Mail;
 pub use moe::Serve;
 use norms::{quantizes_own_input, Folds, NormIn, ProducerInput, NORM_ROWS};
 use pinned::HostLogits;
+
+impl Drop for Decoder {
+    fn drop(&mut self) {
+        if let Some(line) = self.clock.as_ref().and_then(StepClock::report) {
+            eprintln!("{line}");
+        }
+    }
+}

@@ -13,6 +13,8 @@ pub(super) struct HostLogits {
     _host: PinnedHostSlice<f32>,
     ptr: *mut f32,
     len: usize,
+    /// How long the last download's copy out of page-locked memory took (for the step clock).
+    pub last_copy: std::time::Duration,
 }
 
 // SAFETY: `ptr` points into host memory owned by `_host`, written only by the copy
@@ -34,6 +36,7 @@ impl HostLogits {
             _host: host,
             ptr,
             len,
+            last_copy: std::time::Duration::ZERO,
         })
     }
 
@@ -60,8 +63,11 @@ impl HostLogits {
             return Err(KernelError(format!("CUDA logits download: {r:?}")));
         }
         stream.synchronize().map_err(driver("synchronize"))?;
+        let t = std::time::Instant::now();
         // SAFETY: the copy into all `len` floats has completed (the stream is synchronized) and
         // nothing else writes them.
-        Ok(unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec())
+        let out = unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec();
+        self.last_copy = t.elapsed();
+        Ok(out)
     }
 }

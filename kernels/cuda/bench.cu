@@ -455,7 +455,6 @@ static void bench_norm(int n) {
 }
 
 #include "bench_pdl.cuh"
-#include "bench_pf.cuh"
 
 // An empty kernel: the floor of one launch in a graph.
 __global__ void nothing() {}
@@ -466,10 +465,6 @@ int main(int argc, char** argv) {
   printf("%s, %d SMs, L2 %d MiB\n", p.name, p.multiProcessorCount, p.l2CacheSize >> 20);
   if (argc > 1 && std::string(argv[1]) == "pdl") {
     bench_pdl();
-    return 0;
-  }
-  if (argc > 1 && std::string(argv[1]) == "pf") {
-    bench_pf();
     return 0;
   }
   const bool att_only = argc > 1 && std::string(argv[1]) == "att"; // `kbench att`: attention only

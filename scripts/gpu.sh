@@ -38,6 +38,7 @@
 #                 the budgeted run against its I/O and compute bounds), then llama-bench
 #                 on the same file (waits up to 6 minutes for the `lcpp` build)
 #       l70       synth llama-3-70b Q4_K_M (~40 GB); same budgets: plan, run with --stats
+#       run8b     synth 8B: hypura run -n 256, default sampling and greedy (chained / stepped)
 #       depth8b   synth 8B: hypura bench and llama-bench at depth 4096 (-d: the cache holds 4096
 #                 tokens when each test starts)
 #       prof8b    GPU time per kernel of one fused decode step of the 8B (and ncu's view)
@@ -261,6 +262,20 @@ run() {
         else
           echo "llama-bench not built yet"; tail -n 3 "$OUT/lcpp-build.log" 2>/dev/null || true
         fi ;;
+      run8b) # hypura run on the 8B, 256 tokens: default sampling, greedy (its steps chained on the
+        # device), greedy one step at a time (HYPURA_CUDA_CHAIN=0); two rounds each
+        [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
+        local gen=(run -m "$M/l8b.gguf" -c 1024 -p "Once upon a time" -n 256 -s 7)
+        for r in 1 2; do
+          TAIL=1 step "run8b-default-$r" "$bin/hypura" "${gen[@]}"
+          TAIL=1 step "run8b-greedy-$r" "$bin/hypura" "${gen[@]}" --temp 0
+          HYPURA_CUDA_CHAIN=0 TAIL=1 step "run8b-greedy-nochain-$r" "$bin/hypura" "${gen[@]}" --temp 0
+        done
+        # The chained and the stepped greedy runs print the same text.
+        cmp <(head -c 4000 "$OUT/run8b-greedy-1.log" | grep -v '^hypura:') \
+          <(head -c 4000 "$OUT/run8b-greedy-nochain-1.log" | grep -v '^hypura:') &&
+          echo "run8b: chained and stepped greedy text identical" | tee -a "$OUT/log" ||
+          echo "run8b: chained and stepped greedy logs differ (see run8b-greedy-*-1.log)" | tee -a "$OUT/log" ;;
       depth8b) # decode deep into a context: -d 4096 (llama-bench's depth), both engines
         [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
         TAIL=4 step bench8b-d4096 "$bin/hypura" bench -m "$M/l8b.gguf" -p 512 -n 128 -d 4096 -r 3

@@ -299,3 +299,106 @@ fn cuda_flash_attention_matches_candle_at_depth() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Greedy generation's chains (`Decoder::greedy_chain`: each step's argmax picked on the device
+/// and fed to the next step before the host reads it) against the same fused model stepped one
+/// token at a time with the host's argmax: the same tokens, the same cache length, and the same
+/// logits when decoding goes on after the chain. Run across the 256-key boundary (a second greedy
+/// graph captured mid-chain), and ended each way a chain ends: the token limit, an
+/// end-of-generation token (the step launched ahead of it discarded), the context filling up.
+#[test]
+fn cuda_greedy_chain_matches_stepping_with_host_argmax() {
+    use hypura::generate::{
+        argmax, generate, GenerateOptions, Sampler, SamplingParams, StopReason,
+    };
+    let device = Device::new_cuda(0).expect("CUDA device 0");
+    let mut n_models = 0;
+    for gguf in fixture_models().into_iter().filter(|g| eligible(g)) {
+        let name = gguf.file_name().unwrap().to_string_lossy().to_string();
+        let r = reference(&gguf);
+        let n_ctx = 300;
+        let mut model = load(&gguf, &device, n_ctx);
+        let prompt: Vec<u32> = ids(&r["fixed_prompt"]["ids"])
+            .into_iter()
+            .cycle()
+            .take(240)
+            .collect();
+        // The reference: one step at a time, the host's argmax of each step's logits.
+        let stepped = |model: &mut Transformer, n: usize| -> Vec<u32> {
+            model.reset();
+            let l = model.forward(&prompt, Logits::Last).unwrap();
+            let mut out = vec![argmax(&l.to_vec2::<f32>().unwrap()[0])];
+            while out.len() < n && model.n_past() < n_ctx {
+                let l = model
+                    .forward(&[*out.last().unwrap()], Logits::Last)
+                    .unwrap();
+                out.push(argmax(&l.to_vec2::<f32>().unwrap()[0]));
+            }
+            out
+        };
+        let want = stepped(&mut model, n_ctx);
+        let chained = |model: &mut Transformer, max: usize, stop: Vec<u32>| {
+            model.reset();
+            let mut got = Vec::new();
+            let opts = GenerateOptions {
+                max_new_tokens: max,
+                stop_ids: stop,
+                batch_size: 512,
+            };
+            let mut sampler = Sampler::new(SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            });
+            let stats = generate(model, &prompt, &opts, &mut sampler, &mut |id| {
+                got.push(id);
+                Ok(std::ops::ControlFlow::Continue(()))
+            })
+            .unwrap();
+            (got, stats)
+        };
+        // The token limit, across 256 keys (positions 240..=269).
+        let (got, stats) = chained(&mut model, 30, vec![]);
+        assert_eq!(got, want[..30], "{name}: chained tokens differ");
+        assert_eq!(stats.stop, StopReason::MaxTokens);
+        assert_eq!(stats.n_decoded, 29, "{name}");
+        assert_eq!(model.n_past(), 240 + 29, "{name}");
+        // Decoding on from the chain's cache: the logits of stepping there all along.
+        let next = model
+            .forward(&[want[29]], Logits::Last)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        stepped(&mut model, 30);
+        let expect = model
+            .forward(&[want[29]], Logits::Last)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(next, expect, "{name}: the chain's cache differs");
+        // An end-of-generation token: the 12th token, or the first later one not seen before.
+        let stop_at = (11..want.len())
+            .chain(0..11)
+            .find(|&i| !want[..i].contains(&want[i]))
+            .unwrap();
+        let (got, stats) = chained(&mut model, 100, vec![want[stop_at]]);
+        assert_eq!(got, want[..stop_at], "{name}: tokens before the stop token");
+        assert_eq!(stats.stop, StopReason::EndOfGeneration);
+        assert_eq!(model.n_past(), 240 + stop_at, "{name}");
+        // The context filling up: every token up to n_ctx.
+        let (got, stats) = chained(&mut model, 1000, vec![]);
+        assert_eq!(stats.stop, StopReason::ContextFull, "{name}");
+        assert_eq!(got, want, "{name}: tokens up to a full context");
+        assert_eq!(model.n_past(), n_ctx, "{name}");
+        // Without chains (one step at a time through the host): the same tokens.
+        std::env::set_var("HYPURA_CUDA_CHAIN", "0");
+        let (got, _) = chained(&mut model, 30, vec![]);
+        std::env::remove_var("HYPURA_CUDA_CHAIN");
+        assert_eq!(got, want[..30], "{name}: HYPURA_CUDA_CHAIN=0");
+        eprintln!(
+            "{name}: greedy chains match ({} tokens, stop token at {stop_at})",
+            want.len()
+        );
+        n_models += 1;
+    }
+    assert!(n_models >= 3, "only {n_models} fixtures ran greedy chains");
+}

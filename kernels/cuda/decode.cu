@@ -1050,3 +1050,49 @@ extern "C" __global__ void attention_merge(const float* __restrict__ part, float
   out[(size_t)h * hd + t] = o;
   if (oq) warp_quantize(o, h * hd + t, oq, od, os);
 }
+
+// Greedy decoding on the device: the next token is the argmax of the step's logits, written into
+// `step` with the position advanced (step[0] = id, step[1] += 1), so the next step's graph can be
+// launched before the host has read this one's token. The host's `argmax` rules: the first of
+// equal maxima wins, NaNs are passed over, a NaN at index 0 gives 0 (and so does a vocabulary of
+// -inf only, whose first entry is the first maximum). One block of ARGMAX_THREADS threads.
+#define ARGMAX_THREADS 1024
+extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
+    argmax_next(const float* __restrict__ logits, int n, uint32_t* step) {
+  pdl_entry();
+  __shared__ float sm_m[ARGMAX_THREADS / WARP];
+  __shared__ unsigned sm_i[ARGMAX_THREADS / WARP];
+  float m = -INFINITY;
+  unsigned mi = 0xFFFFFFFFu;
+  // Each thread's candidates in increasing index order: a later one wins only if larger, or if
+  // it is the first -inf seen (mi unset); NaN compares false everywhere.
+  for (int i = threadIdx.x; i < n; i += ARGMAX_THREADS) {
+    const float x = logits[i];
+    if (x > m || (x == m && mi == 0xFFFFFFFFu)) m = x, mi = (unsigned)i;
+  }
+  // Reduce: the larger value, the lower index among equals.
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o /= 2) {
+    const float om = __shfl_xor_sync(0xFFFFFFFFu, m, o);
+    const unsigned oi = __shfl_xor_sync(0xFFFFFFFFu, mi, o);
+    if (om > m || (om == m && oi < mi)) m = om, mi = oi;
+  }
+  const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+  if (lane == 0) sm_m[w] = m, sm_i[w] = mi;
+  __syncthreads();
+  if (w == 0) {
+    m = lane < ARGMAX_THREADS / WARP ? sm_m[lane] : -INFINITY;
+    mi = lane < ARGMAX_THREADS / WARP ? sm_i[lane] : 0xFFFFFFFFu;
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o /= 2) {
+      const float om = __shfl_xor_sync(0xFFFFFFFFu, m, o);
+      const unsigned oi = __shfl_xor_sync(0xFFFFFFFFu, mi, o);
+      if (om > m || (om == m && oi < mi)) m = om, mi = oi;
+    }
+    if (lane == 0) {
+      const bool nan_first = n > 0 && isnan(logits[0]);
+      step[0] = nan_first || mi == 0xFFFFFFFFu ? 0u : mi;
+      step[1] += 1;
+    }
+  }
+}

@@ -15,6 +15,8 @@
 //! `HYPURA_CUDA_PDL=0` captures the graph without programmatic dependent launches;
 //! `HYPURA_CUDA_FOLD=0` keeps every RMS norm a kernel of its own (no folding into mat-vecs);
 //! `HYPURA_CUDA_ROUTER=0` runs a MoE router as a mat-vec and `moe_route` (not `moe_router`);
+//! `HYPURA_CUDA_CHAIN=0` keeps greedy generation's steps one at a time through the host (no
+//! greedy chains: see `FusedDecode::greedy_chain`);
 //! `HYPURA_CUDA_STEP_CLOCK=1` prints, when the model is dropped, the mean GPU and host time of
 //! a dense model's steps;
 //! `HYPURA_CUDA_PROFILE=N` times every kernel of the step at position N and prints the table
@@ -116,16 +118,18 @@ impl FusedDecode {
     }
 
     /// Runs `token` at position `pos` through the model whose blocks are `blocks` (MoE layers
-    /// find their experts there); the `[1, n_vocab]` logits on the CPU.
+    /// find their experts there) and calls `f` with the `[n_vocab]` logits, in place in host
+    /// memory; `None` when the model has no fused decoder.
     /// `embed` is the model's embedding table: when it is not on the device, the token's row is
     /// read from it here.
-    pub fn step(
+    pub fn step<R>(
         &mut self,
         token: u32,
         pos: usize,
         embed: &Weight,
         blocks: &[Block],
-    ) -> Result<Option<Tensor>> {
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<Option<R>> {
         let FusedDecode::Ready {
             decoder,
             profile_at,
@@ -155,13 +159,16 @@ impl FusedDecode {
                 msg
             })
         };
+        let profiled: Vec<f32>;
         let stepped = if *profile_at == Some(pos) {
-            decoder
-                .profile_step(token, pos, row, &mut serve)
-                .map(|(logits, times)| {
+            match decoder.profile_step(token, pos, row, &mut serve) {
+                Ok((logits, times)) => {
                     print_profile(pos, &times);
-                    logits
-                })
+                    profiled = logits;
+                    Ok(&profiled[..])
+                }
+                Err(e) => Err(e),
+            }
         } else if decoder.needs_host() {
             decoder.step_served(token, pos, row, &mut serve)
         } else {
@@ -170,7 +177,7 @@ impl FusedDecode {
         if let Some(e) = failure {
             return Err(e);
         }
-        let logits = stepped.map_err(kernel_error)?;
+        let out = f(stepped.map_err(kernel_error)?);
         if decoder.needs_host() {
             for (layer, ids) in decoder.last_routing().map_err(kernel_error)? {
                 if !served.contains(&layer) {
@@ -178,8 +185,39 @@ impl FusedDecode {
                 }
             }
         }
-        let n = logits.len();
-        Ok(Some(Tensor::from_vec(logits, (1, n), &Device::Cpu)?))
+        Ok(Some(out))
+    }
+
+    /// Feeds `token` at `pos`, then each next token greedy decoding picks, while `accept` says
+    /// so, picking them on the device so that steps follow each other without waiting on the
+    /// host (kernels' `Decoder::greedy_chain`; `accept` sees every picked token, false ends the
+    /// chain without feeding it). Returns how many tokens were fed (`token` included, at most
+    /// `max_steps`), or `None` where chains do not run: no fused decoder, the embedding table on
+    /// the host, experts served by the host mid-step, a step profiled, or `HYPURA_CUDA_CHAIN=0`.
+    pub fn greedy_chain(
+        &mut self,
+        token: u32,
+        pos: usize,
+        max_steps: usize,
+        accept: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Option<usize>> {
+        let FusedDecode::Ready {
+            decoder,
+            profile_at,
+            host_embed: None,
+        } = self
+        else {
+            return Ok(None);
+        };
+        let profiled = profile_at.is_some_and(|p| p >= pos);
+        let off = std::env::var("HYPURA_CUDA_CHAIN").is_ok_and(|v| v == "0");
+        if profiled || off || !decoder.can_chain() {
+            return Ok(None);
+        }
+        decoder
+            .greedy_chain(token, pos, max_steps, accept)
+            .map(Some)
+            .map_err(kernel_error)
     }
 }
 

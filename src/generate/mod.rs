@@ -8,10 +8,8 @@ use std::time::Instant;
 
 pub use sampling::{argmax, Sampler, SamplingParams};
 
-use candle_core::{CpuStorage, Storage, Tensor};
-
 use crate::error::{Error, Result};
-use crate::models::{LanguageModel, Logits};
+use crate::models::{with_logits, LanguageModel, Logits};
 
 /// Options of one generation.
 #[derive(Clone, Debug)]
@@ -110,56 +108,110 @@ pub fn generate_after(
         logits = Some(model.forward(chunk, Logits::Last)?);
     }
     let prompt_seconds = t0.elapsed().as_secs_f64();
-    let mut history = [cached, prompt].concat();
-    let Some(mut logits) = logits else {
+    let history = [cached, prompt].concat();
+    let Some(logits) = logits else {
         unreachable!("the prompt is not empty")
     };
     let t1 = Instant::now();
-    let (mut n_generated, mut n_decoded) = (0, 0);
-    let stop = loop {
-        if n_generated >= opts.max_new_tokens {
-            break StopReason::MaxTokens;
+    let mut progress = Progress {
+        n_generated: 0,
+        n_decoded: 0,
+        n_past: model.n_past(),
+        n_ctx: model.n_ctx(),
+        history,
+    };
+    let stop = if opts.max_new_tokens == 0 {
+        StopReason::MaxTokens
+    } else {
+        let mut id = with_logits(&logits, |l| sampler.sample(l, &progress.history))?;
+        drop(logits);
+        loop {
+            if let ControlFlow::Break(r) = progress.decide(id, opts, on_token)? {
+                break r;
+            }
+            // Greedy: the model may pick the following tokens itself (on the GPU, without a
+            // round trip through the host per token), asking `decide` about each.
+            if sampler.is_greedy() {
+                let mut verdict = None;
+                let max_steps = opts.max_new_tokens - progress.n_generated;
+                progress.n_past += 1; // `id`, fed first
+                let fed = model.decode_greedy(id, max_steps, &mut |next| match progress
+                    .decide(next, opts, on_token)
+                {
+                    Ok(ControlFlow::Continue(())) => {
+                        progress.n_past += 1;
+                        true
+                    }
+                    Ok(ControlFlow::Break(r)) => {
+                        verdict = Some(Ok(r));
+                        false
+                    }
+                    Err(e) => {
+                        verdict = Some(Err(e));
+                        false
+                    }
+                });
+                match fed? {
+                    Some(fed) => {
+                        progress.n_decoded += fed;
+                        match verdict {
+                            Some(v) => break v?,
+                            None => unreachable!("a greedy chain ends only when refused a token"),
+                        }
+                    }
+                    None => progress.n_past -= 1, // no chain here: one step below
+                }
+            }
+            let mut next = 0;
+            model.decode_with(id, &mut |l| next = sampler.sample(l, &progress.history))?;
+            progress.n_past += 1;
+            progress.n_decoded += 1;
+            id = next;
         }
-        let id = with_logits(&logits, |l| sampler.sample(l, &history))?;
-        if opts.stop_ids.contains(&id) {
-            break StopReason::EndOfGeneration;
-        }
-        n_generated += 1;
-        history.push(id);
-        if on_token(id)?.is_break() {
-            break StopReason::Callback;
-        }
-        if n_generated >= opts.max_new_tokens {
-            break StopReason::MaxTokens;
-        }
-        if model.n_past() >= model.n_ctx() {
-            break StopReason::ContextFull;
-        }
-        logits = model.forward(&[id], Logits::Last)?;
-        n_decoded += 1;
     };
     Ok(GenerationStats {
         n_prompt: prompt.len(),
-        n_generated,
-        n_decoded,
+        n_generated: progress.n_generated,
+        n_decoded: progress.n_decoded,
         prompt_seconds,
         generate_seconds: t1.elapsed().as_secs_f64(),
         stop,
     })
 }
 
-/// Calls `f` with the values of `logits` (`[1, n_vocab]` or `[n_vocab]`, F32): borrowed in place
-/// when they are contiguous on the CPU (as the fused CUDA decoder returns them), else copied out
-/// (from a GPU, say). A 128k vocabulary is 513 KB: a copy costs tens of µs a token.
-fn with_logits<R>(logits: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    {
-        let (storage, layout) = logits.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            return Ok(f(&v[start..end]));
+/// Where a generation stands, and what happens to each token picked.
+struct Progress {
+    n_generated: usize,
+    n_decoded: usize,
+    /// Tokens in the model's cache (the fed ones included).
+    n_past: usize,
+    n_ctx: usize,
+    history: Vec<u32>,
+}
+
+impl Progress {
+    /// Takes picked token `id`: `Continue` when it is to be fed to the model next (it was passed
+    /// to `on_token`), else why generation ends (an end-of-generation token is not passed on).
+    fn decide(
+        &mut self,
+        id: u32,
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(u32) -> Result<ControlFlow<()>>,
+    ) -> Result<ControlFlow<StopReason>> {
+        if opts.stop_ids.contains(&id) {
+            return Ok(ControlFlow::Break(StopReason::EndOfGeneration));
         }
+        self.n_generated += 1;
+        self.history.push(id);
+        if on_token(id)?.is_break() {
+            return Ok(ControlFlow::Break(StopReason::Callback));
+        }
+        if self.n_generated >= opts.max_new_tokens {
+            return Ok(ControlFlow::Break(StopReason::MaxTokens));
+        }
+        if self.n_past >= self.n_ctx {
+            return Ok(ControlFlow::Break(StopReason::ContextFull));
+        }
+        Ok(ControlFlow::Continue(()))
     }
-    let v = logits.flatten_all()?.to_vec1::<f32>()?;
-    Ok(f(&v))
 }

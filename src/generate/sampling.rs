@@ -56,6 +56,13 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether every token is the logits' argmax as they come ([`argmax`]): temperature 0 and
+    /// no repetition penalty (which changes the logits first).
+    pub fn is_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature <= 0.0 && !(p.repeat_penalty != 1.0 && p.repeat_last_n > 0)
+    }
+
     /// The next token given `logits` (one per vocabulary entry) and the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;

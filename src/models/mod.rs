@@ -24,6 +24,51 @@ pub trait LanguageModel {
     /// Most tokens the KV cache can hold.
     fn n_ctx(&self) -> usize;
     fn n_vocab(&self) -> usize;
+
+    /// Runs one token (appending it to the cache) and calls `f` with its `[n_vocab]` logits:
+    /// read in place where the backend leaves them in host memory (the fused CUDA decoder's
+    /// page-locked buffer), else out of [`forward`](Self::forward)'s tensor. Generation steps
+    /// through this.
+    fn decode_with(&mut self, token: u32, f: &mut dyn FnMut(&[f32])) -> crate::Result<()> {
+        let logits = self.forward(&[token], Logits::Last)?;
+        with_logits(&logits, f)
+    }
+
+    /// Greedy decoding inside the model: feeds `token`, then each next most likely token (the
+    /// first of equal maxima, as [`crate::generate::argmax`]) while `accept` says so, feeding at
+    /// most `max_steps` tokens in all (`token` included). `accept` sees every token picked, in
+    /// order; false ends without feeding that one. Returns how many tokens were fed, or `None`
+    /// where the model has no such path (nothing is fed then: step with
+    /// [`decode_with`](Self::decode_with)).
+    fn decode_greedy(
+        &mut self,
+        token: u32,
+        max_steps: usize,
+        accept: &mut dyn FnMut(u32) -> bool,
+    ) -> crate::Result<Option<usize>> {
+        let _ = (token, max_steps, accept);
+        Ok(None)
+    }
+}
+
+/// Calls `f` with the values of `logits` (`[1, n_vocab]` or `[n_vocab]`, F32): borrowed in place
+/// when they are contiguous on the CPU, else copied out (from a GPU, say). A 128k vocabulary is
+/// 513 KB: a copy costs tens of µs a token.
+pub fn with_logits<R>(
+    logits: &candle_core::Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> crate::Result<R> {
+    use candle_core::{CpuStorage, Storage};
+    {
+        let (storage, layout) = logits.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[start..end]));
+        }
+    }
+    let v = logits.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&v))
 }
 
 mod layers;

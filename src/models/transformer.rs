@@ -8,7 +8,7 @@
 
 use super::layers::{causal_mask, Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParams};
 use super::moe::Moe;
-use super::{LanguageModel, Logits};
+use super::{with_logits, LanguageModel, Logits};
 use crate::error::{Error, Result};
 use crate::gguf::ModelConfig;
 use crate::storage::{Weight, WeightStore};
@@ -181,25 +181,30 @@ impl Transformer {
         }
     }
 
-    /// One token through the fused CUDA decoder, if the model has one.
-    fn fused_step(&mut self, token: u32, pos: usize) -> Result<Option<Tensor>> {
+    /// One token through the fused CUDA decoder, if the model has one: `f` of its `[n_vocab]`
+    /// logits.
+    fn fused_step<R>(
+        &mut self,
+        token: u32,
+        pos: usize,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<Option<R>> {
         #[cfg(feature = "cuda")]
-        if let Some(f) = &mut self.fused {
-            let Some(logits) = f.step(token, pos, &self.embed, &self.blocks)? else {
+        if let Some(fused) = &mut self.fused {
+            let Some(out) = fused.step(token, pos, &self.embed, &self.blocks, f)? else {
                 return Ok(None);
             };
             for b in &mut self.blocks {
                 b.attn.cache.set_len(pos + 1);
             }
-            return Ok(Some(logits));
+            return Ok(Some(out));
         }
-        let _ = (token, pos);
+        let _ = (token, pos, f);
         Ok(None)
     }
-}
 
-impl LanguageModel for Transformer {
-    fn forward(&mut self, tokens: &[u32], logits: Logits) -> Result<Tensor> {
+    /// Checks a forward pass's input: some tokens, room in the cache, ids in the vocabulary.
+    fn check_input(&self, tokens: &[u32]) -> Result<()> {
         let t = tokens.len();
         if t == 0 {
             return Err(Error::InvalidRequest(
@@ -221,11 +226,19 @@ impl LanguageModel for Transformer {
                 self.config.n_vocab
             )));
         }
-        let pos = self.n_past;
+        Ok(())
+    }
+}
+
+impl LanguageModel for Transformer {
+    fn forward(&mut self, tokens: &[u32], logits: Logits) -> Result<Tensor> {
+        self.check_input(tokens)?;
+        let (t, pos) = (tokens.len(), self.n_past);
         if t == 1 {
-            if let Some(logits) = self.fused_step(tokens[0], pos)? {
+            let to_tensor = |l: &[f32]| Tensor::from_slice(l, (1, l.len()), &Device::Cpu);
+            if let Some(logits) = self.fused_step(tokens[0], pos, to_tensor)? {
                 self.n_past += 1;
-                return Ok(logits);
+                return Ok(logits?);
             }
         }
         let ids = Tensor::new(tokens, &self.device)?;
@@ -271,5 +284,38 @@ impl LanguageModel for Transformer {
 
     fn n_vocab(&self) -> usize {
         self.config.n_vocab
+    }
+
+    fn decode_with(&mut self, token: u32, f: &mut dyn FnMut(&[f32])) -> Result<()> {
+        self.check_input(&[token])?;
+        if self.fused_step(token, self.n_past, |l| f(l))?.is_some() {
+            self.n_past += 1;
+            return Ok(());
+        }
+        let logits = self.forward(&[token], Logits::Last)?;
+        with_logits(&logits, f)
+    }
+
+    fn decode_greedy(
+        &mut self,
+        token: u32,
+        max_steps: usize,
+        accept: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Option<usize>> {
+        self.check_input(&[token])?;
+        #[cfg(feature = "cuda")]
+        if let Some(fused) = &mut self.fused {
+            let max_steps = max_steps.min(self.n_ctx - self.n_past);
+            let Some(fed) = fused.greedy_chain(token, self.n_past, max_steps, accept)? else {
+                return Ok(None);
+            };
+            self.n_past += fed;
+            for b in &mut self.blocks {
+                b.attn.cache.set_len(self.n_past);
+            }
+            return Ok(Some(fed));
+        }
+        let _ = (token, max_steps, accept);
+        Ok(None)
     }
 }

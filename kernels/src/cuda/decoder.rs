@@ -123,6 +123,9 @@ pub struct Decoder {
     logits: Buf<f32>, // [n_vocab]
     /// Where the logits are downloaded to (page-locked).
     logits_host: HostLogits,
+    /// Where greedy chains download each step's token id (page-locked; two slots, one per step
+    /// in flight).
+    ids_host: Pinned<u32>,
     // Mixture-of-experts blocks: the router's logits; each block's routing (`moe_route`: the
     // chosen ids as floats, then their weights); each chosen expert's output by rank; and the
     // experts' hidden states as int8 (so `xq` keeps the normed input for every expert). `ffn`
@@ -142,8 +145,10 @@ pub struct Decoder {
     xd_n: Buf<f32>,
     xs_n: Buf<f32>,
     norm_part: Buf<f32>, // [n_embd / 32]
-    /// One graph per attention shape ([`AttShape::regime`]), captured at its first step.
-    graphs: [Option<Graph>; 3],
+    /// One graph per attention shape ([`AttShape::regime`]) and ending (the logits, or the
+    /// logits' argmax as the next step's token: [`Decoder::greedy_chain`]), captured at its
+    /// first step ([`graph_index`]).
+    graphs: [Option<Graph>; 6],
     use_graph: bool,
     /// Why the graph capture failed, if it did (steps then launch kernels one by one).
     capture_failure: Option<String>,
@@ -289,6 +294,7 @@ const KERNELS: &[&str] = &[
     "moe_down_st_q4_k",
     "moe_down_st_q5_k",
     "moe_down_st_q6_k",
+    "argmax_next",
 ];
 
 impl Decoder {
@@ -404,6 +410,7 @@ impl Decoder {
             xs: zeros(widest / 32)?,
             logits: zeros(spec.n_vocab)?,
             logits_host: HostLogits::new(&stream, spec.n_vocab)?,
+            ids_host: Pinned::new(&stream, 2, "page-locked token ids alloc")?,
             router: zeros(n_expert)?,
             route: zeros(spec.layers.len() * 2 * MAX_EXPERTS_USED)?,
             mail: if spec.needs_host() {
@@ -420,7 +427,7 @@ impl Decoder {
             funcs,
             _module: module,
             stream,
-            graphs: [None, None, None],
+            graphs: Default::default(),
             use_graph: options.graph,
             capture_failure: None,
             prof: RefCell::new(None),
@@ -450,14 +457,15 @@ impl Decoder {
     }
 
     /// Runs one token at position `pos` (its k and v land in the cache at `pos`); returns the
-    /// `[n_vocab]` logits. `row` is the token's embedding row when the table is not on the
-    /// device ([`DecodeSpec::embed`] `None`), and ignored otherwise.
+    /// `[n_vocab]` logits, in place in page-locked host memory (valid until the next step).
+    /// `row` is the token's embedding row when the table is not on the device
+    /// ([`DecodeSpec::embed`] `None`), and ignored otherwise.
     pub fn step(
         &mut self,
         token: u32,
         pos: usize,
         row: Option<&[f32]>,
-    ) -> Result<Vec<f32>, KernelError> {
+    ) -> Result<&[f32], KernelError> {
         if self.spec.needs_host() {
             return Err(KernelError(
                 "a mixture-of-experts model whose experts are served by the caller's caches \
@@ -472,11 +480,11 @@ impl Decoder {
         let tick = StepClock::start(&self.stream)?;
         self.launch_step(token, pos, row, None)?;
         let launched = StepClock::launched(&self.stream)?;
-        let logits = self.download_logits()?;
+        self.download_logits()?;
         if let Some(c) = self.clock.as_mut() {
-            c.add(tick, launched, self.logits_host.last_copy)?;
+            c.add(tick, launched)?;
         }
-        Ok(logits)
+        Ok(self.logits_host.get())
     }
 
     /// Uploads the step's inputs and launches its kernels (the graph of its attention shape,
@@ -491,11 +499,11 @@ impl Decoder {
     ) -> Result<(), KernelError> {
         self.upload_step(token, pos, row)?;
         let n_kv = pos + 1;
-        let regime = AttShape::regime(n_kv);
-        if self.use_graph && self.graphs[regime].is_none() {
-            self.capture(n_kv);
+        let g = graph_index(n_kv, false);
+        if self.use_graph && self.graphs[g].is_none() {
+            self.capture(n_kv, false);
         }
-        match &self.graphs[regime] {
+        match &self.graphs[g] {
             Some(g) => g.0.launch().map_err(driver("graph launch")),
             None => self.record(n_kv, serve),
         }
@@ -532,7 +540,7 @@ impl Decoder {
         Ok(())
     }
 
-    fn download_logits(&mut self) -> Result<Vec<f32>, KernelError> {
+    fn download_logits(&mut self) -> Result<&[f32], KernelError> {
         self.logits_host.download(&self.stream, self.logits.ptr)
     }
 
@@ -549,7 +557,9 @@ impl Decoder {
         let graphs = std::mem::take(&mut self.graphs);
         let use_graph = std::mem::replace(&mut self.use_graph, false);
         *self.prof.borrow_mut() = Some(Vec::new());
-        let out = self.step_served(token, pos, row, serve);
+        let out = self
+            .step_served(token, pos, row, serve)
+            .map(<[f32]>::to_vec);
         let times = self.finish_profile();
         self.graphs = graphs;
         self.use_graph = use_graph;
@@ -591,15 +601,19 @@ impl Decoder {
         Ok(Some(e))
     }
 
-    /// Captures [`record`](Self::record) into a graph; on any failure, steps stay direct (the
-    /// same kernels, so the same numbers) and [`capture_failure`](Self::capture_failure) says why.
-    fn capture(&mut self, n_kv: usize) {
+    /// Captures [`record`](Self::record) (then, if `greedy`, [`argmax_next`](Self::argmax_next))
+    /// into a graph; on any failure, steps stay direct (the same kernels, so the same numbers)
+    /// and [`capture_failure`](Self::capture_failure) says why.
+    fn capture(&mut self, n_kv: usize, greedy: bool) {
         let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
         let outcome = match self.stream.begin_capture(mode) {
             Err(e) => Err(format!("begin capture: {e}")),
             Ok(()) => {
                 self.dependent.set(self.dependent_launch);
-                let recorded = self.record(n_kv, None);
+                let mut recorded = self.record(n_kv, None);
+                if greedy && recorded.is_ok() {
+                    recorded = self.argmax_next();
+                }
                 self.dependent.set(false);
                 let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
                 match (recorded, graph) {
@@ -611,7 +625,7 @@ impl Decoder {
             }
         };
         match outcome {
-            Ok(g) => self.graphs[AttShape::regime(n_kv)] = Some(Graph(g)),
+            Ok(g) => self.graphs[graph_index(n_kv, greedy)] = Some(Graph(g)),
             Err(why) => {
                 self.use_graph = false;
                 self.capture_failure = Some(why);
@@ -774,17 +788,19 @@ impl Decoder {
 }
 
 mod clock;
+mod greedy;
 mod launches;
 mod mail;
 mod moe;
 mod norms;
 mod pinned;
 use clock::StepClock;
+use greedy::graph_index;
 use launches::grid1;
 use mail::Mail;
 pub use moe::Serve;
 use norms::{quantizes_own_input, Folds, NormIn, ProducerInput, NORM_ROWS};
-use pinned::HostLogits;
+use pinned::{HostLogits, Pinned};
 
 impl Drop for Decoder {
     fn drop(&mut self) {

@@ -70,8 +70,10 @@ fn time_pp(model: &mut dyn LanguageModel, depth: &[u32], toks: &[u32]) -> Result
 fn time_tg(model: &mut dyn LanguageModel, depth: &[u32], toks: &[u32]) -> Result<f64> {
     start_at(model, depth)?;
     let t = Instant::now();
+    // Each step's logits land in host memory, where generation reads them (`decode_with`), as
+    // llama-bench's `llama_decode` leaves them in its output buffer; neither reads them here.
     for &id in toks {
-        model.forward(&[id], Logits::Last)?;
+        model.decode_with(id, &mut |_| {})?;
     }
     Ok(toks.len() as f64 / t.elapsed().as_secs_f64())
 }

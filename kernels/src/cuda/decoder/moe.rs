@@ -173,7 +173,7 @@ impl Decoder {
         pos: usize,
         row: Option<&[f32]>,
         serve: Serve<'_>,
-    ) -> Result<Vec<f32>, KernelError> {
+    ) -> Result<&[f32], KernelError> {
         self.launch_step(token, pos, row, Some(&mut *serve))?;
         let served = self.answer_requests(serve);
         let logits = self.download_logits();

@@ -1,73 +1,110 @@
-//! The logits' download target: page-locked host memory, so the step's `[n_vocab]` logits cross
-//! the bus in one DMA instead of through the driver's staging copies into pageable memory.
+//! Page-locked host memory the decoder downloads into: the step's `[n_vocab]` logits cross the
+//! bus in one DMA instead of through the driver's staging copies into pageable memory, and are
+//! read in place there (a 128k vocabulary is 513 KB: copying it out cost ~30 µs a token); and
+//! greedy chains' token ids (decoder/greedy.rs).
 
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaStream, PinnedHostSlice};
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaStream, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 
 use super::driver;
 use crate::KernelError;
 
-pub(super) struct HostLogits {
+/// `len` values of page-locked host memory that device-to-host copies on one stream land in.
+pub(super) struct Pinned<T> {
     /// Owns the memory `ptr` points into.
-    _host: PinnedHostSlice<f32>,
-    ptr: *mut f32,
+    _host: PinnedHostSlice<T>,
+    ptr: *mut T,
     len: usize,
-    /// How long the last download's copy out of page-locked memory took (for the step clock).
-    pub last_copy: std::time::Duration,
 }
 
-// SAFETY: `ptr` points into host memory owned by `_host`, written only by the copy
-// `download` issues and waits for, and read only inside `download` through `&mut self`: the
-// pointer is never shared between threads while in use.
-unsafe impl Send for HostLogits {}
+// SAFETY: `ptr` points into host memory owned by `_host`, written only by copies that `copy_in`
+// issues (and its callers wait for before reading) and read only through `&self` borrows of
+// the owning decoder, which is used through `&mut`: never shared between threads while in use.
+unsafe impl<T> Send for Pinned<T> {}
 
-impl HostLogits {
-    pub fn new(stream: &Arc<CudaStream>, len: usize) -> Result<Self, KernelError> {
+impl<T: Copy + Default + DeviceRepr + ValidAsZeroBits> Pinned<T> {
+    pub fn new(stream: &Arc<CudaStream>, len: usize, what: &str) -> Result<Self, KernelError> {
         // Flags 0: cached page-locked memory (the default write-combined kind is slow to read).
-        // SAFETY: `len` uninitialised floats; nothing reads them before `download` has copied
-        // into all of them.
-        let mut host = unsafe { stream.context().alloc_pinned_with_flags::<f32>(len, 0) }
-            .map_err(driver("page-locked logits alloc"))?;
-        let ptr = host
-            .as_mut_ptr()
-            .map_err(driver("page-locked logits alloc"))?;
-        Ok(HostLogits {
+        // SAFETY: `len` uninitialised values, written below before anything reads them.
+        let mut host = unsafe { stream.context().alloc_pinned_with_flags::<T>(len, 0) }
+            .map_err(driver(what))?;
+        let ptr = host.as_mut_ptr().map_err(driver(what))?;
+        // SAFETY: `ptr` is `len` writable values owned by `host`.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }.fill(T::default());
+        Ok(Pinned {
             _host: host,
             ptr,
             len,
-            last_copy: std::time::Duration::ZERO,
         })
     }
 
-    /// Copies `len` floats from the device address `src` (written by work already on `stream`)
-    /// after that work, waits, and returns them.
-    pub fn download(&mut self, stream: &CudaStream, src: u64) -> Result<Vec<f32>, KernelError> {
+    /// Queues a copy of `n` values from the device address `src` into `self[at..at + n]` on
+    /// `stream`, after the work already there. The caller waits for the stream (or an event
+    /// recorded after this) before reading them.
+    pub fn copy_in(
+        &mut self,
+        stream: &CudaStream,
+        src: u64,
+        at: usize,
+        n: usize,
+    ) -> Result<(), KernelError> {
+        assert!(at + n <= self.len, "a pinned copy past its buffer");
         stream
             .context()
             .bind_to_thread()
-            .map_err(driver("logits download"))?;
-        let bytes = self.len * std::mem::size_of::<f32>();
-        // SAFETY: `self.ptr` is `len` writable floats of page-locked memory owned by `_host`;
-        // `src` is the decoder's `[n_vocab]` logits buffer (n_vocab = len), alive while the
-        // decoder is; the copy is ordered after the step on `stream` and waited for below.
+            .map_err(driver("device-to-host copy"))?;
+        // SAFETY: `self.ptr + at` is `n` writable values of page-locked memory owned by
+        // `_host` (checked above); `src` is a device buffer of the decoder holding at least `n`
+        // values, alive while the decoder is; the copy is ordered on `stream` after the work
+        // that writes `src`, and readers wait for it.
         let r = unsafe {
             sys::cuMemcpyDtoHAsync_v2(
-                self.ptr as *mut std::ffi::c_void,
+                self.ptr.add(at) as *mut std::ffi::c_void,
                 src,
-                bytes,
+                n * std::mem::size_of::<T>(),
                 stream.cu_stream(),
             )
         };
         if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(KernelError(format!("CUDA logits download: {r:?}")));
+            return Err(KernelError(format!("CUDA device-to-host copy: {r:?}")));
         }
+        Ok(())
+    }
+
+    /// The values, as the last waited-for copies left them.
+    pub fn get(&self) -> &[T] {
+        // SAFETY: `len` initialised values (filled at creation, then only written by copies the
+        // caller has waited for), owned by `_host`, alive as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// The logits' download target.
+pub(super) struct HostLogits(Pinned<f32>);
+
+impl HostLogits {
+    pub fn new(stream: &Arc<CudaStream>, len: usize) -> Result<Self, KernelError> {
+        Ok(HostLogits(Pinned::new(
+            stream,
+            len,
+            "page-locked logits alloc",
+        )?))
+    }
+
+    /// Copies the logits from the device address `src` (written by work already on `stream`)
+    /// after that work, waits, and returns them in place.
+    pub fn download(&mut self, stream: &CudaStream, src: u64) -> Result<&[f32], KernelError> {
+        let n = self.0.len;
+        self.0.copy_in(stream, src, 0, n)?;
         stream.synchronize().map_err(driver("synchronize"))?;
-        let t = std::time::Instant::now();
-        // SAFETY: the copy into all `len` floats has completed (the stream is synchronized) and
-        // nothing else writes them.
-        let out = unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec();
-        self.last_copy = t.elapsed();
-        Ok(out)
+        Ok(self.0.get())
+    }
+
+    /// The last downloaded logits.
+    pub fn get(&self) -> &[f32] {
+        self.0.get()
     }
 }

@@ -262,15 +262,22 @@ run() {
         else
           echo "llama-bench not built yet"; tail -n 3 "$OUT/lcpp-build.log" 2>/dev/null || true
         fi ;;
-      run8b) # hypura run on the 8B, 256 tokens: default sampling, greedy (its steps chained on the
-        # device), greedy one step at a time (HYPURA_CUDA_CHAIN=0); two rounds each
+      run8b) # hypura run on the 8B, 256 tokens: default sampling (top-k candidates from the device,
+        # and from all logits: HYPURA_CUDA_TOPK=0), greedy (its steps chained on the device), greedy
+        # one step at a time (HYPURA_CUDA_CHAIN=0); two rounds each
         [ -f "$M/l8b.gguf" ] || step synth8b "$bin/hypura" synth --preset llama-3-8b --type Q4_K_M -o "$M/l8b.gguf"
         local gen=(run -m "$M/l8b.gguf" -c 1024 -p "Once upon a time" -n 256 -s 7)
         for r in 1 2; do
           TAIL=1 step "run8b-default-$r" "$bin/hypura" "${gen[@]}"
           TAIL=1 step "run8b-greedy-$r" "$bin/hypura" "${gen[@]}" --temp 0
           HYPURA_CUDA_CHAIN=0 TAIL=1 step "run8b-greedy-nochain-$r" "$bin/hypura" "${gen[@]}" --temp 0
+          HYPURA_CUDA_TOPK=0 TAIL=1 step "run8b-default-alllogits-$r" "$bin/hypura" "${gen[@]}"
         done
+        # Top-k from the device's candidates and from all logits: the same text (seed 7).
+        cmp <(head -c 4000 "$OUT/run8b-default-1.log" | grep -v '^hypura:') \
+          <(head -c 4000 "$OUT/run8b-default-alllogits-1.log" | grep -v '^hypura:') &&
+          echo "run8b: default sampling text identical with and without device top-k" | tee -a "$OUT/log" ||
+          echo "run8b: default sampling logs differ (see run8b-default-*-1.log)" | tee -a "$OUT/log"
         # The chained and the stepped greedy runs print the same text.
         cmp <(head -c 4000 "$OUT/run8b-greedy-1.log" | grep -v '^hypura:') \
           <(head -c 4000 "$OUT/run8b-greedy-nochain-1.log" | grep -v '^hypura:') &&

@@ -402,3 +402,51 @@ fn cuda_greedy_chain_matches_stepping_with_host_argmax() {
     }
     assert!(n_models >= 3, "only {n_models} fixtures ran greedy chains");
 }
+
+/// Top-k sampling from the candidates the device picks (`Decoder::step_top_blocks`: only the
+/// blocks of 64 logits that can hold the k largest reach the host) against the same fused model
+/// downloading every logit (`HYPURA_CUDA_TOPK=0`): the same tokens from the same seed. The
+/// fixtures' 512-token vocabulary is 8 blocks, so k runs 1..=7 (k = 8 takes every logit).
+#[test]
+fn cuda_top_k_candidates_on_the_device_sample_what_all_logits_sample() {
+    use hypura::generate::{generate, GenerateOptions, Sampler, SamplingParams};
+    let device = Device::new_cuda(0).expect("CUDA device 0");
+    let mut n_models = 0;
+    for gguf in fixture_models().into_iter().filter(|g| eligible(g)) {
+        let name = gguf.file_name().unwrap().to_string_lossy().to_string();
+        let r = reference(&gguf);
+        let mut model = load(&gguf, &device, 256);
+        let prompt = ids(&r["fixed_prompt"]["ids"]);
+        let run = |model: &mut Transformer, top_k: usize| -> Vec<u32> {
+            model.reset();
+            let mut got = Vec::new();
+            let opts = GenerateOptions {
+                max_new_tokens: 40,
+                ..GenerateOptions::default()
+            };
+            let mut sampler = Sampler::new(SamplingParams {
+                temperature: 1.5, // flat enough that the draws spread over the candidates
+                top_k,
+                seed: Some(3),
+                ..SamplingParams::default()
+            });
+            generate(model, &prompt, &opts, &mut sampler, &mut |id| {
+                got.push(id);
+                Ok(std::ops::ControlFlow::Continue(()))
+            })
+            .unwrap();
+            got
+        };
+        for top_k in [1, 3, 7] {
+            let picked = run(&mut model, top_k);
+            std::env::set_var("HYPURA_CUDA_TOPK", "0");
+            let all = run(&mut model, top_k);
+            std::env::remove_var("HYPURA_CUDA_TOPK");
+            assert_eq!(picked, all, "{name}: top-k {top_k}");
+            assert_eq!(picked.len(), 40, "{name}");
+        }
+        eprintln!("{name}: top-k candidates from the device sample the same tokens");
+        n_models += 1;
+    }
+    assert!(n_models >= 3, "only {n_models} fixtures ran");
+}

@@ -1096,3 +1096,130 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
     }
   }
 }
+
+// Candidates for top-k sampling, picked where the logits are: every block of 64 logits
+// (`64 b .. 64 b + 64`) whose maximum is at least the k-th largest block maximum — the blocks
+// the host's sampler keeps before its heap (src/generate/sampling.rs), so they hold the k most
+// likely tokens — in increasing b. out_ids[0] = how many (TOPK_FALLBACK if a logit is NaN or
+// the vocabulary has more than TOPK_MAX_BLOCKS blocks: the host then takes all logits), then
+// the first `cap` of their b; out_vals = those blocks' 64 logits each (-inf past n). Needs
+// 1 <= k < the number of blocks. One block of TOPK_THREADS threads, launched after the step.
+#define TOPK_THREADS 1024
+#define TOPK_MAX_BLOCKS 8192
+#define TOPK_MAX_CAP 512
+#define TOPK_FALLBACK 0xFFFFFFFFu
+
+// Float bits in an unsigned order that matches f32::total_cmp (NaN aside).
+__device__ __forceinline__ unsigned ordered_key(float f) {
+  const unsigned u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    topk_blocks(const float* __restrict__ logits, int n, int k, int cap, uint32_t* out_ids,
+                float* out_vals) {
+  __shared__ unsigned key[TOPK_MAX_BLOCKS];
+  __shared__ unsigned hist[256];
+  __shared__ unsigned sm_ids[TOPK_MAX_CAP];
+  __shared__ unsigned warp_tot[TOPK_THREADS / WARP];
+  __shared__ unsigned sm_prefix, sm_k, sm_total;
+  __shared__ int sm_nan;
+  const int t = threadIdx.x, lane = t % WARP, w = t / WARP, nw = TOPK_THREADS / WARP;
+  const int nb = (n + 63) / 64;
+  if (nb > TOPK_MAX_BLOCKS) {
+    if (t == 0) out_ids[0] = TOPK_FALLBACK;
+    return;
+  }
+  if (t == 0) sm_nan = 0;
+  __syncthreads();
+  // 1. Each block's maximum (fmaxf passes NaNs over; any NaN sends the host to all logits).
+  for (int b = w; b < nb; b += nw) {
+    const int i0 = 64 * b + lane, i1 = i0 + 32;
+    const float v0 = i0 < n ? logits[i0] : -INFINITY, v1 = i1 < n ? logits[i1] : -INFINITY;
+    if (__any_sync(0xFFFFFFFFu, isnan(v0) || isnan(v1)) && lane == 0) sm_nan = 1;
+    const float m = warp_max(fmaxf(v0, v1));
+    if (lane == 0) key[b] = ordered_key(m);
+  }
+  if (t == 0) sm_prefix = 0, sm_k = (unsigned)k;
+  __syncthreads();
+  if (sm_nan) {
+    if (t == 0) out_ids[0] = TOPK_FALLBACK;
+    return;
+  }
+  // 2. The k-th largest key, 8 bits at a time from the top (a radix select).
+  unsigned mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    if (t < 256) hist[t] = 0;
+    __syncthreads();
+    const unsigned prefix = sm_prefix;
+    for (int b = t; b < nb; b += TOPK_THREADS)
+      if ((key[b] & mask) == prefix) atomicAdd(&hist[(key[b] >> shift) & 255u], 1u);
+    __syncthreads();
+    if (w == 0) {
+      // Lane l holds digits 255 - 8l down to 248 - 8l: counts of larger digits come first.
+      unsigned c[8], s = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) c[j] = hist[255 - 8 * lane - j], s += c[j];
+      unsigned incl = s;
+#pragma unroll
+      for (int o = 1; o < WARP; o *= 2) {
+        const unsigned v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      const unsigned kk = sm_k, excl = incl - s;
+      if (excl < kk && kk <= incl) {
+        unsigned cum = excl;
+        for (int j = 0; j < 8; ++j) {
+          if (cum + c[j] >= kk) {
+            sm_prefix = prefix | ((unsigned)(255 - 8 * lane - j) << shift);
+            sm_k = kk - cum;
+            break;
+          }
+          cum += c[j];
+        }
+      }
+    }
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  const unsigned floor_key = sm_prefix;
+  // 3. The kept blocks' ids in order: a contiguous run of blocks per thread, a block-wide scan.
+  const int per = (nb + TOPK_THREADS - 1) / TOPK_THREADS, b0 = t * per,
+            b1 = min(nb, b0 + per);
+  unsigned mine = 0;
+  for (int b = b0; b < b1; ++b) mine += key[b] >= floor_key;
+  unsigned incl = mine;
+#pragma unroll
+  for (int o = 1; o < WARP; o *= 2) {
+    const unsigned v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == WARP - 1) warp_tot[w] = incl;
+  __syncthreads();
+  if (w == 0) {
+    unsigned v = warp_tot[lane], wi = v;
+#pragma unroll
+    for (int o = 1; o < WARP; o *= 2) {
+      const unsigned u = __shfl_up_sync(0xFFFFFFFFu, wi, o);
+      if (lane >= o) wi += u;
+    }
+    warp_tot[lane] = wi - v; // exclusive
+    if (lane == WARP - 1) sm_total = wi;
+  }
+  __syncthreads();
+  unsigned at = warp_tot[w] + incl - mine;
+  for (int b = b0; b < b1; ++b)
+    if (key[b] >= floor_key) {
+      if (at < (unsigned)cap) sm_ids[at] = (unsigned)b, out_ids[1 + at] = (unsigned)b;
+      ++at;
+    }
+  if (t == 0) out_ids[0] = sm_total;
+  __syncthreads();
+  // 4. Their logits.
+  const unsigned kept = min(sm_total, (unsigned)cap);
+  for (unsigned j = w; j < kept; j += nw) {
+    const int base = 64 * (int)sm_ids[j];
+    for (int i = lane; i < 64; i += WARP)
+      out_vals[64 * j + i] = base + i < n ? logits[base + i] : -INFINITY;
+  }
+}

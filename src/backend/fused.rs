@@ -15,6 +15,8 @@
 //! `HYPURA_CUDA_PDL=0` captures the graph without programmatic dependent launches;
 //! `HYPURA_CUDA_FOLD=0` keeps every RMS norm a kernel of its own (no folding into mat-vecs);
 //! `HYPURA_CUDA_ROUTER=0` runs a MoE router as a mat-vec and `moe_route` (not `moe_router`);
+//! `HYPURA_CUDA_TOPK=0` downloads every step's logits for top-k sampling (no candidates picked
+//! on the device: see `FusedDecode::step_top`);
 //! `HYPURA_CUDA_CHAIN=0` keeps greedy generation's steps one at a time through the host (no
 //! greedy chains: see `FusedDecode::greedy_chain`);
 //! `HYPURA_CUDA_STEP_CLOCK=1` prints, when the model is dropped, the mean GPU and host time of
@@ -26,14 +28,14 @@
 use candle_core::{DType, Device, Tensor};
 use hypura_kernels::cuda::{
     DecodeOptions, DecodeSpec, Decoder, DeviceMatrix, ExpertMatrices, FfnSpec, LayerSpec,
-    MoeExperts, RopePairs,
+    MoeExperts, RopePairs, StepLogits,
 };
 use hypura_kernels::KernelError;
 
 use super::kernel_error;
 use crate::error::{Error, Result};
 use crate::gguf::RopeStyle;
-use crate::models::{Block, FeedForward, Transformer};
+use crate::models::{Block, FeedForward, TopLogits, Transformer};
 use crate::storage::experts::ExpertWeights;
 use crate::storage::Weight;
 
@@ -185,6 +187,45 @@ impl FusedDecode {
                 }
             }
         }
+        Ok(Some(out))
+    }
+
+    /// Runs `token` at `pos` and calls `f` with the blocks of logits that can hold the `k`
+    /// largest, picked on the device (kernels' `Decoder::step_top_blocks`; all logits where `k`
+    /// or ties do not allow it). `None`, having run nothing, where this path does not run: no
+    /// fused decoder, the embedding table on the host, experts served by the host, the step
+    /// profiled, or `HYPURA_CUDA_TOPK=0`.
+    pub fn step_top<R>(
+        &mut self,
+        token: u32,
+        pos: usize,
+        k: usize,
+        f: impl FnOnce(TopLogits<'_>) -> R,
+    ) -> Result<Option<R>> {
+        let FusedDecode::Ready {
+            decoder,
+            profile_at,
+            host_embed: None,
+        } = self
+        else {
+            return Ok(None);
+        };
+        let off = std::env::var("HYPURA_CUDA_TOPK").is_ok_and(|v| v == "0");
+        if off || *profile_at == Some(pos) || decoder.needs_host() {
+            return Ok(None);
+        }
+        let n_vocab = decoder.n_vocab();
+        let out = match decoder
+            .step_top_blocks(token, pos, None, k)
+            .map_err(kernel_error)?
+        {
+            StepLogits::All(l) => f(TopLogits::All(l)),
+            StepLogits::Blocks { ids, values } => f(TopLogits::Blocks {
+                n_vocab,
+                ids,
+                values,
+            }),
+        };
         Ok(Some(out))
     }
 

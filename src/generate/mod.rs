@@ -163,7 +163,14 @@ pub fn generate_after(
                 }
             }
             let mut next = 0;
-            model.decode_with(id, &mut |l| next = sampler.sample(l, &progress.history))?;
+            let history = &progress.history;
+            match sampler.top_k_prefilter() {
+                // Top-k: the model may hand over only the logits that can be among the k.
+                Some(k) => {
+                    model.decode_top_k(id, k, &mut |t| next = sampler.sample_top(t, history))?
+                }
+                None => model.decode_with(id, &mut |l| next = sampler.sample(l, history))?,
+            }
             progress.n_past += 1;
             progress.n_decoded += 1;
             id = next;

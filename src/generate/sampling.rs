@@ -1,6 +1,8 @@
 //! Sampling: the next token from logits, in llama.cpp's default order
 //! (repetition penalty → top-k → top-p → min-p → temperature → draw).
 
+use crate::models::TopLogits;
+
 /// How to pick tokens. Defaults are llama.cpp's.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -92,7 +94,49 @@ impl Sampler {
             return argmax(logits);
         }
         // Candidates, most likely first (lower id first among equals).
-        let mut cand = top_candidates(logits, p.top_k);
+        let cand = top_candidates(logits, p.top_k);
+        self.draw(cand)
+    }
+
+    /// `Some(k)` when sampling looks at no more than the `k` most likely logits before anything
+    /// else (top-k on, temperature above 0, no repetition penalty): then a model may hand over
+    /// only the blocks of logits that can hold them ([`TopLogits::Blocks`], for
+    /// [`sample_top`](Self::sample_top)).
+    pub fn top_k_prefilter(&self) -> Option<usize> {
+        let p = &self.params;
+        let penalty = p.repeat_penalty != 1.0 && p.repeat_last_n > 0;
+        (p.top_k > 0 && p.temperature > 0.0 && !penalty).then_some(p.top_k)
+    }
+
+    /// [`sample`](Self::sample) from what [`LanguageModel::decode_top_k`] handed over: the same
+    /// token for the same seed, whether it gave all logits or only the blocks of
+    /// [`top_k_prefilter`](Self::top_k_prefilter)'s `k`.
+    ///
+    /// [`LanguageModel::decode_top_k`]: crate::models::LanguageModel::decode_top_k
+    pub fn sample_top(&mut self, logits: TopLogits<'_>, history: &[u32]) -> u32 {
+        let (n_vocab, ids, values) = match logits {
+            TopLogits::All(l) => return self.sample(l, history),
+            TopLogits::Blocks {
+                n_vocab,
+                ids,
+                values,
+            } => (n_vocab, ids, values),
+        };
+        let kept = ids.iter().zip(values.chunks(64)).flat_map(|(&b, v)| {
+            let start = 64 * b as usize;
+            let len = n_vocab.saturating_sub(start).min(v.len());
+            v[..len]
+                .iter()
+                .enumerate()
+                .map(move |(i, &l)| Cand((start + i) as u32, l))
+        });
+        let cand = best_k(kept, self.params.top_k);
+        self.draw(cand)
+    }
+
+    /// The draw from candidates most likely first: top-p, min-p, temperature, then the PRNG.
+    fn draw(&mut self, mut cand: Vec<(u32, f32)>) -> u32 {
+        let p = &self.params;
         if p.top_p < 1.0 {
             let probs = softmax(&cand.iter().map(|c| c.1).collect::<Vec<_>>());
             let mut mass = 0.0;
@@ -160,44 +204,49 @@ impl Eq for Cand {}
 fn top_candidates(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     const BLOCK: usize = 64;
     let cand = |(i, &l): (usize, &f32)| Cand(i as u32, l);
-    let mut best: Vec<Cand> = if k == 0 || k >= logits.len() {
-        logits.iter().enumerate().map(cand).collect()
+    if k == 0 || k >= logits.len() {
+        let mut all: Vec<Cand> = logits.iter().enumerate().map(cand).collect();
+        all.sort_unstable();
+        return all.into_iter().map(|c| (c.0, c.1)).collect();
+    }
+    let (maxima, nan) = block_maxima(logits, BLOCK);
+    let floor = if nan || maxima.len() <= k {
+        f32::NEG_INFINITY
     } else {
-        let (maxima, nan) = block_maxima(logits, BLOCK);
-        let floor = if nan || maxima.len() <= k {
-            f32::NEG_INFINITY
-        } else {
-            let mut m = maxima.clone();
-            let (_, kth, _) = m.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-            *kth
-        };
-        let kept = maxima
-            .iter()
-            .enumerate()
-            .filter(|&(_, &m)| nan || m >= floor)
-            .flat_map(|(b, _)| {
-                let start = b * BLOCK;
-                let end = (start + BLOCK).min(logits.len());
-                logits[start..end]
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, l)| (start + i, l))
-            });
-        // A max-heap of the kept candidates: its top is the least likely of them. Ids arrive in
-        // increasing order, so a later candidate displaces it only with a larger logit.
-        let mut kept = kept.map(cand);
-        let mut heap: std::collections::BinaryHeap<Cand> = kept.by_ref().take(k).collect();
-        let mut worst = heap.peek().map_or(f32::NEG_INFINITY, |c| c.1);
-        for c in kept {
-            if c.1.total_cmp(&worst).is_gt() {
-                if let Some(mut top) = heap.peek_mut() {
-                    *top = c;
-                }
-                worst = heap.peek().map_or(worst, |c| c.1);
-            }
-        }
-        heap.into_vec()
+        let mut m = maxima.clone();
+        let (_, kth, _) = m.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        *kth
     };
+    let kept = maxima
+        .iter()
+        .enumerate()
+        .filter(|&(_, &m)| nan || m >= floor)
+        .flat_map(|(b, _)| {
+            let start = b * BLOCK;
+            let end = (start + BLOCK).min(logits.len());
+            logits[start..end]
+                .iter()
+                .enumerate()
+                .map(move |(i, l)| (start + i, l))
+        });
+    best_k(kept.map(cand), k)
+}
+
+/// The `k` most likely of `kept` (ids increasing), most likely first.
+fn best_k(mut kept: impl Iterator<Item = Cand>, k: usize) -> Vec<(u32, f32)> {
+    // A max-heap of the kept candidates: its top is the least likely of them. Ids arrive in
+    // increasing order, so a later candidate displaces it only with a larger logit.
+    let mut heap: std::collections::BinaryHeap<Cand> = kept.by_ref().take(k).collect();
+    let mut worst = heap.peek().map_or(f32::NEG_INFINITY, |c| c.1);
+    for c in kept {
+        if c.1.total_cmp(&worst).is_gt() {
+            if let Some(mut top) = heap.peek_mut() {
+                *top = c;
+            }
+            worst = heap.peek().map_or(worst, |c| c.1);
+        }
+    }
+    let mut best = heap.into_vec();
     best.sort_unstable();
     best.into_iter().map(|c| (c.0, c.1)).collect()
 }
@@ -300,6 +349,80 @@ mod tests {
         assert_eq!(sampler(0.0, 40, 0.95, 0.05, 1).sample(&logits, &[]), 1);
         let mut s = sampler(1.0, 1, 1.0, 0.0, 7);
         assert!(counts(&mut s, &logits, 200)[1] == 200);
+    }
+
+    /// The blocks of 64 a device would hand over for top-k (every block whose maximum, in
+    /// `total_cmp` order, reaches the k-th largest block maximum), as decode.cu's topk_blocks.
+    fn device_blocks(logits: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+        let maxima: Vec<f32> = logits
+            .chunks(64)
+            .map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)))
+            .collect();
+        let mut sorted = maxima.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let floor = sorted[k - 1];
+        let (mut ids, mut values) = (Vec::new(), Vec::new());
+        for (b, m) in maxima.iter().enumerate() {
+            if m.total_cmp(&floor).is_ge() {
+                ids.push(b as u32);
+                let c = &logits[64 * b..(64 * b + 64).min(logits.len())];
+                values.extend(
+                    c.iter()
+                        .copied()
+                        .chain(std::iter::repeat(f32::NEG_INFINITY))
+                        .take(64),
+                );
+            }
+        }
+        (ids, values)
+    }
+
+    #[test]
+    fn sampling_from_the_top_k_blocks_draws_what_all_logits_draw() {
+        // A coarse grid (ties within and across blocks), signed zeros, a vocabulary that ends
+        // mid-block; default sampling and a few top-k sizes, 300 draws each from one seed.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut logits: Vec<f32> = (0..5000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x % 41) as f32 - 20.0) / 4.0
+            })
+            .collect();
+        logits[77] = -0.0;
+        logits[4999] = 6.0;
+        for k in [1, 5, 40, 77] {
+            let (ids, values) = device_blocks(&logits, k);
+            let blocks = TopLogits::Blocks {
+                n_vocab: logits.len(),
+                ids: &ids,
+                values: &values,
+            };
+            let mut all = sampler(0.8, k, 0.95, 0.05, 11);
+            let mut top = sampler(0.8, k, 0.95, 0.05, 11);
+            assert_eq!(top.top_k_prefilter(), Some(k));
+            for _ in 0..300 {
+                assert_eq!(
+                    top.sample_top(blocks, &[]),
+                    all.sample(&logits, &[]),
+                    "k {k}"
+                );
+            }
+            assert_eq!(
+                best_k(
+                    ids.iter()
+                        .flat_map(|&b| 64 * b..(64 * b + 64).min(5000))
+                        .map(|i| Cand(i, logits[i as usize])),
+                    k
+                ),
+                top_candidates(&logits, k),
+                "k {k}: candidates"
+            );
+        }
+        // No prefilter where the sampler looks at more than the top k first.
+        assert_eq!(sampler(0.0, 40, 0.95, 0.05, 1).top_k_prefilter(), None);
+        assert_eq!(sampler(0.8, 0, 0.95, 0.05, 1).top_k_prefilter(), None);
     }
 
     #[test]

@@ -34,6 +34,20 @@ pub trait LanguageModel {
         with_logits(&logits, f)
     }
 
+    /// Like [`decode_with`](Self::decode_with), for a sampler that looks at no more than the `k`
+    /// largest logits first (top-k): the model may hand over only the blocks of 64 logits that
+    /// can hold them ([`TopLogits::Blocks`], picked on the GPU by the fused CUDA decoder: ~10 KB
+    /// to the host instead of the whole vocabulary), or all of them.
+    fn decode_top_k(
+        &mut self,
+        token: u32,
+        k: usize,
+        f: &mut dyn FnMut(TopLogits<'_>),
+    ) -> crate::Result<()> {
+        let _ = k;
+        self.decode_with(token, &mut |l| f(TopLogits::All(l)))
+    }
+
     /// Greedy decoding inside the model: feeds `token`, then each next most likely token (the
     /// first of equal maxima, as [`crate::generate::argmax`]) while `accept` says so, feeding at
     /// most `max_steps` tokens in all (`token` included). `accept` sees every token picked, in
@@ -49,6 +63,21 @@ pub trait LanguageModel {
         let _ = (token, max_steps, accept);
         Ok(None)
     }
+}
+
+/// A step's logits as [`LanguageModel::decode_top_k`] hands them over.
+#[derive(Clone, Copy, Debug)]
+pub enum TopLogits<'a> {
+    /// All of them, one per vocabulary entry.
+    All(&'a [f32]),
+    /// Only the blocks of 64 logits (`64 b .. 64 b + 64` for each `b` of `ids`, increasing) that
+    /// can hold the `k` largest: every block whose maximum is at least the `k`-th largest block
+    /// maximum. `values` holds 64 per block, -inf past `n_vocab`.
+    Blocks {
+        n_vocab: usize,
+        ids: &'a [u32],
+        values: &'a [f32],
+    },
 }
 
 /// Calls `f` with the values of `logits` (`[1, n_vocab]` or `[n_vocab]`, F32): borrowed in place

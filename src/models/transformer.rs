@@ -8,7 +8,7 @@
 
 use super::layers::{causal_mask, Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParams};
 use super::moe::Moe;
-use super::{with_logits, LanguageModel, Logits};
+use super::{with_logits, LanguageModel, Logits, TopLogits};
 use crate::error::{Error, Result};
 use crate::gguf::ModelConfig;
 use crate::storage::{Weight, WeightStore};
@@ -294,6 +294,28 @@ impl LanguageModel for Transformer {
         }
         let logits = self.forward(&[token], Logits::Last)?;
         with_logits(&logits, f)
+    }
+
+    fn decode_top_k(
+        &mut self,
+        token: u32,
+        k: usize,
+        f: &mut dyn FnMut(TopLogits<'_>),
+    ) -> Result<()> {
+        self.check_input(&[token])?;
+        #[cfg(feature = "cuda")]
+        if let Some(fused) = &mut self.fused {
+            let pos = self.n_past;
+            if fused.step_top(token, pos, k, &mut *f)?.is_some() {
+                for b in &mut self.blocks {
+                    b.attn.cache.set_len(pos + 1);
+                }
+                self.n_past += 1;
+                return Ok(());
+            }
+        }
+        let _ = k;
+        self.decode_with(token, &mut |l| f(TopLogits::All(l)))
     }
 
     fn decode_greedy(

@@ -126,6 +126,8 @@ pub struct Decoder {
     /// Where greedy chains download each step's token id (page-locked; two slots, one per step
     /// in flight).
     ids_host: Pinned<u32>,
+    /// Top-k candidates' buffers (decoder/topk.rs).
+    topk: TopK,
     // Mixture-of-experts blocks: the router's logits; each block's routing (`moe_route`: the
     // chosen ids as floats, then their weights); each chosen expert's output by rank; and the
     // experts' hidden states as int8 (so `xq` keeps the normed input for every expert). `ffn`
@@ -295,6 +297,7 @@ const KERNELS: &[&str] = &[
     "moe_down_st_q5_k",
     "moe_down_st_q6_k",
     "argmax_next",
+    "topk_blocks",
 ];
 
 impl Decoder {
@@ -411,6 +414,7 @@ impl Decoder {
             logits: zeros(spec.n_vocab)?,
             logits_host: HostLogits::new(&stream, spec.n_vocab)?,
             ids_host: Pinned::new(&stream, 2, "page-locked token ids alloc")?,
+            topk: TopK::new(&stream)?,
             router: zeros(n_expert)?,
             route: zeros(spec.layers.len() * 2 * MAX_EXPERTS_USED)?,
             mail: if spec.needs_host() {
@@ -443,6 +447,11 @@ impl Decoder {
     /// was refused).
     pub fn graph_captured(&self) -> bool {
         self.graphs.iter().any(Option::is_some)
+    }
+
+    /// The model's vocabulary size (the length of a step's logits).
+    pub fn n_vocab(&self) -> usize {
+        self.spec.n_vocab
     }
 
     /// Whether the caller's caches serve some MoE block's experts (steps then go through
@@ -794,6 +803,7 @@ mod mail;
 mod moe;
 mod norms;
 mod pinned;
+mod topk;
 use clock::StepClock;
 use greedy::graph_index;
 use launches::grid1;
@@ -801,6 +811,8 @@ use mail::Mail;
 pub use moe::Serve;
 use norms::{quantizes_own_input, Folds, NormIn, ProducerInput, NORM_ROWS};
 use pinned::{HostLogits, Pinned};
+pub use topk::StepLogits;
+use topk::TopK;
 
 impl Drop for Decoder {
     fn drop(&mut self) {

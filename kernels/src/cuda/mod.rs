@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 
-pub use decoder::{DecodeOptions, Decoder, KernelTime, Serve};
+pub use decoder::{DecodeOptions, Decoder, KernelTime, Serve, StepLogits};
 pub use flash::{Flash, FlashArgs, FLASH_HEAD_DIMS};
 
 use crate::KernelError;

@@ -190,6 +190,26 @@ impl FusedDecode {
         Ok(Some(out))
     }
 
+    /// The decoder, for the paths that keep everything on the device (top-k candidates, greedy
+    /// chains): none without a fused decoder, with the embedding table on the host, with
+    /// `off_var` set to 0, or when `profiled` says the profiled position is among the steps.
+    fn device_only(
+        &mut self,
+        off_var: &str,
+        profiled: impl Fn(usize) -> bool,
+    ) -> Option<&mut Decoder> {
+        let FusedDecode::Ready {
+            decoder,
+            profile_at,
+            host_embed: None,
+        } = self
+        else {
+            return None;
+        };
+        let off = std::env::var(off_var).is_ok_and(|v| v == "0");
+        (!off && !profile_at.is_some_and(profiled)).then_some(&mut **decoder)
+    }
+
     /// Runs `token` at `pos` and calls `f` with the blocks of logits that can hold the `k`
     /// largest, picked on the device (kernels' `Decoder::step_top_blocks`; all logits where `k`
     /// or ties do not allow it). `None`, having run nothing, where this path does not run: no
@@ -202,16 +222,10 @@ impl FusedDecode {
         k: usize,
         f: impl FnOnce(TopLogits<'_>) -> R,
     ) -> Result<Option<R>> {
-        let FusedDecode::Ready {
-            decoder,
-            profile_at,
-            host_embed: None,
-        } = self
-        else {
+        let Some(decoder) = self.device_only("HYPURA_CUDA_TOPK", |p| p == pos) else {
             return Ok(None);
         };
-        let off = std::env::var("HYPURA_CUDA_TOPK").is_ok_and(|v| v == "0");
-        if off || *profile_at == Some(pos) || decoder.needs_host() {
+        if decoder.needs_host() {
             return Ok(None);
         }
         let n_vocab = decoder.n_vocab();
@@ -242,17 +256,10 @@ impl FusedDecode {
         max_steps: usize,
         accept: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Option<usize>> {
-        let FusedDecode::Ready {
-            decoder,
-            profile_at,
-            host_embed: None,
-        } = self
-        else {
+        let Some(decoder) = self.device_only("HYPURA_CUDA_CHAIN", |p| p >= pos) else {
             return Ok(None);
         };
-        let profiled = profile_at.is_some_and(|p| p >= pos);
-        let off = std::env::var("HYPURA_CUDA_CHAIN").is_ok_and(|v| v == "0");
-        if profiled || off || !decoder.can_chain() {
+        if !decoder.can_chain() {
             return Ok(None);
         }
         decoder

@@ -181,8 +181,8 @@ impl Transformer {
         }
     }
 
-    /// One token through the fused CUDA decoder, if the model has one: `f` of its `[n_vocab]`
-    /// logits.
+    /// One token through the fused CUDA decoder, if the model has one (counted in the cache):
+    /// `f` of its `[n_vocab]` logits.
     fn fused_step<R>(
         &mut self,
         token: u32,
@@ -194,13 +194,20 @@ impl Transformer {
             let Some(out) = fused.step(token, pos, &self.embed, &self.blocks, f)? else {
                 return Ok(None);
             };
-            for b in &mut self.blocks {
-                b.attn.cache.set_len(pos + 1);
-            }
+            self.fed(1);
             return Ok(Some(out));
         }
         let _ = (token, pos, f);
         Ok(None)
+    }
+
+    /// Counts `n` tokens a fused path has fed (their k and v are in the cache).
+    #[cfg(feature = "cuda")]
+    fn fed(&mut self, n: usize) {
+        self.n_past += n;
+        for b in &mut self.blocks {
+            b.attn.cache.set_len(self.n_past);
+        }
     }
 
     /// Checks a forward pass's input: some tokens, room in the cache, ids in the vocabulary.
@@ -237,7 +244,6 @@ impl LanguageModel for Transformer {
         if t == 1 {
             let to_tensor = |l: &[f32]| Tensor::from_slice(l, (1, l.len()), &Device::Cpu);
             if let Some(logits) = self.fused_step(tokens[0], pos, to_tensor)? {
-                self.n_past += 1;
                 return Ok(logits?);
             }
         }
@@ -289,7 +295,6 @@ impl LanguageModel for Transformer {
     fn decode_with(&mut self, token: u32, f: &mut dyn FnMut(&[f32])) -> Result<()> {
         self.check_input(&[token])?;
         if self.fused_step(token, self.n_past, |l| f(l))?.is_some() {
-            self.n_past += 1;
             return Ok(());
         }
         let logits = self.forward(&[token], Logits::Last)?;
@@ -307,10 +312,7 @@ impl LanguageModel for Transformer {
         if let Some(fused) = &mut self.fused {
             let pos = self.n_past;
             if fused.step_top(token, pos, k, &mut *f)?.is_some() {
-                for b in &mut self.blocks {
-                    b.attn.cache.set_len(pos + 1);
-                }
-                self.n_past += 1;
+                self.fed(1);
                 return Ok(());
             }
         }
@@ -331,10 +333,7 @@ impl LanguageModel for Transformer {
             let Some(fed) = fused.greedy_chain(token, self.n_past, max_steps, accept)? else {
                 return Ok(None);
             };
-            self.n_past += fed;
-            for b in &mut self.blocks {
-                b.attn.cache.set_len(self.n_past);
-            }
+            self.fed(fed);
             return Ok(Some(fed));
         }
         let _ = (token, max_steps, accept);

@@ -132,34 +132,8 @@ pub fn generate_after(
             // Greedy: the model may pick the following tokens itself (on the GPU, without a
             // round trip through the host per token), asking `decide` about each.
             if sampler.is_greedy() {
-                let mut verdict = None;
-                let max_steps = opts.max_new_tokens - progress.n_generated;
-                progress.n_past += 1; // `id`, fed first
-                let fed = model.decode_greedy(id, max_steps, &mut |next| match progress
-                    .decide(next, opts, on_token)
-                {
-                    Ok(ControlFlow::Continue(())) => {
-                        progress.n_past += 1;
-                        true
-                    }
-                    Ok(ControlFlow::Break(r)) => {
-                        verdict = Some(Ok(r));
-                        false
-                    }
-                    Err(e) => {
-                        verdict = Some(Err(e));
-                        false
-                    }
-                });
-                match fed? {
-                    Some(fed) => {
-                        progress.n_decoded += fed;
-                        match verdict {
-                            Some(v) => break v?,
-                            None => unreachable!("a greedy chain ends only when refused a token"),
-                        }
-                    }
-                    None => progress.n_past -= 1, // no chain here: one step below
+                if let Some(stop) = chain_greedy(model, id, opts, &mut progress, on_token)? {
+                    break stop;
                 }
             }
             let mut next = 0;
@@ -184,6 +158,51 @@ pub fn generate_after(
         generate_seconds: t1.elapsed().as_secs_f64(),
         stop,
     })
+}
+
+/// Feeds `id` and the tokens greedy decoding picks after it through
+/// [`LanguageModel::decode_greedy`], [`Progress::decide`] taking each; returns why generation
+/// ended, or `None` (nothing fed) where the model has no such path.
+fn chain_greedy(
+    model: &mut dyn LanguageModel,
+    id: u32,
+    opts: &GenerateOptions,
+    progress: &mut Progress,
+    on_token: &mut dyn FnMut(u32) -> Result<ControlFlow<()>>,
+) -> Result<Option<StopReason>> {
+    let mut verdict = None;
+    let max_steps = opts.max_new_tokens - progress.n_generated;
+    let n_past = progress.n_past;
+    progress.n_past += 1; // `id`, fed first
+    let fed = model.decode_greedy(id, max_steps, &mut |next| match progress
+        .decide(next, opts, on_token)
+    {
+        Ok(ControlFlow::Continue(())) => {
+            progress.n_past += 1;
+            true
+        }
+        Ok(ControlFlow::Break(r)) => {
+            verdict = Some(Ok(r));
+            false
+        }
+        Err(e) => {
+            verdict = Some(Err(e));
+            false
+        }
+    })?;
+    let Some(fed) = fed else {
+        progress.n_past = n_past;
+        return Ok(None);
+    };
+    progress.n_decoded += fed;
+    match verdict {
+        Some(v) => v.map(Some),
+        None => Err(Error::InvalidRequest(
+            "greedy decoding ended without a token refused (a LanguageModel::decode_greedy \
+             that stopped on its own)"
+                .into(),
+        )),
+    }
 }
 
 /// Where a generation stands, and what happens to each token picked.
